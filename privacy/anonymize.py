@@ -1,0 +1,195 @@
+"""The privacy gate: ``anonymize(image_bytes, policy) -> AnonymizedPhoto``.
+
+A new JPEG is built from decoded, oriented, sRGB pixels with faces and plates redacted, and a
+brand-new minimal EXIF (orientation, size, focal lengths). Nothing of the source file's
+container is copied, so no metadata can leak by omission.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+
+from privacy.blur import redact
+from privacy.boxes import Box
+from privacy.decode import decode
+from privacy.errors import DetectionFailed, InvalidImage
+from privacy.faces import CenterFaceDetector, FaceDetector
+from privacy.metadata import Intrinsics, focal_lengths, inventory, minimal_exif
+from privacy.plates import ClassicalPlateDetector
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".heic", ".heif", ".hif", ".avif"}
+
+
+class AnonymizationPolicy(BaseModel):
+    """What the gate does, per controller."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    blur_faces: bool = Field(default=True, description="Detect and redact faces.")
+    blur_plates: bool = Field(default=True, description="Detect and redact licence plates.")
+    blur_blocks: int = Field(default=6, ge=2, le=32, description="Mosaic cells across a redacted region.")
+    min_face_px: float = Field(default=20.0, gt=4, description="Smallest face height to find, in pixels.")
+    fail_closed: bool = Field(
+        default=True, description="Refuse a photo whose detection failed, rather than pass it on."
+    )
+    keep_original: bool = Field(
+        default=False, description="Keep the encrypted original (controller's written instruction)."
+    )
+    max_pixels: int = Field(default=120_000_000, gt=0, description="Refuse images above this pixel count.")
+    max_bytes: int = Field(default=200 * 2**20, gt=0, description="Refuse files above this size.")
+    jpeg_quality: int = Field(default=92, ge=50, le=100, description="Quality of the output JPEG.")
+
+
+@dataclass
+class AnonymizedPhoto:
+    jpeg: bytes
+    intrinsics: Intrinsics
+    faces: list[Box]
+    plates: list[Box]
+    removed: list[str]
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+_default_faces: FaceDetector | None = None
+_default_plates: ClassicalPlateDetector | None = None
+
+
+def _detectors(policy: AnonymizationPolicy) -> tuple[FaceDetector, ClassicalPlateDetector]:
+    global _default_faces, _default_plates
+    if _default_faces is None:
+        _default_faces = CenterFaceDetector()
+    if _default_plates is None:
+        _default_plates = ClassicalPlateDetector()
+    return _default_faces, _default_plates
+
+
+def anonymize(
+    data: bytes,
+    policy: AnonymizationPolicy | None = None,
+    *,
+    face_detector: FaceDetector | None = None,
+    plate_detector: ClassicalPlateDetector | None = None,
+) -> AnonymizedPhoto:
+    """Anonymise one image. Raises :class:`InvalidImage` or :class:`DetectionFailed`."""
+    policy = policy or AnonymizationPolicy()
+    t0 = time.perf_counter()
+    if len(data) > policy.max_bytes:
+        raise InvalidImage("too_large", f"the file is larger than {policy.max_bytes // 2**20} MB")
+    dec = decode(data, max_pixels=policy.max_pixels)
+    rgb = dec.rgb
+    h, w = rgb.shape[:2]
+    default_faces, default_plates = _detectors(policy)
+    faces_det = face_detector or default_faces
+    plates_det = plate_detector or default_plates
+    faces: list[Box] = []
+    plates: list[Box] = []
+    notes = list(dec.notes)
+    try:
+        if policy.blur_faces:
+            if isinstance(faces_det, CenterFaceDetector) and faces_det.config.min_face_px != policy.min_face_px:
+                from dataclasses import replace
+
+                faces_det = CenterFaceDetector(replace(faces_det.config, min_face_px=policy.min_face_px))
+            faces = faces_det.detect(rgb)
+        if policy.blur_plates:
+            plates = plates_det.detect(rgb)
+    except DetectionFailed:
+        if policy.fail_closed:
+            raise
+        notes.append("detection failed; passed on by policy (fail open)")
+    if faces:
+        rgb = redact(rgb, faces, blocks=policy.blur_blocks, grow=1.45, ellipse=True)
+    if plates:
+        rgb = redact(rgb, plates, blocks=policy.blur_blocks, grow=1.1, ellipse=False)
+    focal_mm, focal_35 = focal_lengths(dec.exif)
+    intr = Intrinsics(width=w, height=h, focal_mm=focal_mm, focal_35mm=focal_35,
+                      original_width=dec.original_size[0], original_height=dec.original_size[1],
+                      orientation=dec.orientation)
+    buf = io.BytesIO()
+    Image.fromarray(rgb, "RGB").save(buf, "JPEG", quality=policy.jpeg_quality, exif=minimal_exif(intr),
+                                     optimize=False, progressive=False)
+    removed = inventory(dec.exif, dec.info_keys, data, dec.format)
+    return AnonymizedPhoto(jpeg=buf.getvalue(), intrinsics=intr, faces=faces, plates=plates,
+                           removed=removed, notes=notes, seconds=time.perf_counter() - t0)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write to a temporary name in the same directory, then rename: never a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def output_name(input_name: str) -> str:
+    return Path(input_name).stem + ".jpg"
+
+
+def anonymize_file(src: Path, out_dir: Path, policy: AnonymizationPolicy | None = None) -> dict[str, Any]:
+    """Anonymise one file into ``out_dir``; returns its report entry (never raises for bad input)."""
+    policy = policy or AnonymizationPolicy()
+    entry: dict[str, Any] = {"input": src.name, "output": None, "faces": [], "plates": [], "removed": [],
+                             "intrinsics": None, "seconds": 0.0, "error": None}
+    t0 = time.perf_counter()
+    try:
+        size = src.stat().st_size
+        if size > policy.max_bytes:
+            raise InvalidImage("too_large", f"the file is larger than {policy.max_bytes // 2**20} MB")
+        photo = anonymize(src.read_bytes(), policy)
+        out = out_dir / output_name(src.name)
+        atomic_write(out, photo.jpeg)
+        entry.update(
+            output=out.name,
+            faces=[b.xywh() for b in photo.faces],
+            plates=[b.xywh() for b in photo.plates],
+            removed=photo.removed,
+            intrinsics=photo.intrinsics.to_json(),
+            notes=photo.notes,
+        )
+    except InvalidImage as exc:
+        entry["error"] = f"{exc} [{exc.code}]"
+    except DetectionFailed as exc:
+        entry["error"] = f"{exc}; the photo was refused (fail-closed policy)"
+    except OSError as exc:
+        entry["error"] = f"the file could not be read ({type(exc).__name__})"
+    entry["seconds"] = round(time.perf_counter() - t0, 3)
+    log.info("anonymised file %s: %s", src.name, "ok" if entry["error"] is None else "error")
+    return entry
+
+
+def list_images(in_dir: Path) -> list[Path]:
+    """Every regular file in ``in_dir`` (type is sniffed from content, not the extension)."""
+    return sorted(p for p in in_dir.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def write_report(out_dir: Path, entries: list[dict[str, Any]]) -> Path:
+    path = out_dir / "report.json"
+    atomic_write(path, json.dumps({"files": entries}, indent=2).encode())
+    return path
+
+
+def anonymize_dir(in_dir: Path, out_dir: Path, policy: AnonymizationPolicy | None = None) -> list[dict[str, Any]]:
+    """``siteplan anonymize IN_DIR OUT_DIR``: every image in, clean JPEGs and report.json out."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    entries = [anonymize_file(p, out_dir, policy) for p in list_images(in_dir)]
+    write_report(out_dir, entries)
+    return entries

@@ -1,0 +1,210 @@
+"""Import a COVER design: mesh file + descriptor JSON -> parts in metres, design frame.
+
+The design frame is X along the design's width, Y towards its front, Z up, origin at its
+anchor (ground level). Units, up axis and front direction come from the descriptor; without
+one, units are guessed from the bounding box (with a warning) and the glTF convention (+Y up,
++Z front) is assumed for glTF and +Z up for the others.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import trimesh
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from reconstruct.errors import DesignError
+
+log = logging.getLogger(__name__)
+
+UNITS = {"mm": 0.001, "cm": 0.01, "m": 1.0}
+AXES = {"+X": (1, 0, 0), "-X": (-1, 0, 0), "+Y": (0, 1, 0), "-Y": (0, -1, 0), "+Z": (0, 0, 1), "-Z": (0, 0, -1)}
+MAX_TRIANGLES = 2_000_000
+SUFFIXES = {".glb", ".gltf", ".obj", ".stl", ".ply", ".dae", ".off"}
+
+
+class DesignDescriptor(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "design"
+    file: str | None = None
+    units: Literal["mm", "cm", "m"] | None = None
+    up: Literal["+X", "-X", "+Y", "-Y", "+Z", "-Z"] | None = None
+    front: Literal["+X", "-X", "+Y", "-Y", "+Z", "-Z"] | None = None
+    anchor: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    width_axis: Literal["+X", "-X", "+Y", "-Y", "+Z", "-Z"] | None = None
+    scalable: bool = Field(default=False, description="May the width stretch to the measured opening?")
+
+
+@dataclass
+class Part:
+    vertices: np.ndarray  # N x 3, metres, design frame
+    faces: np.ndarray  # M x 3
+    color: tuple[float, float, float, float]
+    name: str = ""
+
+
+@dataclass
+class Design:
+    name: str
+    parts: list[Part]
+    scalable: bool
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def bounds(self) -> np.ndarray:
+        v = np.vstack([p.vertices for p in self.parts])
+        return np.array([v.min(axis=0), v.max(axis=0)])
+
+    @property
+    def width(self) -> float:
+        b = self.bounds
+        return float(b[1, 0] - b[0, 0])
+
+    @property
+    def num_triangles(self) -> int:
+        return sum(len(p.faces) for p in self.parts)
+
+
+class _FolderResolver(trimesh.resolvers.FilePathResolver):  # type: ignore[misc]
+    """Resolves a design's external files only inside its own folder: no traversal, no URLs."""
+
+    def get(self, name: str) -> bytes:
+        if "://" in name or name.startswith(("/", "\\")) or ".." in Path(name).parts or ":" in name:
+            raise DesignError(f"the design references a file outside its folder ('{Path(name).name}')")
+        return bytes(super().get(name))
+
+
+def _color_of(geom: trimesh.Trimesh) -> tuple[float, float, float, float]:
+    vis = geom.visual
+    try:
+        mat = getattr(vis, "material", None)
+        if mat is not None:
+            base = getattr(mat, "baseColorFactor", None)
+            if base is not None:
+                c = np.asarray(base, float)
+                return tuple((c / 255.0 if c.max() > 1.0 else c).tolist())  # type: ignore[return-value]
+            diff = getattr(mat, "diffuse", None)
+            if diff is not None:
+                c = np.asarray(diff, float)
+                return tuple((c / 255.0).tolist())  # type: ignore[return-value]
+        c = np.asarray(vis.main_color, float) / 255.0
+        return (float(c[0]), float(c[1]), float(c[2]), float(c[3]))
+    except Exception:
+        return (0.6, 0.6, 0.6, 1.0)
+
+
+def _frame(up: str, front: str) -> np.ndarray:
+    """Rotation taking file coordinates to the design frame (X width, Y front, Z up)."""
+    z = np.array(AXES[up], float)
+    y = np.array(AXES[front], float)
+    if abs(z @ y) > 1e-9:
+        raise DesignError("the descriptor's up and front directions must be perpendicular")
+    x = np.cross(y, z)
+    return np.vstack([x, y, z])
+
+
+def load_descriptor(path: Path) -> DesignDescriptor:
+    try:
+        return DesignDescriptor.model_validate(json.loads(path.read_text()))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DesignError(f"the design descriptor {path.name} cannot be read ({type(exc).__name__})") from None
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise DesignError(f"the design descriptor {path.name} is invalid at '{where}': {first['msg']}") from None
+
+
+def load_design(path: Path) -> Design:
+    """Load a design from a mesh file or a descriptor JSON naming one."""
+    if not path.exists():
+        raise DesignError(f"the design {path.name} does not exist")
+    desc: DesignDescriptor
+    if path.suffix.lower() == ".json":
+        desc = load_descriptor(path)
+        if not desc.file:
+            raise DesignError("the design descriptor names no mesh file ('file')")
+        mesh_path = (path.parent / desc.file)
+        if ".." in Path(desc.file).parts or Path(desc.file).is_absolute():
+            raise DesignError("the design descriptor's file must lie in the descriptor's folder")
+    else:
+        mesh_path = path
+        side = path.with_suffix(".json")
+        desc = load_descriptor(side) if side.is_file() else DesignDescriptor()
+    if mesh_path.suffix.lower() not in SUFFIXES:
+        raise DesignError(f"unsupported design format '{mesh_path.suffix}' (use GLB/glTF, OBJ, STL, PLY or DAE)")
+    if not mesh_path.is_file():
+        raise DesignError(f"the design file {mesh_path.name} does not exist")
+    warnings: list[str] = []
+    try:
+        scene = trimesh.load(str(mesh_path), force="scene", resolver=_FolderResolver(str(mesh_path.parent)))
+    except DesignError:
+        raise
+    except Exception as exc:
+        raise DesignError(f"the design file {mesh_path.name} cannot be read ({type(exc).__name__})") from None
+    geoms: list[tuple[str, trimesh.Trimesh]] = []
+    for node in scene.graph.nodes_geometry:
+        transform, gname = scene.graph[node]
+        g = scene.geometry[gname]
+        if not isinstance(g, trimesh.Trimesh) or len(g.faces) == 0:
+            continue
+        g = g.copy()
+        g.apply_transform(transform)
+        geoms.append((str(node), g))
+    if not geoms:
+        raise DesignError(f"the design file {mesh_path.name} holds no triangles")
+    n_tri = sum(len(g.faces) for _, g in geoms)
+    if n_tri > MAX_TRIANGLES:
+        raise DesignError(f"the design has {n_tri} triangles; the limit is {MAX_TRIANGLES}")
+    allv = np.vstack([g.vertices for _, g in geoms])
+    if not np.isfinite(allv).all():
+        raise DesignError("the design has non-finite vertex coordinates")
+    ext = float((allv.max(axis=0) - allv.min(axis=0)).max())
+    units = desc.units
+    if units is None:
+        # A gate, fence or carport is 0.5-30 m; in mm that is 500-30000.
+        units = "mm" if ext > 100 else ("cm" if ext > 40 else "m")
+        warnings.append(f"units not declared; guessed '{units}' from the size ({ext:.1f} units)")
+    k = UNITS[units]
+    if not 0.05 <= ext * k <= 100:
+        raise DesignError(f"the design is {ext * k:.3g} m across; expected 0.05-100 m (check its units)")
+    is_gltf = mesh_path.suffix.lower() in {".glb", ".gltf"}
+    up = desc.up or ("+Y" if is_gltf else "+Z")
+    front = desc.front or ("+Z" if up == "+Y" else "+Y")
+    if desc.up is None:
+        warnings.append(f"up axis not declared; assumed {up}")
+    # trimesh keeps file coordinates as they are (no glTF Y-up conversion), so the frame is ours to set.
+    Rf = _frame(up, front)
+    anchor = np.asarray(desc.anchor, float)
+    parts = []
+    for name, g in geoms:
+        v = (Rf @ ((np.asarray(g.vertices, float) - anchor) * k).T).T
+        parts.append(Part(v, np.asarray(g.faces, np.int64), _color_of(g), name))
+    d = Design(desc.name, parts, desc.scalable, warnings)
+    for w in warnings:
+        log.warning("design: %s", w)
+    return d
+
+
+def design_footprint_corners(design: Design) -> np.ndarray:
+    """The 8 corners of the design's bounding box, design frame."""
+    b = design.bounds
+    return np.array([[b[i, 0], b[j, 1], b[k, 2]] for i in (0, 1) for j in (0, 1) for k in (0, 1)])
+
+
+def rotation_z(deg: float) -> np.ndarray:
+    a = math.radians(deg)
+    return np.array([[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0], [0, 0, 1]])
+
+
+def describe(design: Design) -> dict[str, Any]:
+    b = design.bounds
+    return {"name": design.name, "width_m": round(float(b[1, 0] - b[0, 0]), 4),
+            "depth_m": round(float(b[1, 1] - b[0, 1]), 4), "height_m": round(float(b[1, 2] - b[0, 2]), 4),
+            "triangles": design.num_triangles, "scalable": design.scalable, "warnings": design.warnings}

@@ -1,0 +1,136 @@
+"""Where the design goes on the site (PLACEMENT.json), resolved to a pose in site metres.
+
+Accepted forms:
+- ``{"image": "0000.jpg", "ground_points": [[u1, v1], [u2, v2]]}``: two points clicked on the
+  ground in one photo (for a gate: the outer edges of its posts). They are lifted onto the
+  ground plane; they fix the position (midpoint), the direction (point 1 -> point 2 is the
+  design's +X) and the opening's width. The design's front faces the photo's camera.
+- ``{"image": "0000.jpg", "ground_point": [u, v], "rotation_deg": 30}``: one clicked point plus
+  a rotation about +Z of the design's +X from the site's +X.
+- ``{"site": {"position": [x, y], "rotation_deg": 30}}``: explicit site coordinates.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from reconstruct.design import Design, rotation_z
+from reconstruct.errors import PlacementError
+from reconstruct.geometry import View
+
+
+class SitePose(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    position: tuple[float, float] | tuple[float, float, float]
+    rotation_deg: float = 0.0
+
+
+class PlacementSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    image: str | None = None
+    ground_points: list[tuple[float, float]] | None = Field(default=None, min_length=2, max_length=2)
+    ground_point: tuple[float, float] | None = None
+    rotation_deg: float = 0.0
+    site: SitePose | None = None
+
+
+@dataclass
+class Placement:
+    R: np.ndarray  # site_from_design rotation
+    t: np.ndarray  # site_from_design translation
+    sx: float  # stretch along the design's width (1 unless scalable)
+    opening_m: float | None
+    opening_sigma_m: float | None
+    form: str
+    warnings: list[str]
+
+    def apply(self, v: np.ndarray) -> np.ndarray:
+        v = np.asarray(v, float) * np.array([self.sx, 1.0, 1.0])
+        return np.asarray((self.R @ v.T).T + self.t)
+
+    def to_json(self) -> dict[str, Any]:
+        yaw = math.degrees(math.atan2(self.R[1, 0], self.R[0, 0]))
+        return {"form": self.form, "position_m": [round(float(x), 4) for x in self.t],
+                "rotation_deg": round(yaw, 3), "stretch_x": round(self.sx, 5),
+                "opening_m": None if self.opening_m is None else round(self.opening_m, 4),
+                "opening_sigma_m": None if self.opening_sigma_m is None else round(self.opening_sigma_m, 4),
+                "warnings": self.warnings}
+
+
+def load_placement(path: Path) -> PlacementSpec:
+    try:
+        spec = PlacementSpec.model_validate(json.loads(path.read_text()))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise PlacementError(f"the placement {path.name} cannot be read ({type(exc).__name__})") from None
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise PlacementError(f"the placement {path.name} is invalid at '{where}': {first['msg']}") from None
+    return spec
+
+
+def lift_to_ground(view: View, uv: tuple[float, float], *, max_range_m: float = 200.0) -> np.ndarray:
+    """Intersect a pixel's ray with the ground plane z = 0."""
+    if not (0 <= uv[0] <= view.width and 0 <= uv[1] <= view.height):
+        raise PlacementError(f"the placement point {list(uv)} lies outside photo {view.name}")
+    C, d = view.ray(uv)
+    if d[2] >= -1e-6 or C[2] <= 0:
+        raise PlacementError(f"the placement point {list(uv)} in photo {view.name} is not on the ground "
+                             "(its ray does not meet the ground plane)")
+    s = -C[2] / d[2]
+    X = C + s * d
+    if np.linalg.norm(X - C) > max_range_m:
+        raise PlacementError(f"the placement point {list(uv)} meets the ground {s:.0f} m away; click nearer")
+    return np.asarray(X)
+
+
+def resolve(spec: PlacementSpec, design: Design, views: dict[str, View], *, scale_sigma_rel: float = 0.0,
+            ground_sigma_m: float = 0.02) -> Placement:
+    warnings: list[str] = []
+    if spec.site is not None:
+        p = spec.site.position
+        t = np.array([p[0], p[1], p[2] if len(p) == 3 else 0.0])
+        return Placement(rotation_z(spec.site.rotation_deg), t, 1.0, None, None, "site", warnings)
+    if spec.image is None:
+        raise PlacementError("the placement needs either 'site' coordinates or an 'image' with clicked points")
+    if spec.image not in views:
+        raise PlacementError(f"photo {spec.image} of the placement could not be placed in the model")
+    view = views[spec.image]
+    if spec.ground_points is not None:
+        A = lift_to_ground(view, spec.ground_points[0])
+        B = lift_to_ground(view, spec.ground_points[1])
+        ab = B - A
+        opening = float(np.linalg.norm(ab[:2]))
+        if opening < 0.05:
+            raise PlacementError("the two placement points are the same spot on the ground")
+        x = np.array([ab[0], ab[1], 0.0]) / opening
+        y = np.cross([0.0, 0.0, 1.0], x)
+        mid = (A + B) / 2
+        mid[2] = 0.0
+        to_cam = view.centre - mid
+        if y @ to_cam < 0:  # the design's front faces the photographer
+            x, y = -x, -y
+        R = np.column_stack([x, y, [0.0, 0.0, 1.0]])
+        width = design.width
+        sx = 1.0
+        if design.scalable:
+            sx = opening / width
+        elif width > opening * 1.02:
+            warnings.append(f"the design ({width:.3f} m) is wider than the opening ({opening:.3f} m)")
+        # Opening sigma: scale uncertainty plus the lift of each clicked point onto the ground.
+        sigma = math.hypot(opening * scale_sigma_rel, math.sqrt(2) * ground_sigma_m)
+        return Placement(R, mid, sx, opening, sigma, "two ground points", warnings)
+    if spec.ground_point is not None:
+        P = lift_to_ground(view, spec.ground_point)
+        P[2] = 0.0
+        return Placement(rotation_z(spec.rotation_deg), P, 1.0, None, None, "ground point and rotation", warnings)
+    raise PlacementError("the placement names a photo but neither 'ground_points' nor 'ground_point'")

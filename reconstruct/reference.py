@@ -1,0 +1,84 @@
+"""The scale reference (REF.json) and measurement segments: DESIGN.md §3.3.
+
+Pixel coordinates are in the photo as uploaded, before orientation; (0,0) is the top-left
+corner of the top-left pixel (COLMAP uses the same convention, so no half-pixel shift).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from reconstruct.errors import ScaleReferenceError
+
+
+class Segment(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    image: str = Field(min_length=1)
+    a: tuple[float, float]
+    b: tuple[float, float]
+    length_m: float | None = None
+
+    @field_validator("a", "b")
+    @classmethod
+    def _finite(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(math.isfinite(c) for c in v):
+            raise ValueError("pixel coordinates must be finite numbers")
+        return v
+
+
+class Marker(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dictionary: str = "DICT_4X4_50"
+    id: int = Field(ge=0)
+    size_m: float = Field(gt=0)
+
+
+class ScaleReference(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    segments: list[Segment] = Field(default_factory=list)
+    markers: list[Marker] = Field(default_factory=list)
+
+
+def load_reference(path: Path) -> ScaleReference:
+    try:
+        ref = ScaleReference.model_validate(json.loads(path.read_text()))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ScaleReferenceError(f"the scale reference {path.name} cannot be read: {exc}") from None
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ScaleReferenceError(f"the scale reference {path.name} is invalid at '{where}': {first['msg']}") from None
+    return ref
+
+
+def check_reference(ref: ScaleReference, image_names: set[str]) -> None:
+    """Fail before any compute when the reference cannot give a scale."""
+    if not ref.segments and not ref.markers:
+        raise ScaleReferenceError("the scale reference has no segments and no markers")
+    for i, s in enumerate(ref.segments):
+        if s.image not in image_names:
+            raise ScaleReferenceError(f"reference segment {i} names image '{s.image}', which is not among the photos")
+        if s.length_m is None or not math.isfinite(s.length_m) or s.length_m <= 0:
+            raise ScaleReferenceError(f"reference segment {i} needs a positive length_m (got {s.length_m})")
+        if math.dist(s.a, s.b) < 5.0:
+            raise ScaleReferenceError(f"reference segment {i} is shorter than 5 pixels in its photo")
+    if ref.markers:
+        raise ScaleReferenceError("ArUco marker references are not supported yet; give a measured segment")
+
+
+def load_segments(path: Path) -> list[Segment]:
+    try:
+        raw = json.loads(path.read_text())
+        return [Segment.model_validate(s) for s in raw["segments"]]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"the segments file {path.name} cannot be read: {type(exc).__name__}") from None
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise ValueError(f"the segments file {path.name} is invalid: {first['msg']}") from None

@@ -1,0 +1,140 @@
+"""The reconstruct stage: photos + scale reference -> a metric site in RUN_DIR.
+
+RUN_DIR layout (DESIGN.md §3.2): ``model/`` (COLMAP text, metres, +Z up), ``site.json``, and
+``points.ply`` (the site's coloured points, same frame).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pycolmap
+
+from reconstruct.errors import ReconstructionError
+from reconstruct.geometry import views
+from reconstruct.orient import orient
+from reconstruct.reference import ScaleReference, check_reference
+from reconstruct.scale import estimate_scale
+from reconstruct.sfm import SfmConfig, run_sfm
+from siteplan import PIPELINE_VERSION
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Site:
+    run_dir: Path
+    reconstruction: pycolmap.Reconstruction
+    info: dict[str, Any]
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.replace(path)
+
+
+def reconstruct(
+    image_dir: Path,
+    reference: ScaleReference,
+    run_dir: Path,
+    *,
+    intrinsics: dict[str, dict[str, Any]] | None = None,
+    names: list[str] | None = None,
+    config: SfmConfig | None = None,
+) -> Site:
+    """Build the metric, +Z-up site model from the photos in ``image_dir``."""
+    t_all = time.perf_counter()
+    if names is None:
+        names = sorted(p.name for p in image_dir.iterdir()
+                       if p.is_file() and p.suffix.lower() in {".jpg", ".jpeg", ".png"})
+    if intrinsics is None:
+        intrinsics = _intrinsics_from_files(image_dir, names)
+    check_reference(reference, set(names))
+    cfg = config or SfmConfig()
+    if len(names) < cfg.min_photos:
+        raise ReconstructionError(f"{len(names)} usable photos; at least {cfg.min_photos} are needed")
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="sfm-", dir=run_dir))
+    try:
+        sfm = run_sfm(image_dir, names, intrinsics, work, cfg)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    rec = sfm.reconstruction
+    timings = dict(sfm.timings)
+
+    t0 = time.perf_counter()
+    scale = estimate_scale(rec, reference)
+    rec.transform(pycolmap.Sim3d(scale.scale, pycolmap.Rotation3d(np.eye(3)), np.zeros(3)))
+    pts = np.array([p.xyz for p in rec.points3D.values()])
+    vs = [views(rec)[n] for n in sfm.registered]
+    ori = orient(pts, vs)
+    rec.transform(pycolmap.Sim3d(1.0, pycolmap.Rotation3d(ori.R), ori.t))
+    timings["scale_orient_s"] = time.perf_counter() - t0
+
+    model_dir = run_dir / "model"
+    tmp_model = run_dir / ".model.tmp"
+    shutil.rmtree(tmp_model, ignore_errors=True)
+    tmp_model.mkdir()
+    rec.write_text(str(tmp_model))
+    shutil.rmtree(model_dir, ignore_errors=True)
+    tmp_model.replace(model_dir)
+    rec.export_PLY(str(run_dir / "points.ply"))
+    timings["total_s"] = time.perf_counter() - t_all
+    info: dict[str, Any] = {
+        "pipeline_version": PIPELINE_VERSION,
+        "units": "metres",
+        "up": "+Z",
+        "scale": scale.to_json(),
+        "scale_source": scale.source,
+        "scale_sigma_rel": scale.sigma_rel,
+        "ground_plane": ori.ground,
+        "up_source": ori.up_source,
+        "facades": ori.facades,
+        "registered_images": sfm.registered,
+        "unregistered_images": sfm.unregistered,
+        "num_points": int(rec.num_points3D()),
+        "mean_reprojection_error_px": round(float(rec.compute_mean_reprojection_error()), 4),
+        "choices": sfm.choices,
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+    }
+    _write_json(run_dir / "site.json", info)
+    log.info("site: scale %.5f m/unit (+-%.2f %%), %d photos, ground found: %s", scale.scale,
+             100 * scale.sigma_rel, len(sfm.registered), ori.ground["found"])
+    return Site(run_dir, rec, info)
+
+
+def _intrinsics_from_files(image_dir: Path, names: list[str]) -> dict[str, dict[str, Any]]:
+    """Read the focal-length prior from the minimal EXIF the privacy gate writes."""
+    from PIL import Image
+
+    from privacy.metadata import focal_lengths
+
+    out: dict[str, dict[str, Any]] = {}
+    for n in names:
+        try:
+            with Image.open(image_dir / n) as im:
+                f, f35 = focal_lengths(im.getexif())
+                out[n] = {"width": im.width, "height": im.height, "focal_mm": f, "focal_35mm": f35}
+        except OSError:
+            out[n] = {}
+    return out
+
+
+def load_site(run_dir: Path) -> Site:
+    model = run_dir / "model"
+    if not (model / "images.txt").is_file():
+        raise ReconstructionError(f"{run_dir.name} holds no model; run `siteplan reconstruct` first")
+    rec = pycolmap.Reconstruction(str(model))
+    info_path = run_dir / "site.json"
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    return Site(run_dir, rec, info)

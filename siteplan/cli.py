@@ -1,0 +1,190 @@
+"""``siteplan``: the command line. A thin edge over the stage functions (DESIGN.md §3.2)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # pycolmap/glog prints every mapping step at INFO; keep the terminal for our progress lines.
+    os.environ.setdefault("GLOG_minloglevel", "2")
+    try:
+        import pycolmap
+
+        pycolmap.logging.minloglevel = 2
+    except ImportError:
+        pass
+
+
+def _policy(path: Path | None) -> Any:
+    from privacy.anonymize import AnonymizationPolicy
+
+    if path is None:
+        return AnonymizationPolicy()
+    return AnonymizationPolicy.model_validate_json(path.read_text())
+
+
+def cmd_anonymize(args: argparse.Namespace) -> int:
+    from privacy.anonymize import anonymize_file, list_images, write_report
+
+    in_dir, out_dir = Path(args.in_dir), Path(args.out_dir)
+    if not in_dir.is_dir():
+        raise SystemExit(f"error: {in_dir} is not a directory")
+    policy = _policy(Path(args.policy) if args.policy else None)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = list_images(in_dir)
+    entries = []
+    for i, p in enumerate(files, 1):
+        e = anonymize_file(p, out_dir, policy)
+        entries.append(e)
+        status = f"error: {e['error']}" if e["error"] else f"{len(e['faces'])} faces, {len(e['plates'])} plates"
+        print(f"[{i}/{len(files)}] {p.name}: {status} ({e['seconds']:.2f} s)", flush=True)
+    write_report(out_dir, entries)
+    bad = sum(1 for e in entries if e["error"])
+    print(f"wrote {len(entries) - bad} photos and {out_dir / 'report.json'}; {bad} refused")
+    return 0
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> int:
+    from reconstruct.reference import load_reference
+    from reconstruct.sfm import SfmConfig
+    from reconstruct.site import reconstruct
+
+    images, run_dir = Path(args.images_dir), Path(args.out)
+    if not images.is_dir():
+        raise SystemExit(f"error: {images} is not a directory")
+    ref = load_reference(Path(args.reference))
+    cfg = SfmConfig(max_image_size=args.max_image_size) if args.max_image_size else SfmConfig()
+    site = reconstruct(images, ref, run_dir, config=cfg)
+    info = dict(site.info)
+    info["images_dir"] = os.path.relpath(images.resolve(), run_dir.resolve())
+    (run_dir / "site.json").write_text(json.dumps(info, indent=2))
+    print(json.dumps({"registered": len(info["registered_images"]), "unregistered": info["unregistered_images"],
+                      "scale": info["scale"]["metres_per_model_unit"],
+                      "scale_sigma_pct": info["scale"]["sigma_pct"], "timings": info["timings"]}, indent=1))
+    return 0
+
+
+def cmd_measure(args: argparse.Namespace) -> int:
+    from reconstruct.measure import measure
+    from reconstruct.reference import load_segments
+    from reconstruct.site import load_site
+
+    site = load_site(Path(args.run_dir))
+    print(json.dumps({"segments": measure(site, load_segments(Path(args.segments)))}, indent=1))
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from reconstruct.plan import plan
+
+    run_dir = Path(args.run_dir)
+    images = Path(args.images) if args.images else None
+    if images is None:
+        info_path = run_dir / "site.json"
+        rel = json.loads(info_path.read_text()).get("images_dir") if info_path.is_file() else None
+        images = (run_dir / rel) if rel else run_dir / "images"
+    res = plan(run_dir, Path(args.design), Path(args.placement), Path(args.out), images_dir=images)
+    made = [m["file"] for m in res["montages"] if "file" in m]
+    print(json.dumps({"placement": res["placement"], "montages": made, "drawings": res["drawings"]}, indent=1))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from privacy.anonymize import AnonymizationPolicy
+    from reconstruct.sfm import SfmConfig
+    from siteplan.settings import Settings
+    from workers.job import JobInputs, run_main_job
+
+    sample = Path(args.sample)
+    out = Path(args.out)
+    settings = Settings()
+    t0 = time.perf_counter()
+    inputs = JobInputs(photos_dir=sample / "photos", reference=sample / "reference.json",
+                       design=sample / "design" / "gate.json", placement=sample / "placement.json",
+                       out_dir=out, policy=AnonymizationPolicy(), sfm=SfmConfig())
+    out.mkdir(parents=True, exist_ok=True)
+
+    def progress(msg: str) -> None:
+        print(f"{time.perf_counter() - t0:6.1f}s  {msg}", flush=True)
+
+    report = run_main_job(settings, inputs, progress)
+    print("\nwrote:")
+    for f in report["files"] + ["report.json", "report.html", "model/", "photos/"]:
+        print(f"  {out / f}")
+    print("\nstage times:")
+    for k, v in report["timings_s"].items():
+        print(f"  {k:<12} {v:7.1f} s")
+    print(f"\nopen {out / 'report.html'} in a browser")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="siteplan", description="Site photos in, private metric 3D plans out.")
+    p.add_argument("--log-level", default=os.environ.get("SITEPLAN_LOG_LEVEL", "WARNING"))
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="run the main job on sample_data/ with the embedded defaults")
+    d.add_argument("--sample", default="sample_data")
+    d.add_argument("--out", default="out/demo")
+    d.set_defaults(func=cmd_demo)
+
+    a = sub.add_parser("anonymize", help="anonymise every image in IN_DIR into OUT_DIR")
+    a.add_argument("in_dir")
+    a.add_argument("out_dir")
+    a.add_argument("--policy", help="JSON file with the controller's anonymisation policy")
+    a.set_defaults(func=cmd_anonymize)
+
+    r = sub.add_parser("reconstruct", help="build the metric site model")
+    r.add_argument("images_dir")
+    r.add_argument("--reference", required=True)
+    r.add_argument("--out", required=True)
+    r.add_argument("--max-image-size", type=int, default=None)
+    r.set_defaults(func=cmd_reconstruct)
+
+    m = sub.add_parser("measure", help="measure pixel segments on the site, with 1-sigma")
+    m.add_argument("run_dir")
+    m.add_argument("--segments", required=True)
+    m.set_defaults(func=cmd_measure)
+
+    pl = sub.add_parser("plan", help="merge a design into the site: drawings, 3D plan, montages")
+    pl.add_argument("run_dir")
+    pl.add_argument("--design", required=True)
+    pl.add_argument("--placement", required=True)
+    pl.add_argument("--out", required=True)
+    pl.add_argument("--images", help="the anonymised photos (default: as recorded in site.json)")
+    pl.set_defaults(func=cmd_plan)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    from privacy.errors import InvalidImage
+    from reconstruct.errors import DesignError, PlacementError, ReconstructionError, ScaleReferenceError
+    from workers.job import JobFailed
+
+    try:
+        return int(args.func(args))
+    except (JobFailed, ReconstructionError, ScaleReferenceError, DesignError, PlacementError, InvalidImage,
+            ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Typed service settings (environment prefix ``SITEPLAN_``), with embedded defaults.
+
+With no configuration at all the service runs embedded: a local Ray started by the process,
+SQLite and a vault directory, all under ``SITEPLAN_DATA_DIR`` (DESIGN.md §3.4).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# A unix socket path may be at most 107 bytes; Ray puts its sockets under its temp dir.
+_MAX_RAY_DIR = 60
+
+
+class Settings(BaseSettings):
+    """Service settings. Every field can be set as ``SITEPLAN_<NAME>`` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="SITEPLAN_", extra="forbid", frozen=True)
+
+    data_dir: Path = Field(default=Path(".siteplan"), description="Where all kept state lives.")
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL; default: SQLite file in data_dir."
+    )
+    ray_address: str | None = Field(
+        default=None, description="Ray cluster to join; default: start a local Ray in-process."
+    )
+    num_cpus: int | None = Field(
+        default=None, ge=1, description="CPUs for the local Ray; default: all of this machine's."
+    )
+    log_level: str = Field(default="INFO", description="Root log level at the entry points.")
+
+    @cached_property
+    def root(self) -> Path:
+        return self.data_dir.expanduser().resolve()
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.root / 'siteplan.db'}"
+
+    @property
+    def scratch_dir(self) -> Path:
+        """Worker scratch space; wiped per job."""
+        return self.root / "scratch"
+
+    @property
+    def ray_dir(self) -> Path:
+        """Ray's temp, plasma fallback and spill directory.
+
+        Kept inside data_dir when the path is short enough for Ray's unix sockets; otherwise a
+        directory under the system temp dir that is named after data_dir and owned by this
+        service (it is wiped on shutdown just the same).
+        """
+        inside = self.root / "ray"
+        if len(str(inside)) <= _MAX_RAY_DIR:
+            return inside
+        tag = hashlib.sha256(str(self.root).encode()).hexdigest()[:12]
+        return Path(tempfile.gettempdir()) / f"siteplan-ray-{tag}"
+
+
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,204 @@
+"""The main job: photos -> privacy gate -> metric site -> design merge -> plan and report.
+
+Each stage runs as a Ray task (the photo stage fans out, one task per photo). Durable job state
+(stage, attempts, timings, error) is kept in the metadata DB, not in Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from privacy.anonymize import AnonymizationPolicy, list_images, write_report
+from privacy.metadata import orient_point
+from reconstruct.errors import ReconstructionError, ScaleReferenceError
+from reconstruct.reference import ScaleReference, check_reference, load_reference
+from reconstruct.report import write_report_html
+from reconstruct.sfm import SfmConfig
+from siteplan import PIPELINE_VERSION
+from siteplan.db import Contract, Job, Project, Tenant, init_db
+from siteplan.settings import Settings
+from workers.runtime import ray_runtime
+from workers.tasks import anonymize_task, plan_task, reconstruct_task
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+STAGES = ("anonymise", "reconstruct", "plan", "report")
+
+
+@dataclass
+class JobInputs:
+    photos_dir: Path
+    reference: Path
+    design: Path
+    placement: Path
+    out_dir: Path
+    policy: AnonymizationPolicy
+    sfm: SfmConfig
+
+
+class JobFailed(RuntimeError):
+    """The job stopped; the message says why, for a person to act on."""
+
+
+def map_reference(ref: ScaleReference, entries: list[dict[str, Any]]) -> ScaleReference:
+    """Reference segments name uploaded photos, in their pixels before orientation: rename them to
+    the anonymised outputs and carry the coordinates through the orientation."""
+    by_input = {e["input"]: e for e in entries}
+    segs = []
+    for i, s in enumerate(ref.segments):
+        e = by_input.get(s.image)
+        if e is None or e["output"] is None:
+            raise ScaleReferenceError(f"reference segment {i} is on photo '{s.image}', which could not be used")
+        intr = e["intrinsics"]
+        ow, oh, o = intr["original_width"], intr["original_height"], intr["orientation"]
+        a = orient_point(s.a[0], s.a[1], ow, oh, o)
+        b = orient_point(s.b[0], s.b[1], ow, oh, o)
+        segs.append(s.model_copy(update={"image": e["output"], "a": a, "b": b}))
+    return ScaleReference(segments=segs, markers=ref.markers)
+
+
+def run_main_job(settings: Settings, inputs: JobInputs, progress: Progress = print) -> dict[str, Any]:
+    """Run the whole job; returns the report. Raises :class:`JobFailed` with an actionable message."""
+    t_job = time.perf_counter()
+    out = inputs.out_dir
+    photos = list_images(inputs.photos_dir) if inputs.photos_dir.is_dir() else []
+    if not photos:
+        raise JobFailed(f"no photos found in {inputs.photos_dir}")
+    # Validate the scale reference before any compute.
+    try:
+        ref = load_reference(inputs.reference)
+        check_reference(ref, {p.name for p in photos})
+    except ScaleReferenceError as exc:
+        raise JobFailed(str(exc)) from None
+    for p in (inputs.design, inputs.placement):
+        if not p.is_file():
+            raise JobFailed(f"{p.name} does not exist")
+
+    settings.root.mkdir(parents=True, exist_ok=True)
+    Session = init_db(settings.db_url)
+    with Session.begin() as db:
+        tenant = Tenant(label="Demo designer")
+        db.add(tenant)
+        db.flush()
+        contract = Contract(tenant_id=tenant.id, starts_on=date.today(), state="active")
+        db.add(contract)
+        db.flush()
+        project = Project(tenant_id=tenant.id, contract_id=contract.id, reference="demo-site")
+        db.add(project)
+        db.flush()
+        job = Job(tenant_id=tenant.id, project_id=project.id, kind="plan", state="running",
+                  pipeline_version=PIPELINE_VERSION, attempts=1, timings={})
+        db.add(job)
+        db.flush()
+        job_id, tenant_id, project_id = job.id, tenant.id, project.id
+    progress(f"job {job_id[:8]} for tenant {tenant_id[:8]}, project {project_id[:8]}")
+
+    timings: dict[str, float] = {}
+
+    def stage_done(name: str, seconds: float) -> None:
+        timings[name] = round(seconds, 2)
+        with Session.begin() as db:
+            j = db.get(Job, job_id)
+            assert j is not None
+            j.stage = name
+            j.timings = dict(timings)
+
+    def fail(msg: str) -> JobFailed:
+        with Session.begin() as db:
+            j = db.get(Job, job_id)
+            assert j is not None
+            j.state, j.error = "failed", msg
+        return JobFailed(msg)
+
+    photos_out = out / "photos"
+    photos_out.mkdir(parents=True, exist_ok=True)
+    with ray_runtime(settings):
+        # 1. Privacy gate, one task per photo.
+        t = time.perf_counter()
+        progress(f"[1/4] anonymise: {len(photos)} photos (metadata rebuilt, faces and plates blurred)")
+        pol = inputs.policy.model_dump()
+        refs = [anonymize_task.remote(str(p), str(photos_out), pol) for p in photos]
+        entries: list[dict[str, Any]] = []
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            entries.append(ray.get(ready[0]))
+            e = entries[-1]
+            status = "error: " + e["error"] if e["error"] else f"{len(e['faces'])} faces, {len(e['plates'])} plates"
+            progress(f"      {len(entries)}/{len(photos)} {e['input']}: {status}")
+        entries.sort(key=lambda e: e["input"])
+        write_report(photos_out, entries)
+        stage_done("anonymise", time.perf_counter() - t)
+        good = [e for e in entries if e["output"]]
+        if len(good) < inputs.sfm.min_photos:
+            raise fail(f"only {len(good)} photos could be used; at least {inputs.sfm.min_photos} are needed")
+        try:
+            mref = map_reference(ref, entries)
+        except ScaleReferenceError as exc:
+            raise fail(str(exc)) from None
+
+        # 2. Metric site.
+        t = time.perf_counter()
+        progress(f"[2/4] reconstruct: SIFT, matching and mapping on {len(good)} photos, then scale and up")
+        intr = {e["output"]: e["intrinsics"] for e in good}
+        try:
+            info = ray.get(reconstruct_task.remote(str(photos_out), sorted(intr), intr, mref.model_dump(),
+                                                   str(out), inputs.sfm.model_dump()))
+        except ray.exceptions.RayTaskError as exc:
+            cause = exc.cause if isinstance(exc.cause, (ReconstructionError, ScaleReferenceError)) else None
+            raise fail(str(cause) if cause else f"reconstruction failed ({type(exc.cause).__name__})") from None
+        info["images_dir"] = "photos"
+        (out / "site.json").write_text(json.dumps(info, indent=2))
+        stage_done("reconstruct", time.perf_counter() - t)
+        progress(f"      {len(info['registered_images'])} photos placed, scale from {info['scale_source']} "
+                 f"(+-{100 * info['scale_sigma_rel']:.2f} %)")
+
+        # 3. Design merge, drawings, montages.
+        t = time.perf_counter()
+        progress("[3/4] plan: place the design, draw the plan, render montages")
+        try:
+            plan_result = ray.get(plan_task.remote(str(out), str(inputs.design), str(inputs.placement), str(out),
+                                                   str(photos_out)))
+        except ray.exceptions.RayTaskError as exc:
+            raise fail(f"planning failed: {exc.cause}") from None
+        stage_done("plan", time.perf_counter() - t)
+
+    # 4. Report.
+    t = time.perf_counter()
+    progress("[4/4] report")
+    report = {
+        "job": {"id": job_id, "tenant": tenant_id, "project": project_id, "pipeline_version": PIPELINE_VERSION},
+        "privacy": {
+            "photos": len(entries),
+            "anonymised": len(good),
+            "faces_blurred": sum(len(e["faces"]) for e in good),
+            "plates_blurred": sum(len(e["plates"]) for e in good),
+            "errors": [{"input": e["input"], "error": e["error"]} for e in entries if e["error"]],
+            "report": "photos/report.json",
+        },
+        "site": {k: info[k] for k in ("scale", "scale_sigma_rel", "scale_source", "ground_plane", "up_source",
+                                      "registered_images", "unregistered_images", "num_points",
+                                      "mean_reprojection_error_px", "choices", "timings")},
+        "plan": plan_result,
+        "files": sorted(p.name for p in out.iterdir() if p.is_file() and not p.name.startswith(".")),
+    }
+    stage_done("report", time.perf_counter() - t)
+    timings["total"] = round(time.perf_counter() - t_job, 2)
+    report["timings_s"] = dict(timings)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    write_report_html(report, out / "report.html")
+    with Session.begin() as db:
+        j = db.get(Job, job_id)
+        assert j is not None
+        j.state, j.stage, j.timings = "done", "report", dict(timings)
+    return report
