@@ -116,15 +116,29 @@ def anonymize(
     if plates:
         rgb = redact(rgb, plates, blocks=policy.blur_blocks, grow=1.1, ellipse=False)
     focal_mm, focal_35 = focal_lengths(dec.exif)
-    intr = Intrinsics(width=w, height=h, focal_mm=focal_mm, focal_35mm=focal_35,
-                      original_width=dec.original_size[0], original_height=dec.original_size[1],
-                      orientation=dec.orientation)
+    intr = Intrinsics(
+        width=w,
+        height=h,
+        focal_mm=focal_mm,
+        focal_35mm=focal_35,
+        original_width=dec.original_size[0],
+        original_height=dec.original_size[1],
+        orientation=dec.orientation,
+    )
     buf = io.BytesIO()
-    Image.fromarray(rgb, "RGB").save(buf, "JPEG", quality=policy.jpeg_quality, exif=minimal_exif(intr),
-                                     optimize=False, progressive=False)
+    Image.fromarray(rgb, "RGB").save(
+        buf, "JPEG", quality=policy.jpeg_quality, exif=minimal_exif(intr), optimize=False, progressive=False
+    )
     removed = inventory(dec.exif, dec.info_keys, data, dec.format)
-    return AnonymizedPhoto(jpeg=buf.getvalue(), intrinsics=intr, faces=faces, plates=plates,
-                           removed=removed, notes=notes, seconds=time.perf_counter() - t0)
+    return AnonymizedPhoto(
+        jpeg=buf.getvalue(),
+        intrinsics=intr,
+        faces=faces,
+        plates=plates,
+        removed=removed,
+        notes=notes,
+        seconds=time.perf_counter() - t0,
+    )
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -147,8 +161,16 @@ def output_name(input_name: str) -> str:
 def anonymize_file(src: Path, out_dir: Path, policy: AnonymizationPolicy | None = None) -> dict[str, Any]:
     """Anonymise one file into ``out_dir``; returns its report entry (never raises for bad input)."""
     policy = policy or AnonymizationPolicy()
-    entry: dict[str, Any] = {"input": src.name, "output": None, "faces": [], "plates": [], "removed": [],
-                             "intrinsics": None, "seconds": 0.0, "error": None}
+    entry: dict[str, Any] = {
+        "input": src.name,
+        "output": None,
+        "faces": [],
+        "plates": [],
+        "removed": [],
+        "intrinsics": None,
+        "seconds": 0.0,
+        "error": None,
+    }
     t0 = time.perf_counter()
     try:
         size = src.stat().st_size

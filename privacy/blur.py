@@ -13,8 +13,9 @@ import numpy as np
 from privacy.boxes import Box
 
 
-def redact(rgb: np.ndarray, boxes: list[Box], *, blocks: int = 6, grow: float = 1.25,
-           ellipse: bool = True) -> np.ndarray:
+def redact(
+    rgb: np.ndarray, boxes: list[Box], *, blocks: int = 6, grow: float = 1.25, ellipse: bool = True
+) -> np.ndarray:
     """Return a copy of ``rgb`` with each box pixelated to ``blocks`` cells across and blurred."""
     out = rgb.copy()
     h, w = rgb.shape[:2]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+
 from PIL import Image, TiffImagePlugin
 
 log = logging.getLogger(__name__)
@@ -24,14 +25,27 @@ TAG_PIXEL_Y = 0xA003
 TAG_MAKERNOTE = 0x927C
 
 _IDENTIFYING_0TH = {
-    0x010F: "Make", 0x0110: "Model", 0x013B: "Artist", 0x8298: "Copyright",
-    0x0132: "DateTime", 0x010E: "ImageDescription", 0x0131: "Software", 0x9C9B: "XPTitle",
-    0x9C9C: "XPComment", 0x9C9D: "XPAuthor",
+    0x010F: "Make",
+    0x0110: "Model",
+    0x013B: "Artist",
+    0x8298: "Copyright",
+    0x0132: "DateTime",
+    0x010E: "ImageDescription",
+    0x0131: "Software",
+    0x9C9B: "XPTitle",
+    0x9C9C: "XPComment",
+    0x9C9D: "XPAuthor",
 }
 _IDENTIFYING_EXIF = {
-    0xA430: "OwnerName", 0xA431: "SerialNumber", 0xA435: "LensSerialNumber", 0xA433: "LensMake",
-    0xA434: "LensModel", 0x9003: "DateTimeOriginal", 0x9004: "DateTimeDigitized",
-    0x9286: "UserComment", 0xA420: "ImageUniqueID",
+    0xA430: "OwnerName",
+    0xA431: "SerialNumber",
+    0xA435: "LensSerialNumber",
+    0xA433: "LensMake",
+    0xA434: "LensModel",
+    0x9003: "DateTimeOriginal",
+    0x9004: "DateTimeDigitized",
+    0x9286: "UserComment",
+    0xA420: "ImageUniqueID",
 }
 
 
@@ -120,9 +134,13 @@ def inventory(exif: Image.Exif, info_keys: set[str], data: bytes, fmt: str) -> l
         found.append("ICC")
     if "comment" in info_keys or "COM" in info_keys:
         found.append("Comment")
-    if fmt == "PNG" and ({"Description", "Comment", "Author", "Software", "parameters"} & info_keys
-                         or any(k not in {"dpi", "gamma", "transparency", "srgb", "icc_profile", "exif",
-                                          "aspect", "chromaticity"} for k in info_keys)):
+    if fmt == "PNG" and (
+        {"Description", "Comment", "Author", "Software", "parameters"} & info_keys
+        or any(
+            k not in {"dpi", "gamma", "transparency", "srgb", "icc_profile", "exif", "aspect", "chromaticity"}
+            for k in info_keys
+        )
+    ):
         found.append("PNGText")
     if fmt == "HEIF" and ({"thumbnails", "depth_images", "aux"} & info_keys):
         found.append("HEIFAuxiliary")

@@ -66,12 +66,13 @@ class ClassicalPlateDetector:
         mx = float(gx.max())
         if mx <= 0:
             return []
-        g8 = (gx / mx * 255).astype(np.uint8)
+        g8: np.ndarray = (gx / mx * 255).astype(np.uint8)
         close = cv2.getStructuringElement(cv2.MORPH_RECT, (max(3, int(glyph_h * 1.2)), max(3, glyph_h // 3)))
         g8 = cv2.morphologyEx(g8, cv2.MORPH_CLOSE, close)
         _, th = cv2.threshold(g8, 0, 255, cv2.THRESH_BINARY | cv2.THRESH_OTSU)
-        th = cv2.erode(th, None, iterations=1)
-        th = cv2.dilate(th, None, iterations=2)
+        k3 = np.ones((3, 3), np.uint8)
+        th = cv2.erode(th, k3, iterations=1)
+        th = cv2.dilate(th, k3, iterations=2)
         contours, _ = cv2.findContours(th, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         out: list[Box] = []
         for c in contours:
@@ -83,11 +84,12 @@ class ClassicalPlateDetector:
             fill = cv2.contourArea(c) / float(bw * bh)
             if fill < 0.45:
                 continue
-            score = self._glyph_score(gray[y:y + bh, x:x + bw])
+            score = self._glyph_score(gray[y : y + bh, x : x + bw])
             if score > 0:
                 pad_x, pad_y = bw * 0.08, bh * 0.25  # cover the plate's border and the country strip
-                out.append(Box(max(0, x - pad_x), max(0, y - pad_y), min(ww, bw + 2 * pad_x),
-                               min(hh, bh + 2 * pad_y), score))
+                out.append(
+                    Box(max(0, x - pad_x), max(0, y - pad_y), min(ww, bw + 2 * pad_x), min(hh, bh + 2 * pad_y), score)
+                )
         return out
 
     def _glyph_score(self, patch: np.ndarray) -> float:
@@ -98,7 +100,7 @@ class ClassicalPlateDetector:
         dark_share = float((bw == 0).mean())
         if not 0.12 <= dark_share <= 0.65:
             return 0.0
-        rows = bw[bw.shape[0] // 3: 2 * bw.shape[0] // 3]
+        rows = bw[bw.shape[0] // 3 : 2 * bw.shape[0] // 3]
         transitions = np.abs(np.diff(rows.astype(np.int16), axis=1)).astype(bool).sum(axis=1)
         t = float(np.median(transitions))
         if t < self.config.min_transitions or t > 40:

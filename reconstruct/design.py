@@ -72,7 +72,7 @@ class Design:
         return sum(len(p.faces) for p in self.parts)
 
 
-class _FolderResolver(trimesh.resolvers.FilePathResolver):  # type: ignore[misc]
+class _FolderResolver(trimesh.resolvers.FilePathResolver):
     """Resolves a design's external files only inside its own folder: no traversal, no URLs."""
 
     def get(self, name: str) -> bytes:
@@ -89,12 +89,14 @@ def _color_of(geom: trimesh.Trimesh) -> tuple[float, float, float, float]:
             base = getattr(mat, "baseColorFactor", None)
             if base is not None:
                 c = np.asarray(base, float)
-                return tuple((c / 255.0 if c.max() > 1.0 else c).tolist())  # type: ignore[return-value]
+                c = c / 255.0 if c.max() > 1.0 else c
+                return (float(c[0]), float(c[1]), float(c[2]), float(c[3]) if len(c) > 3 else 1.0)
             diff = getattr(mat, "diffuse", None)
             if diff is not None:
                 c = np.asarray(diff, float)
-                return tuple((c / 255.0).tolist())  # type: ignore[return-value]
-        c = np.asarray(vis.main_color, float) / 255.0
+                c = c / 255.0
+                return (float(c[0]), float(c[1]), float(c[2]), float(c[3]) if len(c) > 3 else 1.0)
+        c = np.asarray(getattr(vis, "main_color", (153, 153, 153, 255)), float) / 255.0
         return (float(c[0]), float(c[1]), float(c[2]), float(c[3]))
     except Exception:
         return (0.6, 0.6, 0.6, 1.0)
@@ -130,7 +132,7 @@ def load_design(path: Path) -> Design:
         desc = load_descriptor(path)
         if not desc.file:
             raise DesignError("the design descriptor names no mesh file ('file')")
-        mesh_path = (path.parent / desc.file)
+        mesh_path = path.parent / desc.file
         if ".." in Path(desc.file).parts or Path(desc.file).is_absolute():
             raise DesignError("the design descriptor's file must lie in the descriptor's folder")
     else:
@@ -143,11 +145,14 @@ def load_design(path: Path) -> Design:
         raise DesignError(f"the design file {mesh_path.name} does not exist")
     warnings: list[str] = []
     try:
-        scene = trimesh.load(str(mesh_path), force="scene", resolver=_FolderResolver(str(mesh_path.parent)))
+        loaded = trimesh.load(str(mesh_path), force="scene", resolver=_FolderResolver(str(mesh_path.parent)))
     except DesignError:
         raise
     except Exception as exc:
         raise DesignError(f"the design file {mesh_path.name} cannot be read ({type(exc).__name__})") from None
+    if not isinstance(loaded, trimesh.Scene):
+        raise DesignError(f"the design file {mesh_path.name} holds no mesh")
+    scene = loaded
     geoms: list[tuple[str, trimesh.Trimesh]] = []
     for node in scene.graph.nodes_geometry:
         transform, gname = scene.graph[node]
@@ -205,6 +210,12 @@ def rotation_z(deg: float) -> np.ndarray:
 
 def describe(design: Design) -> dict[str, Any]:
     b = design.bounds
-    return {"name": design.name, "width_m": round(float(b[1, 0] - b[0, 0]), 4),
-            "depth_m": round(float(b[1, 1] - b[0, 1]), 4), "height_m": round(float(b[1, 2] - b[0, 2]), 4),
-            "triangles": design.num_triangles, "scalable": design.scalable, "warnings": design.warnings}
+    return {
+        "name": design.name,
+        "width_m": round(float(b[1, 0] - b[0, 0]), 4),
+        "depth_m": round(float(b[1, 1] - b[0, 1]), 4),
+        "height_m": round(float(b[1, 2] - b[0, 2]), 4),
+        "triangles": design.num_triangles,
+        "scalable": design.scalable,
+        "warnings": design.warnings,
+    }

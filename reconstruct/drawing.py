@@ -71,7 +71,9 @@ def _hulls_xy(vertices: np.ndarray, faces: np.ndarray) -> list[np.ndarray]:
     return out
 
 
-def _wall_segments(points: np.ndarray, facades: list[dict[str, Any]], tol: float = 0.05) -> list[tuple[np.ndarray, np.ndarray]]:
+def _wall_segments(
+    points: np.ndarray, facades: list[dict[str, Any]], tol: float = 0.05
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """Each facade plane's trace on the ground, over the extent of the points on it."""
     segs = []
     for f in facades:
@@ -98,9 +100,15 @@ def _point_segment(p: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return a + s * ab
 
 
-def top_view(design_world: list[tuple[np.ndarray, np.ndarray]], placement: dict[str, Any],
-             site_points: np.ndarray, facades: list[dict[str, Any]], *, design_name: str,
-             opening: tuple[np.ndarray, np.ndarray] | None = None) -> Sheet:
+def top_view(
+    design_world: list[tuple[np.ndarray, np.ndarray]],
+    placement: dict[str, Any],
+    site_points: np.ndarray,
+    facades: list[dict[str, Any]],
+    *,
+    design_name: str,
+    opening: tuple[np.ndarray, np.ndarray] | None = None,
+) -> Sheet:
     """The plan: site points and walls, the design's footprint, and its dimensions."""
     sheet = Sheet(title=f"Top view: {design_name}")
     allv = np.vstack([v for v, _ in design_world])
@@ -112,8 +120,11 @@ def top_view(design_world: list[tuple[np.ndarray, np.ndarray]], placement: dict[
     if len(ctx) > 6000:
         ctx = ctx[np.random.default_rng(0).choice(len(ctx), 6000, replace=False)]
     sheet.points = ctx[:, :2]
-    walls = [(a, b) for a, b in _wall_segments(site_points, facades)
-             if np.linalg.norm(_point_segment(centre, a, b) - centre) < r]
+    walls = [
+        (a, b)
+        for a, b in _wall_segments(site_points, facades)
+        if np.linalg.norm(_point_segment(centre, a, b) - centre) < r
+    ]
     for a, b in walls:
         sheet.lines.append((a, b, "WALLS"))
     for v, f in design_world:
@@ -129,8 +140,15 @@ def top_view(design_world: list[tuple[np.ndarray, np.ndarray]], placement: dict[
     sheet.dims[-1].offset = -abs(sheet.dims[-1].offset)
     if opening is not None:
         oa, ob = opening
-        sheet.dims.append(Dim(oa[:2], ob[:2], offset=-(abs(float(perp.min())) + 1.2), label="opening",
-                              value_m=float(np.linalg.norm(ob[:2] - oa[:2]))))
+        sheet.dims.append(
+            Dim(
+                oa[:2],
+                ob[:2],
+                offset=-(abs(float(perp.min())) + 1.2),
+                label="opening",
+                value_m=float(np.linalg.norm(ob[:2] - oa[:2])),
+            )
+        )
     if walls:
         feet = [(_point_segment(centre, a, b), a, b) for a, b in walls]
         foot, _, _ = min(feet, key=lambda f: float(np.linalg.norm(f[0] - centre)))
@@ -140,8 +158,13 @@ def top_view(design_world: list[tuple[np.ndarray, np.ndarray]], placement: dict[
     return sheet
 
 
-def elevation(design_world: list[tuple[np.ndarray, np.ndarray]], placement: dict[str, Any],
-              site_points: np.ndarray, *, design_name: str) -> Sheet:
+def elevation(
+    design_world: list[tuple[np.ndarray, np.ndarray]],
+    placement: dict[str, Any],
+    site_points: np.ndarray,
+    *,
+    design_name: str,
+) -> Sheet:
     """Front view: looking at the design's front, X along its width, up is +Z."""
     yaw = math.radians(placement["rotation_deg"])
     ax = np.array([math.cos(yaw), math.sin(yaw), 0.0])
@@ -198,12 +221,14 @@ def write_svg(sheet: Sheet, path: Path, *, subtitle: str = "") -> int:
     def P(p: np.ndarray) -> tuple[float, float]:
         return (margin + (p[0] - ext[0, 0]) * k, head + margin + (ext[1, 1] - p[1]) * k)
 
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w:.1f}mm" height="{h:.1f}mm" '
-           f'viewBox="0 0 {w:.2f} {h:.2f}" font-family="Helvetica, Arial, sans-serif">',
-           f'<rect x="0" y="0" width="{w:.2f}" height="{h:.2f}" fill="white"/>',
-           f'<text x="{margin}" y="8" font-size="4.2" font-weight="bold">{escape(sheet.title)}</text>',
-           f'<text x="{margin}" y="14" font-size="3" data-scale="1:{scale}">Scale 1:{scale} '
-           f'(on paper at {w:.0f} x {h:.0f} mm) - dimensions in metres{escape(subtitle)}</text>']
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{w:.1f}mm" height="{h:.1f}mm" '
+        f'viewBox="0 0 {w:.2f} {h:.2f}" font-family="Helvetica, Arial, sans-serif">',
+        f'<rect x="0" y="0" width="{w:.2f}" height="{h:.2f}" fill="white"/>',
+        f'<text x="{margin}" y="8" font-size="4.2" font-weight="bold">{escape(sheet.title)}</text>',
+        f'<text x="{margin}" y="14" font-size="3" data-scale="1:{scale}">Scale 1:{scale} '
+        f"(on paper at {w:.0f} x {h:.0f} mm) - dimensions in metres{escape(subtitle)}</text>",
+    ]
     if len(sheet.points):
         out.append('<g id="site-points" fill="#9aa4ad">')
         for p in sheet.points:
@@ -213,8 +238,10 @@ def write_svg(sheet: Sheet, path: Path, *, subtitle: str = "") -> int:
     for a, b, layer in sheet.lines:
         (x0, y0), (x1, y1) = P(a), P(b)
         sw = 1.2 if layer == "WALLS" else 0.5
-        out.append(f'<line class="{layer.lower()}" x1="{x0:.2f}" y1="{y0:.2f}" x2="{x1:.2f}" y2="{y1:.2f}" '
-                   f'stroke="#2b2f33" stroke-width="{sw}"/>')
+        out.append(
+            f'<line class="{layer.lower()}" x1="{x0:.2f}" y1="{y0:.2f}" x2="{x1:.2f}" y2="{y1:.2f}" '
+            f'stroke="#2b2f33" stroke-width="{sw}"/>'
+        )
     out.append('<g id="design" fill="#3a6ea5" fill-opacity="0.55" stroke="#1d3f66" stroke-width="0.25">')
     for poly, _ in sheet.polys:
         pts = " ".join(f"{x:.2f},{y:.2f}" for x, y in (P(p) for p in poly))
@@ -230,20 +257,24 @@ def write_svg(sheet: Sheet, path: Path, *, subtitle: str = "") -> int:
             out.append(f'<line x1="{ea:.2f}" y1="{fa:.2f}" x2="{x0:.2f}" y2="{y0:.2f}" stroke-dasharray="1,1"/>')
             out.append(f'<line x1="{eb:.2f}" y1="{fb:.2f}" x2="{x1:.2f}" y2="{y1:.2f}" stroke-dasharray="1,1"/>')
         out.append(f'<line x1="{x0:.2f}" y1="{y0:.2f}" x2="{x1:.2f}" y2="{y1:.2f}"/>')
-        for (cx, cy) in ((x0, y0), (x1, y1)):
+        for cx, cy in ((x0, y0), (x1, y1)):
             out.append(f'<circle cx="{cx:.2f}" cy="{cy:.2f}" r="0.6"/>')
         ang = math.degrees(math.atan2(y1 - y0, x1 - x0))
         if ang > 90 or ang < -90:
             ang += 180
         mx, my = (x0 + x1) / 2, (y0 + y1) / 2
-        out.append(f'<text class="dim" data-label="{escape(d.label)}" data-value-m="{d.value_m:.4f}" '
-                   f'x="{mx:.2f}" y="{my - 1.2:.2f}" text-anchor="middle" stroke="none" '
-                   f'transform="rotate({ang:.2f} {mx:.2f} {my:.2f})">{escape(d.label)} {d.value_m:.3f} m</text>')
+        out.append(
+            f'<text class="dim" data-label="{escape(d.label)}" data-value-m="{d.value_m:.4f}" '
+            f'x="{mx:.2f}" y="{my - 1.2:.2f}" text-anchor="middle" stroke="none" '
+            f'transform="rotate({ang:.2f} {mx:.2f} {my:.2f})">{escape(d.label)} {d.value_m:.3f} m</text>'
+        )
     out.append("</g>")
     # Scale bar: 1 m.
     bx, by = margin, h - 5
-    out.append(f'<g id="scale-bar"><rect x="{bx:.2f}" y="{by - 1.5:.2f}" width="{k:.2f}" height="1.5" fill="black"/>'
-               f'<text x="{bx + k + 2:.2f}" y="{by:.2f}" font-size="3">1 m</text></g>')
+    out.append(
+        f'<g id="scale-bar"><rect x="{bx:.2f}" y="{by - 1.5:.2f}" width="{k:.2f}" height="1.5" fill="black"/>'
+        f'<text x="{bx + k + 2:.2f}" y="{by:.2f}" font-size="3">1 m</text></g>'
+    )
     out.append("</svg>")
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("\n".join(out))
@@ -268,9 +299,14 @@ def write_dxf(sheet: Sheet, path: Path) -> None:
     for poly, layer in sheet.polys:
         msp.add_lwpolyline([tuple(p) for p in poly], close=True, dxfattribs={"layer": layer})
     for d in sheet.dims:
-        dim = msp.add_aligned_dim(p1=tuple(d.a), p2=tuple(d.b), distance=d.offset if d.offset else 0.3,
-                                  dimstyle="EZDXF", override={"dimdec": 3, "dimtxt": 0.12},
-                                  dxfattribs={"layer": "DIMENSIONS"})
+        dim = msp.add_aligned_dim(
+            p1=tuple(d.a),
+            p2=tuple(d.b),
+            distance=d.offset if d.offset else 0.3,
+            dimstyle="EZDXF",
+            override={"dimdec": 3, "dimtxt": 0.12},
+            dxfattribs={"layer": "DIMENSIONS"},
+        )
         dim.render()
     tmp = path.with_name(f".{path.name}.tmp")
     doc.saveas(tmp)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -27,7 +28,7 @@ class View:
 
     def ray(self, uv: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
         """Origin and unit direction (world) of the ray through pixel ``uv`` (distortion removed)."""
-        xy = self.camera.cam_from_img(np.array([uv], dtype=np.float64))[0]
+        xy = np.asarray(self.camera.cam_from_img(np.array([uv], dtype=np.float64)))[0]
         d = self.R.T @ np.array([xy[0], xy[1], 1.0])
         return self.centre, d / np.linalg.norm(d)
 
@@ -47,9 +48,17 @@ def views(rec: pycolmap.Reconstruction) -> dict[str, View]:
         if not img.has_pose:
             continue
         cfw = img.cam_from_world()
-        cam = img.camera
-        out[img.name] = View(img.name, np.asarray(cam.calibration_matrix()), np.asarray(cfw.rotation.matrix()),
-                             np.asarray(cfw.translation), int(cam.width), int(cam.height), cam)
+        # A copy: img.camera points into ``rec`` and dangles once ``rec`` is freed.
+        cam = copy.deepcopy(img.camera)
+        out[img.name] = View(
+            img.name,
+            np.asarray(cam.calibration_matrix()),
+            np.asarray(cfw.rotation.matrix()),
+            np.asarray(cfw.translation),
+            int(cam.width),
+            int(cam.height),
+            cam,
+        )
     return out
 
 
@@ -109,8 +118,15 @@ class Lifted:
     support: int = 0
 
 
-def lift_pixel(view: View, uv: tuple[float, float], obs_uv: np.ndarray, obs_xyz: np.ndarray, *,
-               min_points: int = 8, radii: tuple[float, ...] = (0.015, 0.03, 0.06)) -> Lifted:
+def lift_pixel(
+    view: View,
+    uv: tuple[float, float],
+    obs_uv: np.ndarray,
+    obs_xyz: np.ndarray,
+    *,
+    min_points: int = 8,
+    radii: tuple[float, ...] = (0.015, 0.03, 0.06),
+) -> Lifted:
     """Lift a pixel onto the reconstructed surface: fit a local plane to the 3D points seen
     around it in the same photo, and intersect the pixel's ray with that plane.
 

@@ -38,8 +38,9 @@ def camera_up(vs: list[View]) -> np.ndarray:
     return m / np.linalg.norm(m)
 
 
-def find_planes(pts: np.ndarray, *, threshold: float, max_planes: int = 6, min_share: float = 0.03,
-                seed: int = 0) -> list[tuple[np.ndarray, float, np.ndarray]]:
+def find_planes(
+    pts: np.ndarray, *, threshold: float, max_planes: int = 6, min_share: float = 0.03, seed: int = 0
+) -> list[tuple[np.ndarray, float, np.ndarray]]:
     """Successive RANSAC planes: (unit normal n, d with n.X = d, inlier mask over ``pts``)."""
     o3d.utility.random.seed(seed)
     remaining = np.arange(len(pts))

@@ -59,11 +59,15 @@ class Placement:
 
     def to_json(self) -> dict[str, Any]:
         yaw = math.degrees(math.atan2(self.R[1, 0], self.R[0, 0]))
-        return {"form": self.form, "position_m": [round(float(x), 4) for x in self.t],
-                "rotation_deg": round(yaw, 3), "stretch_x": round(self.sx, 5),
-                "opening_m": None if self.opening_m is None else round(self.opening_m, 4),
-                "opening_sigma_m": None if self.opening_sigma_m is None else round(self.opening_sigma_m, 4),
-                "warnings": self.warnings}
+        return {
+            "form": self.form,
+            "position_m": [round(float(x), 4) for x in self.t],
+            "rotation_deg": round(yaw, 3),
+            "stretch_x": round(self.sx, 5),
+            "opening_m": None if self.opening_m is None else round(self.opening_m, 4),
+            "opening_sigma_m": None if self.opening_sigma_m is None else round(self.opening_sigma_m, 4),
+            "warnings": self.warnings,
+        }
 
 
 def load_placement(path: Path) -> PlacementSpec:
@@ -84,8 +88,10 @@ def lift_to_ground(view: View, uv: tuple[float, float], *, max_range_m: float = 
         raise PlacementError(f"the placement point {list(uv)} lies outside photo {view.name}")
     C, d = view.ray(uv)
     if d[2] >= -1e-6 or C[2] <= 0:
-        raise PlacementError(f"the placement point {list(uv)} in photo {view.name} is not on the ground "
-                             "(its ray does not meet the ground plane)")
+        raise PlacementError(
+            f"the placement point {list(uv)} in photo {view.name} is not on the ground "
+            "(its ray does not meet the ground plane)"
+        )
     s = -C[2] / d[2]
     X = C + s * d
     if np.linalg.norm(X - C) > max_range_m:
@@ -93,8 +99,14 @@ def lift_to_ground(view: View, uv: tuple[float, float], *, max_range_m: float = 
     return np.asarray(X)
 
 
-def resolve(spec: PlacementSpec, design: Design, views: dict[str, View], *, scale_sigma_rel: float = 0.0,
-            ground_sigma_m: float = 0.02) -> Placement:
+def resolve(
+    spec: PlacementSpec,
+    design: Design,
+    views: dict[str, View],
+    *,
+    scale_sigma_rel: float = 0.0,
+    ground_sigma_m: float = 0.02,
+) -> Placement:
     warnings: list[str] = []
     if spec.site is not None:
         p = spec.site.position

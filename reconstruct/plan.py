@@ -54,22 +54,32 @@ def write_glb(site: Site, meshes: list[Mesh], vs: dict[str, View], path: Path) -
         scene.add_geometry(trimesh.PointCloud(pts, colors=cols), node_name="site_points", geom_name="site_points")
     for i, m in enumerate(meshes):
         mesh = trimesh.Trimesh(m.vertices, m.faces, process=False)
-        mesh.visual = trimesh.visual.TextureVisuals(material=trimesh.visual.material.PBRMaterial(
-            baseColorFactor=[int(255 * c) for c in m.color], metallicFactor=0.3, roughnessFactor=0.6))
+        mesh.visual = trimesh.visual.TextureVisuals(
+            material=trimesh.visual.material.PBRMaterial(
+                baseColorFactor=[int(255 * c) for c in m.color], metallicFactor=0.3, roughnessFactor=0.6
+            )
+        )
         scene.add_geometry(mesh, node_name=f"design_{i}", geom_name=f"design_{i}")
     for name, v in vs.items():
         s = 0.25
-        corners = np.array([[-s * v.width / v.K[0, 0] / 2, -s * v.height / v.K[1, 1] / 2, s],
-                            [s * v.width / v.K[0, 0] / 2, -s * v.height / v.K[1, 1] / 2, s],
-                            [s * v.width / v.K[0, 0] / 2, s * v.height / v.K[1, 1] / 2, s],
-                            [-s * v.width / v.K[0, 0] / 2, s * v.height / v.K[1, 1] / 2, s]])
+        corners = np.array(
+            [
+                [-s * v.width / v.K[0, 0] / 2, -s * v.height / v.K[1, 1] / 2, s],
+                [s * v.width / v.K[0, 0] / 2, -s * v.height / v.K[1, 1] / 2, s],
+                [s * v.width / v.K[0, 0] / 2, s * v.height / v.K[1, 1] / 2, s],
+                [-s * v.width / v.K[0, 0] / 2, s * v.height / v.K[1, 1] / 2, s],
+            ]
+        )
         world = (v.R.T @ corners.T).T + v.centre
         C = v.centre
         verts = np.vstack([C, world])
         faces = np.array([[0, 1, 2], [0, 2, 3], [0, 3, 4], [0, 4, 1]])
         fr = trimesh.Trimesh(verts, faces, process=False)
-        fr.visual = trimesh.visual.TextureVisuals(material=trimesh.visual.material.PBRMaterial(
-            baseColorFactor=[230, 120, 30, 160], alphaMode="BLEND", doubleSided=True))
+        fr.visual = trimesh.visual.TextureVisuals(
+            material=trimesh.visual.material.PBRMaterial(
+                baseColorFactor=[230, 120, 30, 160], alphaMode="BLEND", doubleSided=True
+            )
+        )
         scene.add_geometry(fr, node_name=f"camera_{name}", geom_name=f"camera_{name}")
     zup_to_yup = trimesh.transformations.rotation_matrix(-math.pi / 2, [1, 0, 0])
     scene.apply_transform(zup_to_yup)
@@ -78,8 +88,15 @@ def write_glb(site: Site, meshes: list[Mesh], vs: dict[str, View], path: Path) -
     tmp.replace(path)
 
 
-def plan(run_dir: Path, design_path: Path, placement_path: Path, out_dir: Path, *,
-         images_dir: Path | None = None, montage_images: list[str] | None = None) -> dict[str, Any]:
+def plan(
+    run_dir: Path,
+    design_path: Path,
+    placement_path: Path,
+    out_dir: Path,
+    *,
+    images_dir: Path | None = None,
+    montage_images: list[str] | None = None,
+) -> dict[str, Any]:
     """Merge the design into the site and write every plan output. Returns plan.json's content."""
     t0 = time.perf_counter()
     site = load_site(run_dir)

@@ -74,7 +74,7 @@ def _context() -> Any:
         if _ctx is None:
             import moderngl
 
-            _ctx = moderngl.create_standalone_context(backend="egl")
+            _ctx = moderngl.create_standalone_context(backend="egl")  # type: ignore[arg-type]
             log.info("renderer: %s", _ctx.info.get("GL_RENDERER"))
         return _ctx
 
@@ -109,8 +109,15 @@ def _near_far(view: View, meshes: list[Mesh]) -> tuple[float, float]:
     return near, far
 
 
-def render(view: View, meshes: list[Mesh], *, light: np.ndarray, ambient: float = 0.45,
-           occluders: list[Mesh] | None = None, samples: int = 4) -> tuple[np.ndarray, np.ndarray]:
+def render(
+    view: View,
+    meshes: list[Mesh],
+    *,
+    light: np.ndarray,
+    ambient: float = 0.45,
+    occluders: list[Mesh] | None = None,
+    samples: int = 4,
+) -> tuple[np.ndarray, np.ndarray]:
     """Render ``meshes`` with ``view``'s camera: RGBA uint8 (H x W x 4), premultiplied alpha."""
     import moderngl
 
@@ -130,8 +137,10 @@ def render(view: View, meshes: list[Mesh], *, light: np.ndarray, ambient: float 
         prog["light"].value = tuple(float(x) for x in L / np.linalg.norm(L))
         prog["ambient"].value = ambient
         s = min(samples, ctx.max_samples)
-        ms = ctx.framebuffer(color_attachments=[ctx.renderbuffer((w, h), 4, samples=s)],
-                             depth_attachment=ctx.depth_renderbuffer((w, h), samples=s))
+        ms = ctx.framebuffer(
+            color_attachments=[ctx.renderbuffer((w, h), 4, samples=s)],
+            depth_attachment=ctx.depth_renderbuffer((w, h), samples=s),
+        )
         out = ctx.framebuffer(color_attachments=[ctx.renderbuffer((w, h), 4)])
         try:
             ms.use()
@@ -139,17 +148,18 @@ def render(view: View, meshes: list[Mesh], *, light: np.ndarray, ambient: float 
             ms.clear(0.0, 0.0, 0.0, 0.0, depth=1.0)
             ctx.enable(moderngl.DEPTH_TEST)
             ctx.disable(moderngl.CULL_FACE)
-            for group, write_colour in ((occ, False), (meshes, True)):
+            # Occluders are drawn in transparent black, the clear colour: they fill the depth
+            # buffer and leave the photo visible (no colour mask state to get wrong).
+            hidden = [Mesh(m.vertices, m.faces, (0.0, 0.0, 0.0, 0.0)) for m in occ]
+            for group in (hidden, meshes):
                 data = _flat(group)
                 if not len(data):
                     continue
-                ms.color_mask = (write_colour,) * 4
                 vbo = ctx.buffer(data.tobytes())
                 vao = ctx.vertex_array(prog, [(vbo, "3f 3f 4f", "in_pos", "in_normal", "in_color")])
                 vao.render(moderngl.TRIANGLES)
                 vao.release()
                 vbo.release()
-            ms.color_mask = (True,) * 4
             ctx.copy_framebuffer(out, ms)
             rgba = np.frombuffer(out.read(components=4, dtype="f1"), np.uint8).reshape(h, w, 4)
         finally:
@@ -185,8 +195,14 @@ def default_light(view: View) -> np.ndarray:
     return np.asarray(L / np.linalg.norm(L))
 
 
-def montage(photo: np.ndarray, view: View, meshes: list[Mesh], *, occluders: list[Mesh] | None = None,
-            shadow_strength: float = 0.45) -> tuple[np.ndarray, np.ndarray]:
+def montage(
+    photo: np.ndarray,
+    view: View,
+    meshes: list[Mesh],
+    *,
+    occluders: list[Mesh] | None = None,
+    shadow_strength: float = 0.45,
+) -> tuple[np.ndarray, np.ndarray]:
     """Composite the design into ``photo`` (H x W x 3 uint8). Returns (image, design alpha mask)."""
     if photo.shape[:2] != (view.height, view.width):
         raise ValueError("the photo's size differs from its camera's")
@@ -195,9 +211,8 @@ def montage(photo: np.ndarray, view: View, meshes: list[Mesh], *, occluders: lis
     sh = shadow_meshes(meshes, light)
     if sh and shadow_strength > 0:
         srgba, _ = render(view, sh, light=light, ambient=1.0, occluders=occluders, samples=1)
-        mask = srgba[:, :, 3].astype(np.float32) / 255.0
         k = max(3, int(0.006 * max(view.width, view.height)) | 1)
-        mask = cv2.GaussianBlur(mask, (k, k), 0)
+        mask = np.asarray(cv2.GaussianBlur(srgba[:, :, 3].astype(np.float32) / 255.0, (k, k), 0))
         img *= (1.0 - shadow_strength * mask)[:, :, None]
     rgba, _ = render(view, meshes, light=light, occluders=occluders)
     # The multisample resolve averages (rgb, 1) with the cleared (0, 0): colour is premultiplied.

@@ -9,7 +9,8 @@ from typing import Any
 _CSS = """
 body{font-family:Helvetica,Arial,sans-serif;margin:24px auto;max-width:1180px;color:#1f2328}
 h1{font-size:22px;margin-bottom:2px} h2{font-size:17px;margin-top:28px;border-bottom:1px solid #d0d7de}
-.sub{color:#57606a} table{border-collapse:collapse;margin:8px 0} td,th{padding:4px 10px;border:1px solid #d0d7de;text-align:left}
+.sub{color:#57606a} table{border-collapse:collapse;margin:8px 0}
+td,th{padding:4px 10px;border:1px solid #d0d7de;text-align:left}
 th{background:#f6f8fa} .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(360px,1fr));gap:12px}
 figure{margin:0} figure img{width:100%;border:1px solid #d0d7de} figcaption{font-size:12px;color:#57606a}
 img.drawing{max-width:100%;border:1px solid #d0d7de;background:white} .warn{color:#9a6700}
@@ -28,21 +29,28 @@ def write_report_html(report: dict[str, Any], path: Path) -> None:
     pl = plan["placement"]
     design = plan["design"]
     scale = site["scale"]
-    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>Site plan</title>"
-             f"<style>{_CSS}</style></head><body>",
-             f"<h1>{escape(design['name'])} on site</h1>",
-             f"<div class='sub'>Project {escape(report['job']['project'][:8])} - pipeline "
-             f"{escape(report['job']['pipeline_version'])}</div>"]
+    parts = [
+        f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>Site plan</title>"
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>{escape(design['name'])} on site</h1>",
+        f"<div class='sub'>Project {escape(report['job']['project'][:8])} - pipeline "
+        f"{escape(report['job']['pipeline_version'])}</div>",
+    ]
     mont = [m for m in plan["montages"] if "file" in m]
     parts.append("<h2>Photomontages</h2><div class='grid'>")
     for m in mont:
-        parts.append(f"<figure><a href='{escape(m['file'])}'><img src='{escape(m['file'])}' "
-                     f"alt='montage {escape(m['image'])}'></a><figcaption>{escape(m['image'])}</figcaption></figure>")
+        parts.append(
+            f"<figure><a href='{escape(m['file'])}'><img src='{escape(m['file'])}' "
+            f"alt='montage {escape(m['image'])}'></a><figcaption>{escape(m['image'])}</figcaption></figure>"
+        )
     parts.append("</div>")
     skipped = [m for m in plan["montages"] if "file" not in m]
     if skipped:
-        parts.append("<p class='sub'>No montage for: " + "; ".join(
-            f"{escape(m['image'])} ({escape(m['skipped'])})" for m in skipped) + "</p>")
+        parts.append(
+            "<p class='sub'>No montage for: "
+            + "; ".join(f"{escape(m['image'])} ({escape(m['skipped'])})" for m in skipped)
+            + "</p>"
+        )
     parts.append("<h2>Plan (top view)</h2><img class='drawing' src='plan.svg' alt='top view'>")
     parts.append("<h2>Front elevation</h2><img class='drawing' src='elevation.svg' alt='front elevation'>")
     parts.append("<h2>Measurements</h2><table>" + _row("what", "value", "1-sigma", head=True))
@@ -75,13 +83,20 @@ def write_report_html(report: dict[str, Any], path: Path) -> None:
     parts.append(_row("licence plates blurred", priv["plates_blurred"]))
     for e in priv["errors"]:
         parts.append(_row(f"refused: {e['input']}", e["error"]))
-    parts.append("</table><p class='sub'>All metadata was dropped except focal length and image size; "
-                 "details per photo in <a href='photos/report.json'>photos/report.json</a>.</p>")
+    parts.append(
+        "</table><p class='sub'>All metadata was dropped except focal length and image size; "
+        "details per photo in <a href='photos/report.json'>photos/report.json</a>.</p>"
+    )
     parts.append("<h2>Files</h2><ul>")
-    for f, what in (("plan.glb", "3D plan (glTF binary: site points, design, cameras)"),
-                    ("plan.dxf", "top view for CAD (metres)"), ("plan.svg", "top view"),
-                    ("elevation.svg", "front elevation"), ("model/", "COLMAP model (metres, +Z up)"),
-                    ("site.json", "site facts"), ("report.json", "this report as data")):
+    for f, what in (
+        ("plan.glb", "3D plan (glTF binary: site points, design, cameras)"),
+        ("plan.dxf", "top view for CAD (metres)"),
+        ("plan.svg", "top view"),
+        ("elevation.svg", "front elevation"),
+        ("model/", "COLMAP model (metres, +Z up)"),
+        ("site.json", "site facts"),
+        ("report.json", "this report as data"),
+    ):
         parts.append(f"<li><a href='{f}'>{f}</a>: {escape(what)}</li>")
     parts.append("</ul><h2>Timings</h2><table>")
     for k, v in report["timings_s"].items():

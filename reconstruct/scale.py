@@ -32,9 +32,14 @@ class ScaleEstimate:
     warnings: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {"source": self.source, "metres_per_model_unit": self.scale,
-                "sigma_rel": self.sigma_rel, "sigma_pct": round(100 * self.sigma_rel, 3),
-                "references": self.per_reference, "warnings": self.warnings}
+        return {
+            "source": self.source,
+            "metres_per_model_unit": self.scale,
+            "sigma_rel": self.sigma_rel,
+            "sigma_pct": round(100 * self.sigma_rel, 3),
+            "references": self.per_reference,
+            "warnings": self.warnings,
+        }
 
 
 def estimate_scale(rec: pycolmap.Reconstruction, ref: ScaleReference) -> ScaleEstimate:

@@ -78,8 +78,7 @@ def run_sfm(
     choices: dict[str, Any] = {}
 
     t0 = time.perf_counter()
-    long_side = max((max(int(i.get("width") or 0), int(i.get("height") or 0)) for i in intrinsics.values()),
-                    default=0)
+    long_side = max((max(int(i.get("width") or 0), int(i.get("height") or 0)) for i in intrinsics.values()), default=0)
     size = min(cfg.max_image_size, long_side) if long_side else cfg.max_image_size
     extraction = pycolmap.FeatureExtractionOptions()
     extraction.max_image_size = size
@@ -95,11 +94,22 @@ def run_sfm(
             f_px = f35 / 36.0 * max(w, h)
             reader.camera_params = f"{f_px},{w / 2},{h / 2},0"
         mode = pycolmap.CameraMode.SINGLE if len(group) > 1 and w and h else pycolmap.CameraMode.PER_IMAGE
-        pycolmap.extract_features(db_path, image_dir, image_names=group, camera_mode=mode,
-                                  reader_options=reader, extraction_options=extraction,
-                                  device=pycolmap.Device.cpu)
-        cams.append({"images": len(group), "shared": mode == pycolmap.CameraMode.SINGLE,
-                     "focal_prior_px": round(f35 / 36.0 * max(w, h), 1) if f35 and w and h else None})
+        pycolmap.extract_features(
+            db_path,
+            image_dir,
+            image_names=group,
+            camera_mode=mode,
+            reader_options=reader,
+            extraction_options=extraction,
+            device=pycolmap.Device.cpu,
+        )
+        cams.append(
+            {
+                "images": len(group),
+                "shared": mode == pycolmap.CameraMode.SINGLE,
+                "focal_prior_px": round(f35 / 36.0 * max(w, h), 1) if f35 and w and h else None,
+            }
+        )
     choices["cameras"] = cams
     timings["extract_s"] = time.perf_counter() - t0
 
@@ -113,10 +123,12 @@ def run_sfm(
         seq = pycolmap.SequentialPairingOptions()
         seq.overlap = cfg.sequential_overlap
         seq.quadratic_overlap = True
-        choices["matching"] = {"mode": "sequential", "overlap": cfg.sequential_overlap,
-                               "why": f"{len(names)} photos > {cfg.exhaustive_up_to}; site photos are taken in order"}
-        pycolmap.match_sequential(db_path, matching_options=matching, pairing_options=seq,
-                                  device=pycolmap.Device.cpu)
+        choices["matching"] = {
+            "mode": "sequential",
+            "overlap": cfg.sequential_overlap,
+            "why": f"{len(names)} photos > {cfg.exhaustive_up_to}; site photos are taken in order",
+        }
+        pycolmap.match_sequential(db_path, matching_options=matching, pairing_options=seq, device=pycolmap.Device.cpu)
     timings["match_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -138,6 +150,5 @@ def run_sfm(
             f"only {len(registered)} photos could be placed; at least {cfg.min_photos} overlapping photos are needed"
         )
     unregistered = sorted(set(names) - set(registered))
-    log.info("sparse model: %d of %d photos registered, %d points", len(registered), len(names),
-             rec.num_points3D())
+    log.info("sparse model: %d of %d photos registered, %d points", len(registered), len(names), rec.num_points3D())
     return SfmResult(rec, registered, unregistered, choices, timings)

@@ -54,8 +54,9 @@ def reconstruct(
     """Build the metric, +Z-up site model from the photos in ``image_dir``."""
     t_all = time.perf_counter()
     if names is None:
-        names = sorted(p.name for p in image_dir.iterdir()
-                       if p.is_file() and p.suffix.lower() in {".jpg", ".jpeg", ".png"})
+        names = sorted(
+            p.name for p in image_dir.iterdir() if p.is_file() and p.suffix.lower() in {".jpg", ".jpeg", ".png"}
+        )
     if intrinsics is None:
         intrinsics = _intrinsics_from_files(image_dir, names)
     check_reference(reference, set(names))
@@ -108,8 +109,13 @@ def reconstruct(
         "timings": {k: round(v, 3) for k, v in timings.items()},
     }
     _write_json(run_dir / "site.json", info)
-    log.info("site: scale %.5f m/unit (+-%.2f %%), %d photos, ground found: %s", scale.scale,
-             100 * scale.sigma_rel, len(sfm.registered), ori.ground["found"])
+    log.info(
+        "site: scale %.5f m/unit (+-%.2f %%), %d photos, ground found: %s",
+        scale.scale,
+        100 * scale.sigma_rel,
+        len(sfm.registered),
+        ori.ground["found"],
+    )
     return Site(run_dir, rec, info)
 
 

@@ -81,9 +81,7 @@ def gate() -> None:
     width, height, post = 3500.0, 1600.0, 120.0
     post_h = height + 150.0
     gap, tube, bar = 20.0, 60.0, 25.0
-    parts_posts = [
-        _box((post, post, post_h), (sx * (width / 2 - post / 2), 0, post_h / 2)) for sx in (-1, 1)
-    ]
+    parts_posts = [_box((post, post, post_h), (sx * (width / 2 - post / 2), 0, post_h / 2)) for sx in (-1, 1)]
     inner = width - 2 * post
     leaf_w = (inner - 3 * gap) / 2
     z0, z1 = 60.0, height  # ground clearance
@@ -107,11 +105,15 @@ def gate() -> None:
     posts_mesh = trimesh.util.concatenate(parts_posts)
     leaves_mesh = trimesh.util.concatenate(leaves)
     posts_mesh.visual = trimesh.visual.TextureVisuals(
-        material=trimesh.visual.material.PBRMaterial(name="post", baseColorFactor=GREY, metallicFactor=0.3,
-                                                     roughnessFactor=0.6))
+        material=trimesh.visual.material.PBRMaterial(
+            name="post", baseColorFactor=GREY, metallicFactor=0.3, roughnessFactor=0.6
+        )
+    )
     leaves_mesh.visual = trimesh.visual.TextureVisuals(
-        material=trimesh.visual.material.PBRMaterial(name="leaf", baseColorFactor=ANTHRACITE,
-                                                     metallicFactor=0.4, roughnessFactor=0.5))
+        material=trimesh.visual.material.PBRMaterial(
+            name="leaf", baseColorFactor=ANTHRACITE, metallicFactor=0.4, roughnessFactor=0.5
+        )
+    )
     scene = trimesh.Scene()
     scene.add_geometry(posts_mesh, node_name="posts", geom_name="posts")
     scene.add_geometry(leaves_mesh, node_name="leaves", geom_name="leaves")

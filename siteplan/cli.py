@@ -15,8 +15,11 @@ log = logging.getLogger(__name__)
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     # pycolmap/glog prints every mapping step at INFO; keep the terminal for our progress lines.
     os.environ.setdefault("GLOG_minloglevel", "2")
     try:
@@ -70,9 +73,18 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     info = dict(site.info)
     info["images_dir"] = os.path.relpath(images.resolve(), run_dir.resolve())
     (run_dir / "site.json").write_text(json.dumps(info, indent=2))
-    print(json.dumps({"registered": len(info["registered_images"]), "unregistered": info["unregistered_images"],
-                      "scale": info["scale"]["metres_per_model_unit"],
-                      "scale_sigma_pct": info["scale"]["sigma_pct"], "timings": info["timings"]}, indent=1))
+    print(
+        json.dumps(
+            {
+                "registered": len(info["registered_images"]),
+                "unregistered": info["unregistered_images"],
+                "scale": info["scale"]["metres_per_model_unit"],
+                "scale_sigma_pct": info["scale"]["sigma_pct"],
+                "timings": info["timings"],
+            },
+            indent=1,
+        )
+    )
     return 0
 
 
@@ -111,9 +123,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     settings = Settings()
     t0 = time.perf_counter()
-    inputs = JobInputs(photos_dir=sample / "photos", reference=sample / "reference.json",
-                       design=sample / "design" / "gate.json", placement=sample / "placement.json",
-                       out_dir=out, policy=AnonymizationPolicy(), sfm=SfmConfig())
+    inputs = JobInputs(
+        photos_dir=sample / "photos",
+        reference=sample / "reference.json",
+        design=sample / "design" / "gate.json",
+        placement=sample / "placement.json",
+        out_dir=out,
+        policy=AnonymizationPolicy(),
+        sfm=SfmConfig(),
+    )
     out.mkdir(parents=True, exist_ok=True)
 
     def progress(msg: str) -> None:
@@ -177,8 +195,15 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args.func(args))
-    except (JobFailed, ReconstructionError, ScaleReferenceError, DesignError, PlacementError, InvalidImage,
-            ValueError) as exc:
+    except (
+        JobFailed,
+        ReconstructionError,
+        ScaleReferenceError,
+        DesignError,
+        PlacementError,
+        InvalidImage,
+        ValueError,
+    ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -72,12 +72,14 @@ class Job(Base):
 def make_engine(url: str) -> Engine:
     engine = create_engine(url, future=True)
     if url.startswith("sqlite"):
+
         @event.listens_for(engine, "connect")
         def _pragmas(conn: Any, _: Any) -> None:
             cur = conn.cursor()
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA journal_mode=WAL")
             cur.close()
+
     return engine
 
 

@@ -24,9 +24,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SITEPLAN_", extra="forbid", frozen=True)
 
     data_dir: Path = Field(default=Path(".siteplan"), description="Where all kept state lives.")
-    database_url: str | None = Field(
-        default=None, description="SQLAlchemy URL; default: SQLite file in data_dir."
-    )
+    database_url: str | None = Field(default=None, description="SQLAlchemy URL; default: SQLite file in data_dir.")
     ray_address: str | None = Field(
         default=None, description="Ray cluster to join; default: start a local Ray in-process."
     )

@@ -96,8 +96,15 @@ def run_main_job(settings: Settings, inputs: JobInputs, progress: Progress = pri
         project = Project(tenant_id=tenant.id, contract_id=contract.id, reference="demo-site")
         db.add(project)
         db.flush()
-        job = Job(tenant_id=tenant.id, project_id=project.id, kind="plan", state="running",
-                  pipeline_version=PIPELINE_VERSION, attempts=1, timings={})
+        job = Job(
+            tenant_id=tenant.id,
+            project_id=project.id,
+            kind="plan",
+            state="running",
+            pipeline_version=PIPELINE_VERSION,
+            attempts=1,
+            timings={},
+        )
         db.add(job)
         db.flush()
         job_id, tenant_id, project_id = job.id, tenant.id, project.id
@@ -152,23 +159,29 @@ def run_main_job(settings: Settings, inputs: JobInputs, progress: Progress = pri
         progress(f"[2/4] reconstruct: SIFT, matching and mapping on {len(good)} photos, then scale and up")
         intr = {e["output"]: e["intrinsics"] for e in good}
         try:
-            info = ray.get(reconstruct_task.remote(str(photos_out), sorted(intr), intr, mref.model_dump(),
-                                                   str(out), inputs.sfm.model_dump()))
+            info = ray.get(
+                reconstruct_task.remote(
+                    str(photos_out), sorted(intr), intr, mref.model_dump(), str(out), inputs.sfm.model_dump()
+                )
+            )
         except ray.exceptions.RayTaskError as exc:
             cause = exc.cause if isinstance(exc.cause, (ReconstructionError, ScaleReferenceError)) else None
             raise fail(str(cause) if cause else f"reconstruction failed ({type(exc.cause).__name__})") from None
         info["images_dir"] = "photos"
         (out / "site.json").write_text(json.dumps(info, indent=2))
         stage_done("reconstruct", time.perf_counter() - t)
-        progress(f"      {len(info['registered_images'])} photos placed, scale from {info['scale_source']} "
-                 f"(+-{100 * info['scale_sigma_rel']:.2f} %)")
+        progress(
+            f"      {len(info['registered_images'])} photos placed, scale from {info['scale_source']} "
+            f"(+-{100 * info['scale_sigma_rel']:.2f} %)"
+        )
 
         # 3. Design merge, drawings, montages.
         t = time.perf_counter()
         progress("[3/4] plan: place the design, draw the plan, render montages")
         try:
-            plan_result = ray.get(plan_task.remote(str(out), str(inputs.design), str(inputs.placement), str(out),
-                                                   str(photos_out)))
+            plan_result = ray.get(
+                plan_task.remote(str(out), str(inputs.design), str(inputs.placement), str(out), str(photos_out))
+            )
         except ray.exceptions.RayTaskError as exc:
             raise fail(f"planning failed: {exc.cause}") from None
         stage_done("plan", time.perf_counter() - t)
@@ -186,9 +199,22 @@ def run_main_job(settings: Settings, inputs: JobInputs, progress: Progress = pri
             "errors": [{"input": e["input"], "error": e["error"]} for e in entries if e["error"]],
             "report": "photos/report.json",
         },
-        "site": {k: info[k] for k in ("scale", "scale_sigma_rel", "scale_source", "ground_plane", "up_source",
-                                      "registered_images", "unregistered_images", "num_points",
-                                      "mean_reprojection_error_px", "choices", "timings")},
+        "site": {
+            k: info[k]
+            for k in (
+                "scale",
+                "scale_sigma_rel",
+                "scale_source",
+                "ground_plane",
+                "up_source",
+                "registered_images",
+                "unregistered_images",
+                "num_points",
+                "mean_reprojection_error_px",
+                "choices",
+                "timings",
+            )
+        },
         "plan": plan_result,
         "files": sorted(p.name for p in out.iterdir() if p.is_file() and not p.name.startswith(".")),
     }

@@ -50,9 +50,7 @@ def ray_runtime(settings: Settings) -> Iterator[None]:
         _temp_dir=str(rdir),
         _plasma_directory=str(plasma),
         _system_config={
-            "object_spilling_config": json.dumps(
-                {"type": "filesystem", "params": {"directory_path": str(spill)}}
-            ),
+            "object_spilling_config": json.dumps({"type": "filesystem", "params": {"directory_path": str(spill)}}),
         },
     )
     log.info("local Ray started with %d CPUs", num_cpus)

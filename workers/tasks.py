@@ -23,8 +23,14 @@ def anonymize_task(src: str, out_dir: str, policy: dict[str, Any]) -> dict[str, 
 
 
 @ray.remote(max_retries=1)
-def reconstruct_task(image_dir: str, names: list[str], intrinsics: dict[str, dict[str, Any]],
-                     reference: dict[str, Any], run_dir: str, config: dict[str, Any]) -> dict[str, Any]:
+def reconstruct_task(
+    image_dir: str,
+    names: list[str],
+    intrinsics: dict[str, dict[str, Any]],
+    reference: dict[str, Any],
+    run_dir: str,
+    config: dict[str, Any],
+) -> dict[str, Any]:
     import pycolmap
 
     from reconstruct.reference import ScaleReference
@@ -32,8 +38,14 @@ def reconstruct_task(image_dir: str, names: list[str], intrinsics: dict[str, dic
     from reconstruct.site import reconstruct
 
     pycolmap.logging.minloglevel = 2
-    site = reconstruct(Path(image_dir), ScaleReference.model_validate(reference), Path(run_dir),
-                       intrinsics=intrinsics, names=names, config=SfmConfig.model_validate(config))
+    site = reconstruct(
+        Path(image_dir),
+        ScaleReference.model_validate(reference),
+        Path(run_dir),
+        intrinsics=intrinsics,
+        names=names,
+        config=SfmConfig.model_validate(config),
+    )
     return site.info
 
 

@@ -1,0 +1,101 @@
+"""Scale, orientation and measurement on a synthetic site with exact answers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pycolmap
+import pytest
+
+from reconstruct.errors import ScaleReferenceError
+from reconstruct.geometry import lift_pixel, observations, views
+from reconstruct.measure import measure
+from reconstruct.orient import orient
+from reconstruct.reference import ScaleReference, Segment, check_reference, load_reference
+from reconstruct.scale import estimate_scale
+from reconstruct.site import Site
+from tests.reconstruct.synthetic import make_scene
+
+
+def test_lifted_pixel_lands_on_the_true_surface() -> None:
+    sc = make_scene()
+    v = views(sc.rec)["0000.jpg"]
+    ouv, oxyz = observations(sc.rec, "0000.jpg")
+    X = np.array([0.33, 5.0, 1.27])  # on the wall, between grid points
+    got = lift_pixel(v, sc.pixel(0, X), ouv, oxyz)
+    assert got.xyz is not None
+    assert np.allclose(got.xyz, sc.to_model(X), atol=1e-6)
+    off = lift_pixel(v, (-5.0, 10.0), ouv, oxyz)
+    assert off.xyz is None and "outside" in (off.reason or "")
+
+
+def test_scale_from_one_segment_is_exact() -> None:
+    sc = make_scene(scale=0.37)
+    A, B = np.array([-2.1, 5.0, 0.4]), np.array([1.9, 5.0, 2.6])
+    seg = Segment(image="0001.jpg", a=sc.pixel(1, A), b=sc.pixel(1, B), length_m=float(np.linalg.norm(A - B)))
+    est = estimate_scale(sc.rec, ScaleReference(segments=[seg]))
+    assert est.scale == pytest.approx(1 / 0.37, rel=1e-6)
+    assert est.sigma_rel < 1e-3
+
+
+def test_contradictory_references_are_reported_and_down_weighted() -> None:
+    sc = make_scene(scale=0.5)
+    A, B = np.array([-2.0, 5.0, 0.5]), np.array([2.0, 5.0, 0.5])
+    C, D = np.array([-1.0, 0.0, 0.0]), np.array([1.5, 2.0, 0.0])
+    true_ab, true_cd = float(np.linalg.norm(A - B)), float(np.linalg.norm(C - D))
+    segs = [
+        Segment(image="0000.jpg", a=sc.pixel(0, A), b=sc.pixel(0, B), length_m=true_ab),
+        Segment(image="0002.jpg", a=sc.pixel(2, A), b=sc.pixel(2, B), length_m=true_ab),
+        Segment(image="0003.jpg", a=sc.pixel(3, C), b=sc.pixel(3, D), length_m=true_cd * 1.10),  # 10 % off
+    ]
+    est = estimate_scale(sc.rec, ScaleReference(segments=segs))
+    assert any("segment 2" in w for w in est.warnings)
+    assert est.scale == pytest.approx(2.0, rel=0.01)
+
+
+def test_orientation_puts_the_ground_at_z0_and_up_at_plus_z() -> None:
+    sc = make_scene(scale=0.8)
+    s_true = 1 / 0.8
+    rec = pycolmap.Reconstruction(sc.rec)
+    rec.transform(pycolmap.Sim3d(s_true, pycolmap.Rotation3d(np.eye(3)), np.zeros(3)))
+    pts = np.array([p.xyz for p in rec.points3D.values()])
+    ori = orient(pts, list(views(rec).values()))
+    assert ori.ground["found"]
+    world = (ori.R @ pts.T).T + ori.t
+    truth = np.array([sc.truth_points[0]])  # any ground point maps to z = 0
+    g = (ori.R @ (s_true * sc.to_model(truth)).T).T + ori.t
+    assert abs(g[0, 2]) < 1e-4
+    # Heights are preserved exactly: the wall's top row is at z = 3.
+    assert world[:, 2].max() == pytest.approx(3.0, abs=1e-4)
+    assert world[:, 2].min() == pytest.approx(0.0, abs=1e-4)
+    assert len(ori.facades) >= 1
+
+
+def test_measure_answers_exactly_and_refuses_what_it_cannot(tmp_path: Path) -> None:
+    sc = make_scene(scale=1.0)
+    site = Site(tmp_path, sc.rec, {"scale_sigma_rel": 0.002})
+    A, B = np.array([-3.0, 5.0, 0.6]), np.array([2.5, 5.0, 2.2])
+    segs = [
+        Segment(image="0004.jpg", a=sc.pixel(4, A), b=sc.pixel(4, B)),
+        Segment(image="0004.jpg", a=(10.0, 10.0), b=sc.pixel(4, B)),  # sky corner: no surface
+        Segment(image="9999.jpg", a=(1.0, 1.0), b=(2.0, 2.0)),
+    ]
+    res = measure(site, segs)
+    truth = float(np.linalg.norm(A - B))
+    assert res[0]["length_m"] == pytest.approx(truth, abs=1e-3)
+    assert res[0]["sigma_m"] == pytest.approx(truth * 0.002, rel=0.2)
+    assert res[1]["length_m"] is None and res[1]["reason"]
+    assert res[2]["length_m"] is None and "not registered" in res[2]["reason"]
+
+
+def test_reference_errors_name_the_problem(tmp_path: Path) -> None:
+    ref = ScaleReference(segments=[Segment(image="a.jpg", a=(0, 0), b=(100, 0), length_m=1.0)])
+    with pytest.raises(ScaleReferenceError, match="'a.jpg'"):
+        check_reference(ref, {"b.jpg"})
+    zero = ScaleReference(segments=[Segment(image="a.jpg", a=(0, 0), b=(100, 0), length_m=0.0)])
+    with pytest.raises(ScaleReferenceError, match="positive length_m"):
+        check_reference(zero, {"a.jpg"})
+    (tmp_path / "r.json").write_text('{"segments": [{"image": "a.jpg", "a": [0, 0]}]}')
+    with pytest.raises(ScaleReferenceError, match="invalid"):
+        load_reference(tmp_path / "r.json")
