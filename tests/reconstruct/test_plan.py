@@ -73,7 +73,7 @@ def test_plan_outputs_carry_the_placed_dimensions(site_dir: tuple[Path, object])
 
 
 def test_montage_has_the_design_where_the_camera_sees_it(site_dir: tuple[Path, object]) -> None:
-    tmp, sc = site_dir
+    tmp, _sc = site_dir
     out = tmp / "plan"
     res = plan(tmp / "run", GATE, tmp / "placement.json", out)
     made = {m["image"]: m for m in res["montages"]}
@@ -85,7 +85,7 @@ def test_montage_has_the_design_where_the_camera_sees_it(site_dir: tuple[Path, o
     img = np.asarray(Image.open(out / "montage_0002.jpg").convert("RGB")).astype(int)
     # Centre of each post's front face (y = 1 - 0.06, facing the camera) at mid height.
     for x in (-1.69, 1.69):
-        uv, z = v.project(np.array([[x, 0.94, 0.9]]))
+        uv, _z = v.project(np.array([[x, 0.94, 0.9]]))
         u, w = int(uv[0, 0]), int(uv[0, 1])
         patch = img[w - 2 : w + 3, u - 2 : u + 3]
         assert np.abs(patch - PHOTO).mean() > 40, f"no design pixels at post x={x}"
@@ -95,7 +95,7 @@ def test_montage_has_the_design_where_the_camera_sees_it(site_dir: tuple[Path, o
 
 
 def test_site_surfaces_in_front_occlude_the_design(site_dir: tuple[Path, object]) -> None:
-    tmp, sc = site_dir
+    tmp, _sc = site_dir
     from reconstruct.site import load_site
 
     site = load_site(tmp / "run")

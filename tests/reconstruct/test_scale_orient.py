@@ -91,7 +91,7 @@ def test_measure_answers_exactly_and_refuses_what_it_cannot(tmp_path: Path) -> N
 
 def test_reference_errors_name_the_problem(tmp_path: Path) -> None:
     ref = ScaleReference(segments=[Segment(image="a.jpg", a=(0, 0), b=(100, 0), length_m=1.0)])
-    with pytest.raises(ScaleReferenceError, match="'a.jpg'"):
+    with pytest.raises(ScaleReferenceError, match=r"'a\.jpg'"):
         check_reference(ref, {"b.jpg"})
     zero = ScaleReference(segments=[Segment(image="a.jpg", a=(0, 0), b=(100, 0), length_m=0.0)])
     with pytest.raises(ScaleReferenceError, match="positive length_m"):
