@@ -76,7 +76,24 @@ def _wall_segments(
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Each facade plane's trace on the ground, over the extent of the points on it."""
     segs = []
-    for f in facades:
+    if not facades:
+        return segs
+    # Keep the main walls: planes with a good share of the largest one's support, and not a
+    # parallel layer (a plinth, a window recess) within 0.4 m of one already kept.
+    top = max(f["inliers"] for f in facades)
+    kept: list[dict[str, Any]] = []
+    for f in sorted(facades, key=lambda f: -f["inliers"]):
+        if f["inliers"] < 0.25 * top:
+            continue
+        n = np.asarray(f["plane"][:3])
+        if any(
+            abs(n @ np.asarray(k["plane"][:3])) > 0.97
+            and abs(f["plane"][3] - np.sign(n @ np.asarray(k["plane"][:3])) * k["plane"][3]) < 0.4
+            for k in kept
+        ):
+            continue
+        kept.append(f)
+    for f in kept:
         nx, ny, nz, d = f["plane"]
         n2 = np.array([nx, ny])
         if np.linalg.norm(n2) < 0.5:
@@ -136,15 +153,16 @@ def top_view(
     s = (allv[:, :2] - centre) @ ax
     a, b = centre + s.min() * ax, centre + s.max() * ax
     perp = (allv[:, :2] - centre) @ _left(ax)
-    sheet.dims.append(Dim(a, b, offset=float(perp.min()) - 0.6, label="design width", value_m=float(s.max() - s.min())))
-    sheet.dims[-1].offset = -abs(sheet.dims[-1].offset)
+    # Dimension lines go in front of the design (its +Y, towards the photographer), clear of the site.
+    front = float(perp.max())
+    sheet.dims.append(Dim(a, b, offset=front + 0.5, label="design width", value_m=float(s.max() - s.min())))
     if opening is not None:
         oa, ob = opening
         sheet.dims.append(
             Dim(
                 oa[:2],
                 ob[:2],
-                offset=-(abs(float(perp.min())) + 1.2),
+                offset=front + 1.0,
                 label="opening",
                 value_m=float(np.linalg.norm(ob[:2] - oa[:2])),
             )

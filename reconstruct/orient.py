@@ -88,12 +88,21 @@ def orient(pts: np.ndarray, vs: list[View], *, threshold_m: float = 0.03) -> Ori
         up = up0
         z0 = float(np.percentile(pts @ up, 2))
         up_source = "cameras' up direction; ground height from the lowest points (no ground plane found)"
-    # X along the first photo's horizontal axis, projected onto the ground.
-    x = vs[0].R[0] - (vs[0].R[0] @ up) * up
-    if np.linalg.norm(x) < 1e-6:
-        x = np.cross(up, [0.0, 0.0, 1.0]) if abs(up[2]) < 0.9 else np.cross(up, [1.0, 0.0, 0.0])
-    x /= np.linalg.norm(x)
-    y = np.cross(up, x)
+    # Plans are drawn square to the main facade, as an architect would: +Y points from the
+    # photographers into the largest near-vertical plane, X runs along it. Without a facade,
+    # +Y is the first photo's viewing direction on the ground.
+    walls = [(n, d, m) for n, d, m in planes if abs(n @ up) < math.sin(math.radians(20))]
+    if walls:
+        n, d, _ = max(walls, key=lambda p: int(p[2].sum()))
+        if np.mean(centres @ n - d) > 0:  # make n point away from the cameras
+            n = -n
+        y = n - (n @ up) * up
+    else:
+        y = vs[0].R[2] - (vs[0].R[2] @ up) * up
+    if np.linalg.norm(y) < 1e-6:
+        y = np.cross(up, [1.0, 0.0, 0.0])
+    y /= np.linalg.norm(y)
+    x = np.cross(y, up)
     R = np.vstack([x, y, up])
     # Origin: the ground point below the centre of the site's points.
     c = np.median(pts, axis=0)
