@@ -75,7 +75,7 @@ def _wall_segments(
     points: np.ndarray, facades: list[dict[str, Any]], tol: float = 0.05
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Each facade plane's trace on the ground, over the extent of the points on it."""
-    segs = []
+    segs: list[tuple[np.ndarray, np.ndarray]] = []
     if not facades:
         return segs
     # Keep the main walls: planes with a good share of the largest one's support, and not a

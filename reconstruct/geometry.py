@@ -125,6 +125,8 @@ def lift_pixel(
     obs_xyz: np.ndarray,
     *,
     min_points: int = 8,
+    click_px: float = 1.0,
+    roughness: float = 0.5,
     radii: tuple[float, ...] = (0.015, 0.03, 0.06),
 ) -> Lifted:
     """Lift a pixel onto the reconstructed surface: fit a local plane to the 3D points seen
@@ -165,5 +167,14 @@ def lift_pixel(
     # Uncertainty of the fitted plane at X (offset + tilt), plus the surface's own roughness,
     # converted from the normal direction to the ray direction.
     n_pts = max(1, plane.support)
-    sig_n = plane.rms * math.sqrt(1.0 / n_pts + 3.0 * float(off @ off) / (n_pts * spread**2) + 0.25)
-    return Lifted(X, sig_n / abs(cos), None, int(plane.support))
+    # Three independent parts, each in metres along the surface:
+    # - the fitted plane's own uncertainty at X (offset and tilt);
+    # - the surface's departure from that plane (relief, edges): its residual RMS;
+    # - where the pixel was clicked: ``click_px`` pixels at this range, stretched by the
+    #   incidence angle.
+    fit2 = plane.rms**2 * (1.0 / n_pts + 3.0 * float(off @ off) / (n_pts * spread**2))
+    rough2 = (roughness * plane.rms) ** 2
+    sig_along_ray = math.sqrt(fit2 + rough2) / abs(cos)
+    f = float(view.K[0, 0])
+    sig_click = click_px * s / f / max(abs(cos), 0.3)
+    return Lifted(X, math.hypot(sig_along_ray, sig_click), None, int(plane.support))
