@@ -69,8 +69,11 @@ def check_reference(ref: ScaleReference, image_names: set[str]) -> None:
             raise ScaleReferenceError(f"reference segment {i} needs a positive length_m (got {s.length_m})")
         if math.dist(s.a, s.b) < 5.0:
             raise ScaleReferenceError(f"reference segment {i} is shorter than 5 pixels in its photo")
-    if ref.markers:
-        raise ScaleReferenceError("ArUco marker references are not supported yet; give a measured segment")
+    import cv2
+
+    for i, m in enumerate(ref.markers):
+        if not isinstance(getattr(cv2.aruco, m.dictionary, None), int) or not m.dictionary.startswith("DICT_"):
+            raise ScaleReferenceError(f"marker {i}: unknown ArUco dictionary '{m.dictionary}' (e.g. DICT_4X4_50)")
 
 
 def load_segments(path: Path) -> list[Segment]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,7 @@ import pycolmap
 
 from reconstruct.errors import ScaleReferenceError
 from reconstruct.geometry import lift_pixel, observations, views
+from reconstruct.markers import detect_all, marker_scale
 from reconstruct.reference import ScaleReference
 
 log = logging.getLogger(__name__)
@@ -42,11 +44,26 @@ class ScaleEstimate:
         }
 
 
-def estimate_scale(rec: pycolmap.Reconstruction, ref: ScaleReference) -> ScaleEstimate:
+def estimate_scale(
+    rec: pycolmap.Reconstruction, ref: ScaleReference, *, image_dir: Path | None = None
+) -> ScaleEstimate:
+    """Combine every reference (segments and markers) into one scale with its sigma."""
     vs = views(rec)
     items: list[dict[str, Any]] = []
+    if ref.markers:
+        if image_dir is None:
+            raise ScaleReferenceError("marker references need the photos to detect the markers in")
+        detections = {d: detect_all(image_dir, sorted(vs), d) for d in {m.dictionary for m in ref.markers}}
+        for i, m in enumerate(ref.markers):
+            ms = marker_scale(m, vs, rec, detections[m.dictionary])
+            item: dict[str, Any] = {"kind": "marker", "index": i, "id": m.id, "size_m": m.size_m, "photos": ms.views}
+            if ms.scale is None:
+                item.update(used=False, reason=ms.reason)
+            else:
+                item.update(used=True, scale=ms.scale, sigma_rel=ms.sigma_rel)
+            items.append(item)
     for i, seg in enumerate(ref.segments):
-        item: dict[str, Any] = {"kind": "segment", "index": i, "image": seg.image, "length_m": seg.length_m}
+        item = {"kind": "segment", "index": i, "image": seg.image, "length_m": seg.length_m}
         if seg.image not in vs:
             item["used"] = False
             item["reason"] = "its photo could not be placed in the model"
@@ -68,7 +85,7 @@ def estimate_scale(rec: pycolmap.Reconstruction, ref: ScaleReference) -> ScaleEs
         items.append(item)
     used = [it for it in items if it.get("used")]
     if not used:
-        reasons = "; ".join(f"segment {it['index']}: {it['reason']}" for it in items)
+        reasons = "; ".join(f"{it['kind']} {it['index']}: {it['reason']}" for it in items)
         raise ScaleReferenceError(f"no reference could be measured in the model ({reasons})")
     warnings: list[str] = []
     scales = np.array([it["scale"] for it in used])
@@ -77,7 +94,7 @@ def estimate_scale(rec: pycolmap.Reconstruction, ref: ScaleReference) -> ScaleEs
     for it in used:
         dev = abs(it["scale"] / median - 1)
         if dev > 0.05:
-            warnings.append(f"reference segment {it['index']} disagrees with the others by {100 * dev:.1f} %")
+            warnings.append(f"reference {it['kind']} {it['index']} disagrees with the others by {100 * dev:.1f} %")
             # Down-weight by inconsistency: its effective sigma is at least its deviation.
             it["sigma_rel"] = max(it["sigma_rel"], dev)
     sig = np.array([max(it["sigma_rel"], 1e-4) for it in used])
@@ -91,4 +108,11 @@ def estimate_scale(rec: pycolmap.Reconstruction, ref: ScaleReference) -> ScaleEs
     for it in used:
         it["scale"] = round(it["scale"], 8)
         it["sigma_rel"] = round(it["sigma_rel"], 6)
-    return ScaleEstimate(math.exp(log_s), sigma, f"{len(used)} reference segment(s)", items, warnings)
+    n_seg = sum(1 for it in used if it["kind"] == "segment")
+    n_mark = len(used) - n_seg
+    source = " and ".join(
+        p
+        for p in (f"{n_seg} reference segment(s)" if n_seg else "", f"{n_mark} ArUco marker(s)" if n_mark else "")
+        if p
+    )
+    return ScaleEstimate(math.exp(log_s), sigma, source, items, warnings)

@@ -74,7 +74,7 @@ def reconstruct(
     timings = dict(sfm.timings)
 
     t0 = time.perf_counter()
-    scale = estimate_scale(rec, reference)
+    scale = estimate_scale(rec, reference, image_dir=image_dir)
     rec.transform(pycolmap.Sim3d(scale.scale, pycolmap.Rotation3d(np.eye(3)), np.zeros(3)))
     pts = np.array([p.xyz for p in rec.points3D.values()])
     vs = [views(rec)[n] for n in sfm.registered]
