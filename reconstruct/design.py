@@ -8,7 +8,6 @@ one, units are guessed from the bounding box (with a warning) and the glTF conve
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -17,9 +16,10 @@ from typing import Any, Literal
 
 import numpy as np
 import trimesh
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from reconstruct.errors import DesignError
+from reconstruct.jsonfile import load_model
 
 log = logging.getLogger(__name__)
 
@@ -113,14 +113,7 @@ def _frame(up: str, front: str) -> np.ndarray:
 
 
 def load_descriptor(path: Path) -> DesignDescriptor:
-    try:
-        return DesignDescriptor.model_validate(json.loads(path.read_text()))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DesignError(f"the design descriptor {path.name} cannot be read ({type(exc).__name__})") from None
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise DesignError(f"the design descriptor {path.name} is invalid at '{where}': {first['msg']}") from None
+    return load_model(path, DesignDescriptor, DesignError, "design descriptor")
 
 
 def load_design(path: Path) -> Design:

@@ -12,18 +12,18 @@ Accepted forms:
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from reconstruct.design import Design, rotation_z
 from reconstruct.errors import PlacementError
 from reconstruct.geometry import View
+from reconstruct.jsonfile import load_model
 
 
 class SitePose(BaseModel):
@@ -71,15 +71,7 @@ class Placement:
 
 
 def load_placement(path: Path) -> PlacementSpec:
-    try:
-        spec = PlacementSpec.model_validate(json.loads(path.read_text()))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise PlacementError(f"the placement {path.name} cannot be read ({type(exc).__name__})") from None
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise PlacementError(f"the placement {path.name} is invalid at '{where}': {first['msg']}") from None
-    return spec
+    return load_model(path, PlacementSpec, PlacementError, "placement")
 
 
 def lift_to_ground(view: View, uv: tuple[float, float], *, max_range_m: float = 200.0) -> np.ndarray:

@@ -13,6 +13,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from reconstruct.errors import ScaleReferenceError
+from reconstruct.jsonfile import load_model
 
 
 class Segment(BaseModel):
@@ -47,15 +48,7 @@ class ScaleReference(BaseModel):
 
 
 def load_reference(path: Path) -> ScaleReference:
-    try:
-        ref = ScaleReference.model_validate(json.loads(path.read_text()))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ScaleReferenceError(f"the scale reference {path.name} cannot be read: {exc}") from None
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise ScaleReferenceError(f"the scale reference {path.name} is invalid at '{where}': {first['msg']}") from None
-    return ref
+    return load_model(path, ScaleReference, ScaleReferenceError, "scale reference")
 
 
 def check_reference(ref: ScaleReference, image_names: set[str]) -> None:

@@ -1,0 +1,32 @@
+"""Helpers shared by the benchmarks: run a function in a fresh process, time it, measure its peak RSS."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import resource
+import time
+from collections.abc import Callable
+from typing import Any
+
+
+def _child(fn: Callable[..., Any], args: tuple[Any, ...], q: Any) -> None:
+    t0 = time.perf_counter()
+    try:
+        result = fn(*args)
+        err = None
+    except Exception as exc:  # report, don't hide
+        result, err = None, f"{type(exc).__name__}: {exc}"
+    wall = time.perf_counter() - t0
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    q.put({"result": result, "error": err, "wall_s": wall, "peak_rss_mb": peak_mb})
+
+
+def measured(fn: Callable[..., Any], *args: Any) -> dict[str, Any]:
+    """Run ``fn(*args)`` in a spawned process; its wall time and peak resident memory (measured)."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child, args=(fn, args, q))
+    p.start()
+    out: dict[str, Any] = q.get()
+    p.join()
+    return out

