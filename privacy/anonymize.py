@@ -194,7 +194,8 @@ def anonymize_file(src: Path, out_dir: Path, policy: AnonymizationPolicy | None 
     except OSError as exc:
         entry["error"] = f"the file could not be read ({type(exc).__name__})"
     entry["seconds"] = round(time.perf_counter() - t0, 3)
-    log.info("anonymised file %s: %s", src.name, "ok" if entry["error"] is None else "error")
+    # No file name in logs: a name can be personal ("Janssens_front.jpg").
+    log.debug("anonymised one file: %s in %.2f s", "ok" if entry["error"] is None else "error", entry["seconds"])
     return entry
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import trimesh
 from PIL import Image
 
+from reconstruct.dense import load_surface, load_surface_coloured
 from reconstruct.design import Design, describe, load_design
 from reconstruct.drawing import elevation, top_view, write_dxf, write_svg
 from reconstruct.errors import ReconstructionError
@@ -34,6 +35,14 @@ def placed_meshes(design: Design, placement: Placement) -> list[Mesh]:
     return [Mesh(placement.apply(p.vertices), p.faces, p.color) for p in design.parts]
 
 
+def push_back(vertices: np.ndarray, centre: np.ndarray, *, metres: float = 0.05, share: float = 0.01) -> np.ndarray:
+    """The site surface moved away from the camera by a margin (5 cm or 1 % of the range), so its
+    noise does not cut into a design that stands on it or against it."""
+    d = vertices - centre
+    r = np.linalg.norm(d, axis=1, keepdims=True)
+    return np.asarray(centre + d * (1.0 + np.maximum(metres, share * r) / np.maximum(r, 1e-9)))
+
+
 def _atomic_save_jpeg(rgb: np.ndarray, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     Image.fromarray(rgb).save(tmp, "JPEG", quality=90)
@@ -48,10 +57,19 @@ def write_glb(site: Site, meshes: list[Mesh], vs: dict[str, View], path: Path) -
     """
     scene = trimesh.Scene()
     rec = site.reconstruction
-    pts = np.array([p.xyz for p in rec.points3D.values()])
-    cols = np.array([np.append(p.color, 255) for p in rec.points3D.values()], dtype=np.uint8)
+    pts = np.array([p.xyz for p in rec.points3D.values()]).reshape(-1, 3)
+    cols = np.array([np.append(p.color, 255) for p in rec.points3D.values()], dtype=np.uint8).reshape(-1, 4)
+    if len(pts) > 20:
+        # Stray far points would make viewers frame an empty scene: keep the site's robust extent.
+        lo, hi = np.percentile(pts, 2, axis=0), np.percentile(pts, 98, axis=0)
+        pad = 0.25 * (hi - lo)
+        keep = np.all((pts >= lo - pad) & (pts <= hi + pad), axis=1)
+        pts, cols = pts[keep], cols[keep]
     if len(pts):
         scene.add_geometry(trimesh.PointCloud(pts, colors=cols), node_name="site_points", geom_name="site_points")
+    surface = load_surface_coloured(site.run_dir / "surface.ply", max_triangles=150_000)
+    if surface is not None:
+        scene.add_geometry(surface, node_name="site_surface", geom_name="site_surface")
     for i, m in enumerate(meshes):
         mesh = trimesh.Trimesh(m.vertices, m.faces, process=False)
         mesh.visual = trimesh.visual.TextureVisuals(
@@ -131,6 +149,7 @@ def plan(
 
     t = time.perf_counter()
     img_dir = images_dir or Path(site.info.get("images_dir", run_dir / "images"))
+    surface = load_surface(run_dir / "surface.ply")
     montages: list[dict[str, Any]] = []
     for name, v in sorted(vs.items()):
         if montage_images is not None and name not in montage_images:
@@ -153,7 +172,8 @@ def plan(
             entry["skipped"] = "the photo's size differs from its camera's"
             montages.append(entry)
             continue
-        img, mask = montage(photo, v, meshes)
+        occ = [Mesh(push_back(surface[0], v.centre), surface[1], (0, 0, 0, 0))] if surface else None
+        img, mask = montage(photo, v, meshes, occluders=occ)
         share = float((mask > 127).mean())
         if share < MIN_VISIBLE_SHARE:
             entry["skipped"] = f"the design covers only {100 * share:.2f} % of this photo"
@@ -171,6 +191,7 @@ def plan(
         "drawings": {"plan.svg": f"1:{scale_top}", "elevation.svg": f"1:{scale_elev}", "plan.dxf": "metres"},
         "dimensions": [{"label": d.label, "value_m": round(d.value_m, 4)} for d in top.dims],
         "montages": montages,
+        "occlusion": "dense site surface" if surface else "none (no dense surface)",
         "timings": {k: round(v, 3) for k, v in timings.items()},
     }
     tmp = out_dir / ".plan.json.tmp"

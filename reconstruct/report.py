@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import shutil
 from html import escape
 from pathlib import Path
 from typing import Any
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+VIEWER_JS = "model-viewer.min.js"
 
 _CSS = """
 body{font-family:Helvetica,Arial,sans-serif;margin:24px auto;max-width:1180px;color:#1f2328}
@@ -14,6 +19,7 @@ td,th{padding:4px 10px;border:1px solid #d0d7de;text-align:left}
 th{background:#f6f8fa} .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(360px,1fr));gap:12px}
 figure{margin:0} figure img{width:100%;border:1px solid #d0d7de} figcaption{font-size:12px;color:#57606a}
 img.drawing{max-width:100%;border:1px solid #d0d7de;background:white} .warn{color:#9a6700}
+model-viewer{width:100%;height:560px;background:#eef1f4;border:1px solid #d0d7de}
 """
 
 
@@ -50,6 +56,28 @@ def write_report_html(report: dict[str, Any], path: Path) -> None:
             "<p class='sub'>No montage for: "
             + "; ".join(f"{escape(m['image'])} ({escape(m['skipped'])})" for m in skipped)
             + "</p>"
+        )
+    glb = path.parent / "plan.glb"
+    if glb.is_file():
+        # Inlined as a data URI: browsers refuse to fetch a file:// URL from a file:// page, and the
+        # report must work offline from its folder.
+        shutil.copyfile(ASSETS / "model-viewer-umd.min.js", path.parent / VIEWER_JS)
+        data = base64.b64encode(glb.read_bytes()).decode()
+        # Look at the design from the photographers' side (glTF is Y-up: site (x, y, z) -> (x, z, -y)).
+        px, py, _ = pl["position_m"]
+        target = f"{px:.2f}m {design['height_m'] / 2:.2f}m {-py:.2f}m"
+        orbit = max(6.0, 2.5 * design["width_m"])
+        parts.append(
+            "<h2>3D plan</h2>"
+            f"<script src='{VIEWER_JS}'></script>"
+            f"<model-viewer id='plan3d' src='data:model/gltf-binary;base64,{data}' camera-controls "
+            f"camera-target='{target}' camera-orbit='0deg 70deg {orbit:.1f}m' "
+            "shadow-intensity='0.6' exposure='1.0' alt='3D plan: the site and the design'></model-viewer>"
+            "<p class='sub'>Drag to turn, scroll to zoom. The same model: <a href='plan.glb'>plan.glb</a>.</p>"
+            "<script>const mv=document.getElementById('plan3d');"
+            "mv.addEventListener('load',()=>{document.body.dataset.model='loaded';console.log('plan3d loaded')});"
+            "mv.addEventListener('error',e=>{document.body.dataset.model='error';console.error('plan3d failed')});"
+            "</script>"
         )
     parts.append("<h2>Plan (top view)</h2><img class='drawing' src='plan.svg' alt='top view'>")
     parts.append("<h2>Front elevation</h2><img class='drawing' src='elevation.svg' alt='front elevation'>")

@@ -18,9 +18,10 @@ from typing import Any
 import numpy as np
 import pycolmap
 
+from reconstruct.dense import DenseConfig, dense_surface, load_surface, transform_surface
 from reconstruct.errors import ReconstructionError
 from reconstruct.geometry import views
-from reconstruct.orient import orient
+from reconstruct.orient import Orientation, orient
 from reconstruct.reference import ScaleReference, check_reference
 from reconstruct.scale import estimate_scale
 from reconstruct.sfm import SfmConfig, run_sfm
@@ -50,6 +51,7 @@ def reconstruct(
     intrinsics: dict[str, dict[str, Any]] | None = None,
     names: list[str] | None = None,
     config: SfmConfig | None = None,
+    dense: DenseConfig | None = None,
 ) -> Site:
     """Build the metric, +Z-up site model from the photos in ``image_dir``."""
     t_all = time.perf_counter()
@@ -82,6 +84,17 @@ def reconstruct(
     rec.transform(pycolmap.Sim3d(1.0, pycolmap.Rotation3d(ori.R), ori.t))
     timings["scale_orient_s"] = time.perf_counter() - t0
 
+    dense_cfg = dense or DenseConfig()
+    dense_info: dict[str, Any] = {"enabled": dense_cfg.enabled}
+    surface_path = run_dir / "surface.ply"
+    if dense_cfg.enabled:
+        t0 = time.perf_counter()
+        dense_info.update(dense_surface(rec, image_dir, surface_path, dense_cfg))
+        timings["dense_s"] = time.perf_counter() - t0
+        ori = _refine_with_surface(rec, surface_path, sfm.registered, ori)
+    else:
+        surface_path.unlink(missing_ok=True)
+
     model_dir = run_dir / "model"
     tmp_model = run_dir / ".model.tmp"
     shutil.rmtree(tmp_model, ignore_errors=True)
@@ -106,6 +119,7 @@ def reconstruct(
         "num_points": int(rec.num_points3D()),
         "mean_reprojection_error_px": round(float(rec.compute_mean_reprojection_error()), 4),
         "choices": sfm.choices,
+        "dense": dense_info,
         "timings": {k: round(v, 3) for k, v in timings.items()},
     }
     _write_json(run_dir / "site.json", info)
@@ -117,6 +131,28 @@ def reconstruct(
         ori.ground["found"],
     )
     return Site(run_dir, rec, info)
+
+
+def _refine_with_surface(
+    rec: pycolmap.Reconstruction, surface_path: Path, registered: list[str], ori: Orientation
+) -> Orientation:
+    """Find the ground and facades again on the dense surface, which sees far more of the ground
+    than the sparse points; when it finds the ground, move the model and the surface onto it."""
+    surf = load_surface(surface_path)
+    if surf is None:
+        return ori
+    verts = surf[0]
+    if len(verts) > 150_000:
+        verts = verts[np.random.default_rng(0).choice(len(verts), 150_000, replace=False)]
+    pts = np.vstack([np.array([p.xyz for p in rec.points3D.values()]), verts])
+    vs = [views(rec)[n] for n in registered]
+    again = orient(pts, vs)
+    if not again.ground["found"]:
+        return ori
+    rec.transform(pycolmap.Sim3d(1.0, pycolmap.Rotation3d(again.R), again.t))
+    transform_surface(surface_path, again.R, again.t)
+    again.up_source = "ground plane found on the dense surface (RANSAC), checked against the cameras' up direction"
+    return again
 
 
 def _intrinsics_from_files(image_dir: Path, names: list[str]) -> dict[str, dict[str, Any]]:

@@ -100,3 +100,50 @@ def write_run_dir(scene: Scene, run_dir: Path, images_dir: Path | None = None) -
         "images_dir": str(images_dir) if images_dir else "images",
     }
     (run_dir / "site.json").write_text(json.dumps(info))
+
+
+def texture(seed: int = 1, px_per_m: int = 200) -> tuple[np.ndarray, float]:
+    """A random blotchy texture covering [-6, 6] x [-3, 7] m, and its pixels per metre."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    tex = rng.random((10 * px_per_m, 12 * px_per_m)).astype(np.float32)
+    tex = cv2.GaussianBlur(tex, (0, 0), 2.0)
+    tex = (tex - tex.min()) / (tex.max() - tex.min())
+    return (tex * 220 + 20).astype(np.float32), float(px_per_m)
+
+
+def render_textured(scene: Scene, k: int) -> np.ndarray:
+    """Photo k of the synthetic site: every pixel's ray meets the ground (z = 0) or the wall
+    (y = 5), textured by their in-plane coordinates. Exact geometry, no renderer needed."""
+    import cv2
+
+    tex, ppm = texture()
+    R, t = scene.cams_truth[k]
+    C = -R.T @ t
+    u, v = np.meshgrid(np.arange(W) + 0.5, np.arange(H) + 0.5)
+    d = np.stack([(u - W / 2) / F, (v - H / 2) / F, np.ones_like(u)], axis=-1) @ R  # rows: R^T d
+    with np.errstate(divide="ignore", invalid="ignore"):
+        s_wall = (5.0 - C[1]) / d[..., 1]
+        s_ground = -C[2] / d[..., 2]
+    s_wall = np.where(s_wall > 0, s_wall, np.inf)
+    s_ground = np.where(s_ground > 0, s_ground, np.inf)
+    wall = s_wall < s_ground
+    s = np.minimum(s_wall, s_ground)
+    X = C + d * np.where(np.isfinite(s), s, 0)[..., None]
+    a = np.where(wall, X[..., 0], X[..., 0])
+    b = np.where(wall, X[..., 2], X[..., 1])
+    # Wall and ground use different parts of the texture so they do not repeat each other.
+    mx = ((a + 6.0) * ppm).astype(np.float32)
+    my = (np.where(wall, b + 3.0, 7.0 - b) * ppm).astype(np.float32)
+    img = cv2.remap(tex, mx, my, cv2.INTER_LINEAR, borderValue=128)
+    img[~np.isfinite(s)] = 200  # sky
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def truth_frame(scene: Scene) -> pycolmap.Reconstruction:
+    """The reconstruction moved into the true frame (metres, ground z = 0)."""
+    s, R, t = scene.model_from_truth
+    rec = pycolmap.Reconstruction(scene.rec)
+    rec.transform(pycolmap.Sim3d(1.0 / s, pycolmap.Rotation3d(R.T), -(R.T @ t) / s))
+    return rec
