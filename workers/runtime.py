@@ -8,7 +8,6 @@ and an embedded run wipes it on shutdown.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -49,9 +48,7 @@ def ray_runtime(settings: Settings) -> Iterator[None]:
         configure_logging=False,
         _temp_dir=str(rdir),
         _plasma_directory=str(plasma),
-        _system_config={
-            "object_spilling_config": json.dumps({"type": "filesystem", "params": {"directory_path": str(spill)}}),
-        },
+        object_spilling_directory=str(spill),
     )
     log.info("local Ray started with %d CPUs", num_cpus)
     try:
