@@ -53,8 +53,26 @@ class ClassicalPlateDetector:
         boxes: list[Box] = []
         for gh in cfg.glyph_heights:
             for b in self._at_scale(gray, gh):
-                boxes.append(Box(b.x / s, b.y / s, b.w / s, b.h / s, b.score))
+                full = Box(b.x / s, b.y / s, b.w / s, b.h / s, b.score)
+                if self._plate_colours(rgb, full):
+                    boxes.append(full)
         return nms(boxes, 0.2)
+
+    @staticmethod
+    def _plate_colours(rgb: np.ndarray, box: Box) -> bool:
+        """EU plates are black on white or on yellow: the light part of the patch is either
+        unsaturated or yellow. Carved or painted ornaments (red stone, brick) are neither."""
+        x0, y0 = int(box.x + 0.1 * box.w), int(box.y + 0.25 * box.h)
+        x1, y1 = int(box.x + 0.9 * box.w), int(box.y + 0.75 * box.h)
+        patch = rgb[max(0, y0) : y1, max(0, x0) : x1]
+        if patch.size == 0:
+            return False
+        hsv = cv2.cvtColor(np.ascontiguousarray(patch), cv2.COLOR_RGB2HSV).reshape(-1, 3).astype(float)
+        v = hsv[:, 2]
+        light = hsv[v >= np.percentile(v, 60)]
+        sat = float(np.median(light[:, 1]))
+        hue = float(np.median(light[:, 0]))
+        return sat < 90 or 12 <= hue <= 35  # OpenCV hue is 0-180: yellow is ~20-30
 
     def _at_scale(self, gray: np.ndarray, glyph_h: int) -> list[Box]:
         cfg = self.config
