@@ -108,3 +108,14 @@ def test_small_faces_in_a_full_size_site_photo(data: Path) -> None:
     photo = anonymize(buf.getvalue())
     hits = sum(covered(b, photo.faces, grow=1.45) for b in placed)
     assert hits / len(placed) >= 0.9, f"{hits}/{len(placed)} small faces found"
+
+
+@pytest.mark.parametrize(("h", "w"), [(2048, 3072), (3024, 4032), (6000, 8000), (1, 1), (500, 2401)])
+def test_tiles_cover_the_image_with_bounded_overlapping_tiles(h: int, w: int) -> None:
+    from privacy.faces import tiles
+
+    cover = np.zeros((h, w), np.uint8)
+    for y, x, th, tw in tiles(h, w, 2400, 160):
+        assert th <= 2400 and tw <= 2400 and y >= 0 and x >= 0 and y + th <= h and x + tw <= w
+        cover[y : y + th, x : x + tw] += 1
+    assert cover.min() >= 1
