@@ -146,7 +146,8 @@ def main() -> None:
         boxes = subprocess.run(
             [str(py), "-c", DEFACE_BOXES, *map(str, sorted(src.glob("*.jpg")))], capture_output=True, text=True
         )
-        d_found = json.loads(boxes.stdout) if boxes.returncode == 0 else {}
+        # deface prints its provider on stdout first; the boxes are the last line.
+        d_found = json.loads(boxes.stdout.strip().splitlines()[-1]) if boxes.returncode == 0 else {}
         big = tmp / "48mp.jpg"
         with Image.open(next(iter(sorted(src.glob("*.jpg"))))) as im:
             im.resize((8000, 6000)).save(big, quality=90)
