@@ -207,15 +207,53 @@ def montage(
     if photo.shape[:2] != (view.height, view.width):
         raise ValueError("the photo's size differs from its camera's")
     light = default_light(view)
-    img = photo.astype(np.float32)
-    sh = shadow_meshes(meshes, light)
-    if sh and shadow_strength > 0:
-        srgba, _ = render(view, sh, light=light, ambient=1.0, occluders=occluders, samples=1)
-        k = max(3, int(0.006 * max(view.width, view.height)) | 1)
-        mask = np.asarray(cv2.GaussianBlur(srgba[:, :, 3].astype(np.float32) / 255.0, (k, k), 0))
-        img *= (1.0 - shadow_strength * mask)[:, :, None]
-    rgba, _ = render(view, meshes, light=light, occluders=occluders)
+    sh = shadow_meshes(meshes, light) if shadow_strength > 0 else []
+    k = max(3, int(0.006 * max(view.width, view.height)) | 1)  # shadow softness
+    # Render only the window the design and its shadow can reach: a 12 MP frame costs memory and
+    # time the design (often a few % of the photo) does not need.
+    win = _window(view, meshes + sh, pad=k + 8)
+    mask = np.zeros((view.height, view.width), np.uint8)
+    if win is None:
+        return photo.copy(), mask
+    x0, y0, x1, y1 = win
+    sub = _cropped(view, x0, y0, x1 - x0, y1 - y0)
+    img = photo[y0:y1, x0:x1].astype(np.float32)
+    if sh:
+        srgba, _ = render(sub, sh, light=light, ambient=1.0, occluders=occluders, samples=1)
+        soft = np.asarray(cv2.GaussianBlur(srgba[:, :, 3].astype(np.float32) / 255.0, (k, k), 0))
+        img *= (1.0 - shadow_strength * soft)[:, :, None]
+    rgba, _ = render(sub, meshes, light=light, occluders=occluders)
     # The multisample resolve averages (rgb, 1) with the cleared (0, 0): colour is premultiplied.
     a = rgba[:, :, 3:4].astype(np.float32) / 255.0
     img = img * (1.0 - a) + rgba[:, :, :3].astype(np.float32)
-    return np.clip(img + 0.5, 0, 255).astype(np.uint8), rgba[:, :, 3]
+    out = photo.copy()
+    out[y0:y1, x0:x1] = np.clip(img + 0.5, 0, 255).astype(np.uint8)
+    mask[y0:y1, x0:x1] = rgba[:, :, 3]
+    return out, mask
+
+
+def _window(view: View, meshes: list[Mesh], *, pad: int) -> tuple[int, int, int, int] | None:
+    """Pixel window (x0, y0, x1, y1) holding every projected vertex, or the whole photo when a
+    vertex is behind the camera (its projection is meaningless); None if nothing is in view."""
+    if not meshes:
+        return None
+    allv = np.vstack([m.vertices for m in meshes])
+    uv, z = view.project(allv)
+    if (z <= 0.05).any():
+        return 0, 0, view.width, view.height
+    x0 = int(np.floor(uv[:, 0].min())) - pad
+    y0 = int(np.floor(uv[:, 1].min())) - pad
+    x1 = int(np.ceil(uv[:, 0].max())) + pad
+    y1 = int(np.ceil(uv[:, 1].max())) + pad
+    x0, y0, x1, y1 = max(0, x0), max(0, y0), min(view.width, x1), min(view.height, y1)
+    if x1 - x0 < 2 or y1 - y0 < 2:
+        return None
+    return x0, y0, x1, y1
+
+
+def _cropped(view: View, x0: int, y0: int, w: int, h: int) -> View:
+    """The same camera, seeing only the window starting at (x0, y0): shift the principal point."""
+    K = view.K.astype(np.float64).copy()
+    K[0, 2] -= x0
+    K[1, 2] -= y0
+    return View(view.name, K, view.R, view.t, w, h, view.camera)

@@ -1,0 +1,111 @@
+#!/usr/bin/env python3
+"""Speed and memory of the plan stage.
+
+1. One montage of a 12 MP photo (4032x3024) with a 200k-triangle design, on one core
+   (llvmpipe limited to one thread): target under 2 s.
+2. The whole `plan` step (placement, plan.glb, drawings, montages) for 20 photos (1600x1200,
+   the synthetic site's cameras) on a synthetic site: target under 30 s.
+Each runs in its own process, so its peak RSS is its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(ROOT))
+
+from bench._common import measured  # noqa: E402
+
+W12, H12 = 4032, 3024
+
+
+def heavy_design(n_tri: int = 200_000) -> Any:
+    import trimesh
+
+    from reconstruct.render import Mesh
+
+    # A gate-sized slab of 200k triangles: a finely subdivided box 3.5 x 0.1 x 1.6 m.
+    box = trimesh.creation.box(extents=(3.5, 0.1, 1.6))
+    while len(box.faces) < n_tri:
+        box = box.subdivide()
+    box.apply_translation((0.0, 1.0, 0.8))
+    return [Mesh(box.vertices, box.faces, (0.05, 0.05, 0.06, 1.0))], len(box.faces)
+
+
+def one_montage() -> dict[str, Any]:
+    import numpy as np
+
+    from reconstruct.geometry import View
+    from reconstruct.render import montage
+    from tests.reconstruct.synthetic import look_at
+
+    meshes, n = heavy_design()
+    R, t = look_at(np.array([0.0, -4.0, 1.6]), np.array([0.0, 5.0, 1.0]))
+    f = 3000.0
+    K = np.array([[f, 0, W12 / 2], [0, f, H12 / 2], [0, 0, 1.0]])
+    import pycolmap
+
+    cam = pycolmap.Camera(model="PINHOLE", width=W12, height=H12, params=[f, f, W12 / 2, H12 / 2], camera_id=1)
+    view = View("bench.jpg", K, R, t, W12, H12, cam)
+    photo = np.full((H12, W12, 3), 120, np.uint8)
+    montage(photo, view, meshes)  # warm-up: context and shader compilation
+    t0 = time.perf_counter()
+    _, mask = montage(photo, view, meshes)
+    return {"seconds": time.perf_counter() - t0, "triangles": n, "design_pixels": int((mask > 127).sum())}
+
+
+def plan_20() -> dict[str, Any]:
+    import numpy as np
+    from PIL import Image
+
+    from reconstruct.plan import plan
+    from tests.reconstruct.synthetic import make_scene, write_run_dir
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-plan-"))
+    try:
+        sc = make_scene(n_cams=20)
+        images = tmp / "images"
+        images.mkdir()
+        rng = np.random.default_rng(0)
+        for k in range(20):
+            Image.fromarray(rng.integers(0, 255, (1200, 1600, 3), np.uint8)).save(images / f"{k:04d}.jpg")
+        write_run_dir(sc, tmp / "run", images)
+        A, B = np.array([-1.8, 1.0, 0.0]), np.array([1.8, 1.0, 0.0])
+        (tmp / "placement.json").write_text(
+            json.dumps({"image": "0010.jpg", "ground_points": [list(sc.pixel(10, A)), list(sc.pixel(10, B))]})
+        )
+        t0 = time.perf_counter()
+        res = plan(tmp / "run", ROOT / "sample_data" / "design" / "gate.json", tmp / "placement.json", tmp / "out")
+        return {
+            "seconds": time.perf_counter() - t0,
+            "montages": sum(1 for m in res["montages"] if "file" in m),
+            "photo_size": "1600x1200",
+            "timings": res["timings"],
+        }
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main() -> None:
+    os.environ["LP_NUM_THREADS"] = "1"  # llvmpipe: one core for the montage target
+    a = measured(one_montage)
+    os.environ.pop("LP_NUM_THREADS")
+    b = measured(plan_20)
+    print(json.dumps({"montage_12mp_200k_triangles_one_core": a, "plan_20_photos": b}, indent=1, default=str))
+    if a["error"] is None:
+        print(f"\nmontage: {a['result']['seconds']:.2f} s (target 2 s), peak RSS {a['peak_rss_mb']:.0f} MB")
+    if b["error"] is None:
+        print(f"plan, 20 photos: {b['result']['seconds']:.1f} s (target 30 s), peak RSS {b['peak_rss_mb']:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
