@@ -154,7 +154,7 @@ def pair_depth(
         return None
     d = ul[ok, 0] / ul[ok, 2] - ur[ok, 0] / ur[ok, 2]
     lo, hi = np.percentile(d, [1, 99])
-    log.debug("pair %s-%s: sparse disparities %.1f..%.1f", left.name, right.name, lo, hi)
+    log.debug("pair: sparse disparities %.1f..%.1f", lo, hi)
     span = hi - lo
     min_d = math.floor(lo - 0.15 * span - 4)
     num = int(math.ceil((hi - lo + 0.3 * span + 8) / 16.0) * 16)
@@ -173,9 +173,6 @@ def pair_depth(
         mode=cv2.STEREO_SGBM_MODE_SGBM_3WAY,
     )
     disp = sgbm.compute(r1, r2).astype(np.float32) / 16.0
-    if log.isEnabledFor(logging.DEBUG):
-        cv2.imwrite("/tmp/rect.png", np.hstack([r1, r2]))
-        cv2.imwrite("/tmp/disp.png", np.clip((disp - min_d) / num * 255, 0, 255).astype(np.uint8))
     valid = disp > min_d
     xyz = cv2.reprojectImageTo3D(disp, Q)
     depth = np.where(valid, xyz[:, :, 2], 0.0).astype(np.float32)
