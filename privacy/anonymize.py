@@ -68,7 +68,8 @@ _default_faces: FaceDetector | None = None
 _default_plates: ClassicalPlateDetector | None = None
 
 
-def _detectors(policy: AnonymizationPolicy) -> tuple[FaceDetector, ClassicalPlateDetector]:
+def _detectors() -> tuple[FaceDetector, ClassicalPlateDetector]:
+    """The process-wide default detectors (the ONNX session loads once)."""
     global _default_faces, _default_plates
     if _default_faces is None:
         _default_faces = CenterFaceDetector()
@@ -92,7 +93,7 @@ def anonymize(
     dec = decode(data, max_pixels=policy.max_pixels)
     rgb = dec.rgb
     h, w = rgb.shape[:2]
-    default_faces, default_plates = _detectors(policy)
+    default_faces, default_plates = _detectors()
     faces_det = face_detector or default_faces
     plates_det = plate_detector or default_plates
     faces: list[Box] = []
