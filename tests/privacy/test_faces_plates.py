@@ -16,6 +16,7 @@ from privacy.blur import redact
 from privacy.boxes import Box, iou
 from privacy.faces import CenterFaceDetector
 from privacy.plates import ClassicalPlateDetector
+from tests.privacy.face_crops import face_crops
 
 
 def covered(label: Box, boxes: list[Box], *, grow: float) -> bool:
@@ -81,18 +82,8 @@ def test_redaction_removes_high_frequencies(data: Path) -> None:
 def test_small_faces_in_a_full_size_site_photo(data: Path) -> None:
     """Faces of 20-40 px pasted into a 3072 x 2048 photo are found and blurred."""
     site = np.asarray(Image.open(data / "sfm" / "strecha-fountain-P11" / "images" / "0004.jpg").convert("RGB")).copy()
-    d = data / "faces" / "dlib-pascal"
-    ann = json.loads((d / "annotations_xywh.json").read_text())
     rng = np.random.default_rng(7)
-    crops = []
-    for name, a in ann.items():
-        img = np.asarray(Image.open(d / name).convert("RGB"))
-        for x, y, w, h in a["boxes_xywh"]:
-            # Take the head with some context, as a face appears in a photo.
-            m = int(0.35 * w)
-            c = img[max(0, y - m) : y + h + m, max(0, x - m) : x + w + m]
-            if c.shape[0] > 10 and c.shape[1] > 10:
-                crops.append((c, (x - max(0, x - m), y - max(0, y - m), w, h)))
+    crops = face_crops(data / "faces" / "dlib-pascal")
     rng.shuffle(crops)
     placed = []
     for i, (c, (fx, fy, fw, fh)) in enumerate(crops[:12]):
