@@ -148,6 +148,82 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _admin_session() -> Any:
+    from privacy.vault import FileKeyStore
+    from siteplan.db import init_db
+    from siteplan.settings import Settings
+
+    settings = Settings()
+    settings.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return init_db(settings.db_url), FileKeyStore(settings.key_dir)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from api.app import run
+    from siteplan.settings import Settings
+
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    settings = Settings(**overrides)
+    print(f"serving the Siteplan API on http://{settings.host}:{settings.port} (OpenAPI at /openapi.json)", flush=True)
+    run(settings)
+    return 0
+
+
+def cmd_tenant_create(args: argparse.Namespace) -> int:
+    from siteplan.tenancy import create_contract, create_tenant
+
+    factory, keys = _admin_session()
+    with factory.begin() as db:
+        t = create_tenant(db, keys, label=args.label)
+        out: dict[str, Any] = {"tenant_id": t.id, "label": t.label}
+        if args.with_contract:
+            out["contract_id"] = create_contract(db, keys, tenant_id=t.id).id
+    print(json.dumps(out))
+    return 0
+
+
+def cmd_contract_create(args: argparse.Namespace) -> int:
+    from siteplan.db import Tenant
+    from siteplan.tenancy import create_contract
+
+    factory, keys = _admin_session()
+    with factory.begin() as db:
+        if db.get(Tenant, args.tenant) is None:
+            raise SystemExit("error: no such tenant")
+        c = create_contract(db, keys, tenant_id=args.tenant)
+        print(json.dumps({"contract_id": c.id, "tenant_id": args.tenant, "starts_on": c.starts_on.isoformat()}))
+    return 0
+
+
+def cmd_token_create(args: argparse.Namespace) -> int:
+    from siteplan.tenancy import TenancyError, create_token, rotate_token
+
+    factory, _ = _admin_session()
+    try:
+        with factory.begin() as db:
+            if args.rotate:
+                issued = rotate_token(db, token_id=args.rotate, days=args.days or None)
+            else:
+                if not args.tenant:
+                    raise SystemExit("error: --tenant is required (or --rotate TOKEN_ID)")
+                issued = create_token(
+                    db, tenant_id=args.tenant, name=args.name, scopes=args.scopes.split(","), days=args.days or None
+                )
+            tok = issued.token
+            out = {
+                "token_id": tok.id,
+                "tenant_id": tok.tenant_id,
+                "scopes": tok.scopes.split(),
+                "expires_at": tok.expires_at.isoformat() if tok.expires_at else None,
+                "token": issued.secret,
+            }
+    except TenancyError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    print(json.dumps(out))
+    print("store the token now: it is shown only once", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="siteplan", description="Site photos in, private metric 3D plans out.")
     p.add_argument("--log-level", default=os.environ.get("SITEPLAN_LOG_LEVEL", "WARNING"))
@@ -183,6 +259,31 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--out", required=True)
     pl.add_argument("--images", help="the anonymised photos (default: as recorded in site.json)")
     pl.set_defaults(func=cmd_plan)
+
+    sv = sub.add_parser("serve", help="the HTTP API (embedded defaults unless configured)")
+    sv.add_argument("--host", default=None)
+    sv.add_argument("--port", type=int, default=None)
+    sv.set_defaults(func=cmd_serve)
+
+    te = sub.add_parser("tenant", help="controllers (tenants)").add_subparsers(dest="action", required=True)
+    tc = te.add_parser("create", help="create a tenant; prints its id")
+    tc.add_argument("label", help="the controller's business name")
+    tc.add_argument("--with-contract", action="store_true", help="also start a contract for it today")
+    tc.set_defaults(func=cmd_tenant_create)
+
+    co = sub.add_parser("contract", help="contracts").add_subparsers(dest="action", required=True)
+    cc = co.add_parser("create", help="start a contract for a tenant (creates its data key)")
+    cc.add_argument("tenant")
+    cc.set_defaults(func=cmd_contract_create)
+
+    to = sub.add_parser("token", help="API tokens").add_subparsers(dest="action", required=True)
+    tk = to.add_parser("create", help="issue an API token (shown once), or rotate one with --rotate")
+    tk.add_argument("--tenant")
+    tk.add_argument("--name", default="app")
+    tk.add_argument("--scopes", default="upload,read", help="comma separated: upload,read,admin")
+    tk.add_argument("--days", type=int, default=90, help="validity in days (0: no expiry)")
+    tk.add_argument("--rotate", metavar="TOKEN_ID", help="revoke this token and issue its replacement")
+    tk.set_defaults(func=cmd_token_create)
     return p
 
 

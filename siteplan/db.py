@@ -8,11 +8,34 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, date, datetime
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, Date, DateTime, ForeignKey, Integer, String, Text, create_engine, event
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Date,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+)
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    ORMExecuteState,
+    Session,
+    mapped_column,
+    sessionmaker,
+    with_loader_criteria,
+)
 
 
 def _uuid() -> str:
@@ -28,45 +51,180 @@ class Base(DeclarativeBase):
 
 
 class Tenant(Base):
+    """A controller (a COVER designer's business)."""
+
     __tablename__ = "tenants"
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=_uuid)
     label: Mapped[str] = mapped_column(String(200))  # the controller's business name
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
 
 
-class Contract(Base):
+class TenantScoped:
+    """Mixin: a row that belongs to one tenant. Sessions opened for a tenant see only its rows."""
+
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+
+
+class ApiToken(TenantScoped, Base):
+    """An API token: only a SHA-256 of the secret is stored (the secret is 256 random bits, so a
+    slow hash adds nothing); scopes and expiry are checked on every request."""
+
+    __tablename__ = "api_tokens"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=_uuid)
+    name: Mapped[str] = mapped_column(String(100))
+    secret_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    scopes: Mapped[str] = mapped_column(String(100))  # space separated: upload read admin
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class Contract(TenantScoped, Base):
     __tablename__ = "contracts"
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=_uuid)
-    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
     starts_on: Mapped[date] = mapped_column(Date)
     ends_on: Mapped[date | None] = mapped_column(Date, nullable=True)
     state: Mapped[str] = mapped_column(String(16), default="active")  # active, terminating, ended
     disposition: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
 
 
-class Project(Base):
+class Subject(TenantScoped, Base):
+    """A data subject (the designer's client). Personal fields are sealed with the contract's key."""
+
+    __tablename__ = "subjects"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=_uuid)
+    contract_id: Mapped[str] = mapped_column(ForeignKey("contracts.id"), index=True)
+    name_enc: Mapped[str] = mapped_column(Text)
+    address_enc: Mapped[str | None] = mapped_column(Text, nullable=True)
+    phone_enc: Mapped[str | None] = mapped_column(Text, nullable=True)
+    restricted: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now, onupdate=_now)
+
+
+class SubjectToken(TenantScoped, Base):
+    """Blind index: keyed HMACs of a subject's normalised words and their prefixes (P5)."""
+
+    __tablename__ = "subject_tokens"
+    __table_args__ = (UniqueConstraint("subject_id", "digest"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    subject_id: Mapped[str] = mapped_column(ForeignKey("subjects.id", ondelete="CASCADE"), index=True)
+    digest: Mapped[str] = mapped_column(String(32), index=True)
+
+
+class Project(TenantScoped, Base):
     __tablename__ = "projects"
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=_uuid)
-    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
     contract_id: Mapped[str] = mapped_column(ForeignKey("contracts.id"), index=True)
+    subject_id: Mapped[str | None] = mapped_column(ForeignKey("subjects.id"), nullable=True, index=True)
     reference: Mapped[str] = mapped_column(String(64))  # the designer's own project code, not personal data
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
 
 
-class Job(Base):
+class Photo(TenantScoped, Base):
+    """An uploaded photo: quarantined (encrypted original), then anonymised or rejected."""
+
+    __tablename__ = "photos"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=_uuid)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"), index=True)
+    contract_id: Mapped[str] = mapped_column(ForeignKey("contracts.id"), index=True)
+    state: Mapped[str] = mapped_column(String(16), default="uploading")  # uploading quarantined anonymised rejected
+    length: Mapped[int] = mapped_column(BigInteger)
+    original_object: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    object: Mapped[str | None] = mapped_column(String(64), nullable=True)  # the anonymised JPEG
+    sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)  # of the anonymised JPEG
+    intrinsics: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    faces: Mapped[int] = mapped_column(Integer, default=0)
+    plates: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now, onupdate=_now)
+
+
+class Design(TenantScoped, Base):
+    __tablename__ = "designs"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=_uuid)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"), index=True)
+    contract_id: Mapped[str] = mapped_column(ForeignKey("contracts.id"), index=True)
+    descriptor: Mapped[dict[str, Any]] = mapped_column(JSON)
+    file_format: Mapped[str | None] = mapped_column(String(8), nullable=True)
+    object: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    size: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class Job(TenantScoped, Base):
     __tablename__ = "jobs"
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=_uuid)
-    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
     project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"), index=True)
     kind: Mapped[str] = mapped_column(String(32), default="plan")
     state: Mapped[str] = mapped_column(String(16), default="queued")  # queued, running, done, failed, cancelled
     stage: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     pipeline_version: Mapped[str] = mapped_column(String(32))
+    inputs: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     timings: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now, onupdate=_now)
+
+
+class PlanFile(TenantScoped, Base):
+    """One output of a plan job (plan.glb, plan.svg, montage_*.jpg...), sealed in the vault."""
+
+    __tablename__ = "plan_files"
+    __table_args__ = (UniqueConstraint("job_id", "name"),)
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=_uuid)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    contract_id: Mapped[str] = mapped_column(ForeignKey("contracts.id"), index=True)
+    name: Mapped[str] = mapped_column(String(120))
+    media_type: Mapped[str] = mapped_column(String(60))
+    object: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+
+
+class IdempotencyRecord(TenantScoped, Base):
+    """The first response to a request carrying an ``Idempotency-Key``, replayed on retries."""
+
+    __tablename__ = "idempotency"
+    __table_args__ = (UniqueConstraint("tenant_id", "key"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    key: Mapped[str] = mapped_column(String(100))
+    fingerprint: Mapped[str] = mapped_column(String(64))  # method, path and body hash
+    status: Mapped[int] = mapped_column(Integer)
+    body: Mapped[dict[str, Any]] = mapped_column(JSON)
+    location: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+# -- Tenant scoping in the data layer -------------------------------------------------------------
+# A Session opened with ``info={"tenant_id": T}`` adds ``tenant_id = T`` to every ORM SELECT of a
+# tenant-scoped entity (SQLAlchemy's documented with_loader_criteria pattern), and refuses to
+# flush a row of another tenant. Routes cannot forget the filter: it is not theirs to add.
+
+
+@event.listens_for(Session, "do_orm_execute")
+def _scope_to_tenant(state: ORMExecuteState) -> None:
+    tenant = state.session.info.get("tenant_id")
+    if tenant is None or not state.is_select or state.execution_options.get("include_all_tenants"):
+        return
+    state.statement = state.statement.options(
+        with_loader_criteria(TenantScoped, lambda cls: cls.tenant_id == tenant, include_aliases=True)
+    )
+
+
+@event.listens_for(Session, "before_flush")
+def _guard_tenant(session: Session, _ctx: Any, _instances: Any) -> None:
+    tenant = session.info.get("tenant_id")
+    if tenant is None:
+        return
+    for obj in list(session.new) + list(session.dirty) + list(session.deleted):
+        if isinstance(obj, TenantScoped) and obj.tenant_id != tenant:
+            raise PermissionError("a row of another tenant cannot be written in this session")
 
 
 def make_engine(url: str) -> Engine:
@@ -83,8 +241,34 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
+def alembic_config(url: str) -> Any:
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return cfg
+
+
+def migrate(engine: Engine) -> None:
+    """Bring the schema to the newest Alembic revision (a no-op when it is there already)."""
+    from alembic import command
+
+    cfg = alembic_config(engine.url.render_as_string(hide_password=False))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+
+
 def init_db(url: str) -> sessionmaker[Session]:
-    """Create the schema if missing and return a session factory."""
+    """Migrate the schema to head and return a session factory."""
     engine = make_engine(url)
-    Base.metadata.create_all(engine)
+    migrate(engine)
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def tenant_session(factory: sessionmaker[Session], tenant_id: str) -> Session:
+    """A session that sees and writes only ``tenant_id``'s rows."""
+    s = factory()
+    s.info["tenant_id"] = tenant_id
+    return s

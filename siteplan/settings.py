@@ -32,6 +32,20 @@ class Settings(BaseSettings):
         default=None, ge=1, description="CPUs for the local Ray; default: all of this machine's."
     )
     log_level: str = Field(default="INFO", description="Root log level at the entry points.")
+    keys_dir: Path | None = Field(
+        default=None,
+        description="Key store (master key and wrapped data keys); default: data_dir/keys. Keep it out of backups.",
+    )
+    host: str = Field(default="127.0.0.1", description="`siteplan serve` bind address.")
+    port: int = Field(default=8000, ge=1, le=65535, description="`siteplan serve` port.")
+    max_upload_bytes: int = Field(default=64 * 2**20, gt=0, description="Largest photo or design upload.")
+    max_json_bytes: int = Field(default=1 * 2**20, gt=0, description="Largest JSON request body.")
+    rate_limit_per_minute: int = Field(default=600, gt=0, description="Requests per minute per API token.")
+    rate_limit_burst: int = Field(default=120, gt=0, description="Burst allowance per API token.")
+    ingest_workers: int = Field(
+        default=1, ge=0, description="Photos anonymised at once in the API process (0: leave to workers)."
+    )
+    run_jobs: bool = Field(default=True, description="Run queued plan jobs from the API process.")
 
     @cached_property
     def root(self) -> Path:
@@ -40,6 +54,19 @@ class Settings(BaseSettings):
     @property
     def db_url(self) -> str:
         return self.database_url or f"sqlite:///{self.root / 'siteplan.db'}"
+
+    @property
+    def vault_dir(self) -> Path:
+        return self.root / "vault"
+
+    @property
+    def key_dir(self) -> Path:
+        return (self.keys_dir or self.root / "keys").expanduser().resolve()
+
+    @property
+    def uploads_dir(self) -> Path:
+        """Uploads in progress (sealed chunks)."""
+        return self.root / "uploads"
 
     @property
     def scratch_dir(self) -> Path:

@@ -67,6 +67,68 @@ def map_reference(ref: ScaleReference, entries: list[dict[str, Any]]) -> ScaleRe
     return ScaleReference(segments=segs, markers=ref.markers)
 
 
+def site_and_plan(
+    *,
+    photos_out: Path,
+    good: list[dict[str, Any]],
+    reference: ScaleReference,
+    design: Path,
+    placement: Path,
+    out: Path,
+    sfm: SfmConfig,
+    progress: Progress,
+    stage_done: Callable[[str, float], None],
+    fail: Callable[[str], JobFailed],
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Stages 2 and 3 on anonymised photos (Ray must be up): the metric site, then the plan."""
+    # 2. Metric site.
+    t = time.perf_counter()
+    progress(f"[2/4] reconstruct: SIFT, matching and mapping on {len(good)} photos, then scale and up")
+    intr = {e["output"]: e["intrinsics"] for e in good}
+    try:
+        info = ray.get(
+            reconstruct_task.remote(
+                str(photos_out), sorted(intr), intr, reference.model_dump(), str(out), sfm.model_dump()
+            )
+        )
+    except ray.exceptions.RayTaskError as exc:
+        cause = exc.cause if isinstance(exc.cause, (ReconstructionError, ScaleReferenceError)) else None
+        raise fail(str(cause) if cause else f"reconstruction failed ({type(exc.cause).__name__})") from None
+    info["images_dir"] = "photos"
+    (out / "site.json").write_text(json.dumps(info, indent=2))
+    stage_done("reconstruct", time.perf_counter() - t)
+    progress(
+        f"      {len(info['registered_images'])} photos placed, scale from {info['scale_source']} "
+        f"(+-{100 * info['scale_sigma_rel']:.2f} %)"
+    )
+
+    # 3. Design merge, drawings, montages.
+    t = time.perf_counter()
+    progress("[3/4] plan: place the design, draw the plan, render montages")
+    try:
+        plan_result = ray.get(plan_task.remote(str(out), str(design), str(placement), str(out), str(photos_out)))
+    except ray.exceptions.RayTaskError as exc:
+        cause = exc.cause
+        raise fail(f"planning failed: {cause}" if cause else "planning failed") from None
+    stage_done("plan", time.perf_counter() - t)
+    return info, plan_result
+
+
+SITE_KEYS = (
+    "scale",
+    "scale_sigma_rel",
+    "scale_source",
+    "ground_plane",
+    "up_source",
+    "registered_images",
+    "unregistered_images",
+    "num_points",
+    "mean_reprojection_error_px",
+    "choices",
+    "timings",
+)
+
+
 def run_main_job(settings: Settings, inputs: JobInputs, progress: Progress = print) -> dict[str, Any]:
     """Run the whole job; returns the report. Raises :class:`JobFailed` with an actionable message."""
     t_job = time.perf_counter()
@@ -154,37 +216,18 @@ def run_main_job(settings: Settings, inputs: JobInputs, progress: Progress = pri
         except ScaleReferenceError as exc:
             raise fail(str(exc)) from None
 
-        # 2. Metric site.
-        t = time.perf_counter()
-        progress(f"[2/4] reconstruct: SIFT, matching and mapping on {len(good)} photos, then scale and up")
-        intr = {e["output"]: e["intrinsics"] for e in good}
-        try:
-            info = ray.get(
-                reconstruct_task.remote(
-                    str(photos_out), sorted(intr), intr, mref.model_dump(), str(out), inputs.sfm.model_dump()
-                )
-            )
-        except ray.exceptions.RayTaskError as exc:
-            cause = exc.cause if isinstance(exc.cause, (ReconstructionError, ScaleReferenceError)) else None
-            raise fail(str(cause) if cause else f"reconstruction failed ({type(exc.cause).__name__})") from None
-        info["images_dir"] = "photos"
-        (out / "site.json").write_text(json.dumps(info, indent=2))
-        stage_done("reconstruct", time.perf_counter() - t)
-        progress(
-            f"      {len(info['registered_images'])} photos placed, scale from {info['scale_source']} "
-            f"(+-{100 * info['scale_sigma_rel']:.2f} %)"
+        info, plan_result = site_and_plan(
+            photos_out=photos_out,
+            good=good,
+            reference=mref,
+            design=inputs.design,
+            placement=inputs.placement,
+            out=out,
+            sfm=inputs.sfm,
+            progress=progress,
+            stage_done=stage_done,
+            fail=fail,
         )
-
-        # 3. Design merge, drawings, montages.
-        t = time.perf_counter()
-        progress("[3/4] plan: place the design, draw the plan, render montages")
-        try:
-            plan_result = ray.get(
-                plan_task.remote(str(out), str(inputs.design), str(inputs.placement), str(out), str(photos_out))
-            )
-        except ray.exceptions.RayTaskError as exc:
-            raise fail(f"planning failed: {exc.cause}") from None
-        stage_done("plan", time.perf_counter() - t)
 
     # 4. Report.
     t = time.perf_counter()
@@ -199,22 +242,7 @@ def run_main_job(settings: Settings, inputs: JobInputs, progress: Progress = pri
             "errors": [{"input": e["input"], "error": e["error"]} for e in entries if e["error"]],
             "report": "photos/report.json",
         },
-        "site": {
-            k: info[k]
-            for k in (
-                "scale",
-                "scale_sigma_rel",
-                "scale_source",
-                "ground_plane",
-                "up_source",
-                "registered_images",
-                "unregistered_images",
-                "num_points",
-                "mean_reprojection_error_px",
-                "choices",
-                "timings",
-            )
-        },
+        "site": {k: info[k] for k in SITE_KEYS},
         "plan": plan_result,
         "files": sorted(p.name for p in out.iterdir() if p.is_file() and not p.name.startswith(".")),
     }

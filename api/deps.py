@@ -1,0 +1,87 @@
+"""Request dependencies: the caller's token, scopes, rate limit, and a tenant-scoped DB session."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from api.errors import ApiError
+from api.services import Services
+from siteplan.db import tenant_session
+from siteplan.tenancy import verify_token
+
+_bearer = HTTPBearer(auto_error=False, description="An API token (`siteplan token create`).")
+
+
+def services(request: Request) -> Services:
+    svc: Services = request.app.state.services
+    return svc
+
+
+ServicesDep = Annotated[Services, Depends(services)]
+
+
+@dataclass(frozen=True)
+class Caller:
+    tenant_id: str
+    token_id: str
+    scopes: frozenset[str]
+
+
+def caller(
+    svc: ServicesDep,
+    creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Caller:
+    unauthorized = ApiError(
+        401, "unauthorized", "a valid API token is required", headers={"WWW-Authenticate": "Bearer"}
+    )
+    if creds is None or creds.scheme.lower() != "bearer":
+        raise unauthorized
+    with svc.factory() as db:
+        tok = verify_token(db, creds.credentials)
+        if tok is None:
+            raise unauthorized
+        c = Caller(tok.tenant_id, tok.id, frozenset(tok.scopes.split()))
+    wait = svc.limiter.take(c.token_id)
+    if wait:
+        raise ApiError(429, "rate_limited", "too many requests; slow down", headers={"Retry-After": str(int(wait))})
+    return c
+
+
+CallerDep = Annotated[Caller, Depends(caller)]
+
+
+def need(scope: str) -> Callable[[Caller], Caller]:
+    def check(c: CallerDep) -> Caller:
+        if scope not in c.scopes and "admin" not in c.scopes:
+            # The token is known and the tenant is the caller's own: a missing scope is a 403.
+            raise ApiError(403, "forbidden", f"this token lacks the '{scope}' scope")
+        return c
+
+    return check
+
+
+ReadCaller = Annotated[Caller, Depends(need("read"))]
+UploadCaller = Annotated[Caller, Depends(need("upload"))]
+AdminCaller = Annotated[Caller, Depends(need("admin"))]
+
+
+def db_session(svc: ServicesDep, c: CallerDep) -> Iterator[Session]:
+    """A session that sees only the caller's tenant (the scoping lives in siteplan.db)."""
+    s = tenant_session(svc.factory, c.tenant_id)
+    try:
+        yield s
+        s.commit()
+    except BaseException:
+        s.rollback()
+        raise
+    finally:
+        s.close()
+
+
+DB = Annotated[Session, Depends(db_session)]

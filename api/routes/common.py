@@ -1,0 +1,73 @@
+"""Helpers the routers share: idempotent creation, request bodies with a size cap, paging."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from fastapi import Response
+from pydantic import BaseModel
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from api.errors import ApiError
+from siteplan.db import IdempotencyRecord
+
+IDEMPOTENCY_HELP = "A client-chosen key: a retried request with the same key returns the first result."
+
+
+def fingerprint(method: str, path: str, body: Any) -> str:
+    raw = json.dumps([method, path, body], sort_keys=True, default=str).encode()
+    return hashlib.sha256(raw).hexdigest()
+
+
+def replay(db: Session, key: str | None, fp: str) -> IdempotencyRecord | None:
+    if not key:
+        return None
+    if len(key) > 100:
+        raise ApiError(422, "invalid", "Idempotency-Key is at most 100 characters", field="Idempotency-Key")
+    rec = db.scalars(select(IdempotencyRecord).where(IdempotencyRecord.key == key)).first()
+    if rec is not None and rec.fingerprint != fp:
+        raise ApiError(
+            409,
+            "idempotency_conflict",
+            "this Idempotency-Key was used for a different request",
+            field="Idempotency-Key",
+        )
+    return rec
+
+
+def remember(
+    db: Session,
+    *,
+    tenant_id: str,
+    key: str | None,
+    fp: str,
+    status: int,
+    body: BaseModel | dict[str, Any],
+    location: str | None = None,
+) -> None:
+    """Store the first response under the key, in the same transaction as the created rows."""
+    if not key:
+        return
+    data = body.model_dump(mode="json") if isinstance(body, BaseModel) else body
+    db.add(IdempotencyRecord(tenant_id=tenant_id, key=key, fingerprint=fp, status=status, body=data, location=location))
+
+
+def commit_or_conflict(db: Session) -> None:
+    try:
+        db.commit()
+    except IntegrityError:
+        db.rollback()
+        raise ApiError(409, "conflict", "a concurrent request with the same Idempotency-Key won; retry") from None
+
+
+def set_location(response: Response, location: str | None) -> None:
+    if location:
+        response.headers["Location"] = location
+
+
+def count(db: Session, stmt: Any) -> int:
+    return int(db.scalar(select(func.count()).select_from(stmt.order_by(None).subquery())) or 0)

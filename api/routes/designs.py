@@ -1,0 +1,143 @@
+"""Designs: a descriptor (units, axes, scalable) and one mesh file (GLB, OBJ, STL, PLY, DAE)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
+
+from api.deps import DB, ReadCaller, ServicesDep, UploadCaller
+from api.errors import ERROR_RESPONSES, ApiError, not_found
+from api.routes.common import IDEMPOTENCY_HELP, commit_or_conflict, count, fingerprint, remember, replay, set_location
+from api.routes.projects import get_project, require_active
+from api.schemas import DesignCreate, DesignList, DesignPublic
+from privacy.vault import CHUNK
+from siteplan.db import Design
+
+router = APIRouter(tags=["designs"], responses=ERROR_RESPONSES)
+
+FORMATS = {
+    "model/gltf-binary": "glb",
+    "model/obj": "obj",
+    "model/stl": "stl",
+    "application/sla": "stl",
+    "application/ply": "ply",
+    "model/vnd.collada+xml": "dae",
+}
+_MAX_DESIGN = 200 * 2**20
+
+
+def _public(d: Design) -> DesignPublic:
+    return DesignPublic.model_validate(d, from_attributes=True)
+
+
+@router.post("/projects/{project_id}/designs", status_code=201, response_model=DesignPublic)
+def post_design(
+    project_id: str,
+    body: DesignCreate,
+    db: DB,
+    c: UploadCaller,
+    response: Response,
+    idempotency_key: Annotated[str | None, Header(description=IDEMPOTENCY_HELP)] = None,
+) -> DesignPublic:
+    project = get_project(db, project_id)
+    fp = fingerprint("POST", f"/projects/{project_id}/designs", body.model_dump(mode="json"))
+    if (rec := replay(db, idempotency_key, fp)) is not None:
+        set_location(response, rec.location)
+        return DesignPublic.model_validate(rec.body)
+    require_active(db, project)
+    desc = body.descriptor.model_dump(mode="json", exclude={"file"})
+    d = Design(tenant_id=c.tenant_id, project_id=project.id, contract_id=project.contract_id, descriptor=desc)
+    db.add(d)
+    db.flush()
+    out = _public(d)
+    loc = f"/v1/designs/{d.id}"
+    remember(db, tenant_id=c.tenant_id, key=idempotency_key, fp=fp, status=201, body=out, location=loc)
+    commit_or_conflict(db)
+    set_location(response, loc)
+    return out
+
+
+@router.get("/projects/{project_id}/designs", response_model=DesignList)
+def list_designs(
+    project_id: str,
+    db: DB,
+    _: ReadCaller,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> DesignList:
+    get_project(db, project_id)
+    stmt = select(Design).where(Design.project_id == project_id).order_by(Design.created_at, Design.id)
+    rows = db.scalars(stmt.limit(limit).offset(offset)).all()
+    return DesignList(items=[_public(r) for r in rows], total=count(db, stmt), limit=limit, offset=offset)
+
+
+def _get(db: DB, design_id: str) -> Design:
+    d = db.get(Design, design_id)
+    if d is None:
+        raise not_found("design")
+    return d
+
+
+@router.get("/designs/{design_id}", response_model=DesignPublic)
+def get_design(design_id: str, db: DB, _: ReadCaller) -> DesignPublic:
+    return _public(_get(db, design_id))
+
+
+@router.put(
+    "/designs/{design_id}/file",
+    response_model=DesignPublic,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {t: {"schema": {"type": "string", "format": "binary"}} for t in FORMATS},
+        }
+    },
+    responses={
+        409: ERROR_RESPONSES[401] | {"description": "contract not active"},
+        413: ERROR_RESPONSES[401] | {"description": "too large"},
+        415: ERROR_RESPONSES[401] | {"description": "unsupported format"},
+    },
+)
+async def put_design_file(
+    design_id: str,
+    request: Request,
+    db: DB,
+    svc: ServicesDep,
+    _: UploadCaller,
+    content_type: Annotated[str, Header()],
+) -> DesignPublic:
+    """The design's mesh, self-contained (a GLB, or an OBJ/STL/PLY/DAE without external files)."""
+    fmt = FORMATS.get(content_type.split(";")[0].strip().lower())
+    if fmt is None:
+        raise ApiError(415, "unsupported_type", f"send the design as one of: {', '.join(sorted(FORMATS))}")
+    d = _get(db, design_id)
+    require_active(db, get_project(db, d.project_id))
+    w = await run_in_threadpool(svc.vault.writer, d.contract_id)
+    batch = bytearray()
+    size = 0
+    try:
+        async for piece in request.stream():
+            size += len(piece)
+            if size > _MAX_DESIGN:
+                raise ApiError(413, "too_large", f"a design file may be at most {_MAX_DESIGN // 2**20} MB")
+            batch += piece
+            if len(batch) >= CHUNK:
+                await run_in_threadpool(w.write, bytes(batch))
+                batch.clear()
+        if size == 0:
+            raise ApiError(422, "invalid", "the design file is empty")
+        await run_in_threadpool(w.write, bytes(batch))
+        info = await run_in_threadpool(w.commit)
+    except (ApiError, ClientDisconnect):
+        w.abort()
+        raise
+    old = d.object
+    d.object, d.file_format, d.size = info.object_id, fmt, info.size
+    db.commit()
+    if old:
+        await run_in_threadpool(svc.vault.delete, d.contract_id, old)
+    return _public(d)

@@ -1,0 +1,192 @@
+"""Jobs: start a plan for a project, follow it (poll with ETag), fetch its files."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.responses import StreamingResponse
+from sqlalchemy import select
+
+from api.deps import DB, ReadCaller, ServicesDep, UploadCaller
+from api.errors import ERROR_RESPONSES, ApiError, not_found
+from api.routes.common import IDEMPOTENCY_HELP, commit_or_conflict, count, fingerprint, remember, replay, set_location
+from api.routes.projects import get_project, require_active
+from api.schemas import JobCreate, JobList, JobPublic, PlanFilePublic, PlanPublic
+from siteplan import PIPELINE_VERSION
+from siteplan.db import Design, Job, Photo, PlanFile, Subject
+
+router = APIRouter(tags=["jobs"], responses=ERROR_RESPONSES)
+
+
+def _public(j: Job) -> JobPublic:
+    return JobPublic.model_validate(j, from_attributes=True)
+
+
+@router.post(
+    "/projects/{project_id}/jobs",
+    status_code=202,
+    response_model=JobPublic,
+    responses={409: ERROR_RESPONSES[401] | {"description": "contract ended or client restricted"}},
+)
+def post_job(
+    project_id: str,
+    body: JobCreate,
+    db: DB,
+    svc: ServicesDep,
+    c: UploadCaller,
+    response: Response,
+    idempotency_key: Annotated[str | None, Header(description=IDEMPOTENCY_HELP)] = None,
+) -> JobPublic:
+    project = get_project(db, project_id)
+    fp = fingerprint("POST", f"/projects/{project_id}/jobs", body.model_dump(mode="json"))
+    if (rec := replay(db, idempotency_key, fp)) is not None:
+        set_location(response, rec.location)
+        j = db.get(Job, rec.body["id"])
+        return _public(j) if j is not None else JobPublic.model_validate(rec.body)
+    require_active(db, project)
+    if project.subject_id is not None:
+        s = db.get(Subject, project.subject_id)
+        if s is not None and s.restricted:
+            raise ApiError(409, "subject_restricted", "processing of this client's data is restricted")
+    d = db.get(Design, body.design_id)
+    if d is None or d.project_id != project.id:
+        raise ApiError(422, "invalid", "no such design in this project", field="design_id")
+    if d.object is None:
+        raise ApiError(409, "design_incomplete", "upload the design's file first")
+    photos = set(db.scalars(select(Photo.id).where(Photo.project_id == project.id, Photo.state == "anonymised")))
+    named = {s.image for s in body.reference.segments}
+    if body.placement.image is not None:
+        named.add(body.placement.image)
+    missing = sorted(named - photos)
+    if missing:
+        raise ApiError(
+            422,
+            "invalid",
+            "the reference or placement names a photo that is not ready in this project",
+            field="reference",
+        )
+    j = Job(
+        tenant_id=c.tenant_id,
+        project_id=project.id,
+        kind="plan",
+        state="queued",
+        pipeline_version=PIPELINE_VERSION,
+        inputs=body.model_dump(mode="json"),
+        timings={},
+    )
+    db.add(j)
+    db.flush()
+    out = _public(j)
+    loc = f"/v1/jobs/{j.id}"
+    remember(db, tenant_id=c.tenant_id, key=idempotency_key, fp=fp, status=202, body={"id": j.id}, location=loc)
+    commit_or_conflict(db)
+    set_location(response, loc)
+    if svc.runner is not None:
+        svc.runner.submit_job(j.id)  # type: ignore[attr-defined]
+    return out
+
+
+@router.get("/projects/{project_id}/jobs", response_model=JobList)
+def list_jobs(
+    project_id: str,
+    db: DB,
+    _: ReadCaller,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> JobList:
+    get_project(db, project_id)
+    stmt = select(Job).where(Job.project_id == project_id).order_by(Job.created_at, Job.id)
+    rows = db.scalars(stmt.limit(limit).offset(offset)).all()
+    return JobList(items=[_public(r) for r in rows], total=count(db, stmt), limit=limit, offset=offset)
+
+
+def _get(db: DB, job_id: str) -> Job:
+    j = db.get(Job, job_id)
+    if j is None:
+        raise not_found("job")
+    return j
+
+
+@router.get(
+    "/jobs/{job_id}",
+    response_model=JobPublic,
+    responses={304: {"description": "unchanged since the ETag sent in If-None-Match"}},
+)
+def get_job(
+    job_id: str,
+    db: DB,
+    _: ReadCaller,
+    response: Response,
+    if_none_match: Annotated[str | None, Header(max_length=200)] = None,
+) -> JobPublic | Response:
+    """Poll a job. Send back the ETag in ``If-None-Match``: an unchanged job answers 304, no body."""
+    j = _get(db, job_id)
+    out = _public(j)
+    etag = '"' + hashlib.sha256(out.model_dump_json().encode()).hexdigest()[:32] + '"'
+    if if_none_match is not None and etag in [t.strip() for t in if_none_match.split(",")]:
+        return Response(status_code=304, headers={"ETag": etag})
+    response.headers["ETag"] = etag
+    response.headers["Cache-Control"] = "no-cache"
+    return out
+
+
+@router.post(
+    "/jobs/{job_id}/cancel",
+    response_model=JobPublic,
+    responses={409: ERROR_RESPONSES[401] | {"description": "already finished"}},
+)
+def cancel_job(job_id: str, db: DB, _: UploadCaller) -> JobPublic:
+    j = _get(db, job_id)
+    if j.state in ("done", "failed", "cancelled"):
+        raise ApiError(409, "conflict", f"the job is already {j.state}")
+    j.state, j.error = "cancelled", "cancelled on request"
+    db.commit()
+    return _public(j)
+
+
+@router.get(
+    "/jobs/{job_id}/plan",
+    response_model=PlanPublic,
+    responses={409: ERROR_RESPONSES[401] | {"description": "not done yet"}},
+)
+def get_plan(job_id: str, db: DB, _: ReadCaller) -> PlanPublic:
+    j = _get(db, job_id)
+    if j.state != "done":
+        raise ApiError(409, "not_ready", f"the job is {j.state}; its plan is not ready")
+    files = db.scalars(select(PlanFile).where(PlanFile.job_id == j.id).order_by(PlanFile.name)).all()
+    return PlanPublic(
+        job_id=j.id,
+        files=[
+            PlanFilePublic(
+                name=f.name, media_type=f.media_type, size=f.size, sha256=f.sha256, url=f"/v1/jobs/{j.id}/plan/{f.name}"
+            )
+            for f in files
+        ],
+    )
+
+
+@router.get(
+    "/jobs/{job_id}/plan/{name}",
+    response_class=StreamingResponse,
+    responses={200: {"description": "the file", "content": {"application/octet-stream": {}}}},
+)
+def get_plan_file(job_id: str, name: str, request: Request, db: DB, svc: ServicesDep, _: ReadCaller) -> Response:
+    j = _get(db, job_id)
+    f = db.scalars(select(PlanFile).where(PlanFile.job_id == j.id, PlanFile.name == name)).first()
+    if f is None:
+        raise not_found("plan file")
+    etag = f'"{f.sha256[:32]}"'
+    if request.headers.get("if-none-match") == etag:
+        return Response(status_code=304, headers={"ETag": etag})
+    return StreamingResponse(
+        svc.vault.open(f.contract_id, f.object),
+        media_type=f.media_type,
+        headers={
+            "Content-Length": str(f.size),
+            "ETag": etag,
+            "Cache-Control": "private, no-store",
+            "Content-Disposition": f'attachment; filename="{f.name}"',
+        },
+    )

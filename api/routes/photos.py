@@ -1,0 +1,378 @@
+"""Photos: resumable uploads (tus 1.0 core + creation + termination) into the encrypted quarantine,
+then the anonymised result.
+
+An upload's id is its photo's id. Bytes are sealed chunk by chunk as they stream in (never the
+whole photo in memory, never plaintext on disk). The type is sniffed from the first bytes and the
+pixel count from the header, while the upload streams; the declared length caps the size.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import io
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.responses import StreamingResponse
+from PIL import Image
+from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
+
+from api.deps import DB, ReadCaller, ServicesDep, UploadCaller
+from api.errors import ERROR_RESPONSES, ApiError, not_found
+from api.routes.common import IDEMPOTENCY_HELP, commit_or_conflict, count, fingerprint, remember, replay
+from api.routes.projects import get_project, require_active
+from api.schemas import PhotoList, PhotoPublic
+from api.services import Services
+from privacy.decode import sniff_format
+from privacy.errors import InvalidImage
+from privacy.vault import CHUNK, UploadStaging
+from siteplan.db import Photo
+
+log = logging.getLogger(__name__)
+router = APIRouter(tags=["photos"], responses=ERROR_RESPONSES)
+
+TUS_VERSION = "1.0.0"
+TUS_HEADERS = {"Tus-Resumable": TUS_VERSION}
+_HEAD_BYTES = 256 * 1024  # enough for the header (and EXIF) of every phone format seen
+_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/offset+octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    }
+}
+
+
+def _public(p: Photo) -> PhotoPublic:
+    intr = p.intrinsics or {}
+    return PhotoPublic(
+        id=p.id,
+        project_id=p.project_id,
+        state=p.state,  # type: ignore[arg-type]
+        length=p.length,
+        faces_blurred=p.faces,
+        plates_blurred=p.plates,
+        width=intr.get("width"),
+        height=intr.get("height"),
+        sha256=p.sha256,
+        error=p.error,
+        created_at=p.created_at,
+    )
+
+
+def _staging(svc: Services, p: Photo) -> UploadStaging:
+    return UploadStaging(svc.settings.uploads_dir / p.contract_id / p.id, svc.vault.keys.get(p.contract_id), p.id)
+
+
+def _check_tus(version: str | None) -> None:
+    if version != TUS_VERSION:
+        raise ApiError(
+            412, "precondition_failed", f"Tus-Resumable must be {TUS_VERSION}", headers={"Tus-Version": TUS_VERSION}
+        )
+
+
+@router.options(
+    "/uploads", status_code=204, response_class=Response, responses={204: {"description": "tus capabilities"}}
+)
+def tus_options(svc: ServicesDep) -> Response:
+    return Response(
+        status_code=204,
+        headers={
+            "Tus-Resumable": TUS_VERSION,
+            "Tus-Version": TUS_VERSION,
+            "Tus-Extension": "creation,termination",
+            "Tus-Max-Size": str(svc.settings.max_upload_bytes),
+        },
+    )
+
+
+@router.post(
+    "/projects/{project_id}/uploads",
+    status_code=201,
+    response_class=Response,
+    responses={
+        201: {
+            "description": "upload created; PATCH its Location",
+            "headers": {"Location": {"schema": {"type": "string"}}},
+        },
+        409: ERROR_RESPONSES[401] | {"description": "contract not active"},
+        412: ERROR_RESPONSES[401] | {"description": "wrong tus version"},
+        413: ERROR_RESPONSES[401] | {"description": "too large"},
+    },
+)
+def create_upload(
+    project_id: str,
+    db: DB,
+    svc: ServicesDep,
+    c: UploadCaller,
+    upload_length: Annotated[int, Header(ge=1, description="The photo's size in bytes.")],
+    tus_resumable: Annotated[str | None, Header()] = None,
+    upload_metadata: Annotated[
+        str | None, Header(max_length=4096, description="Ignored: file names can be personal data.")
+    ] = None,
+    idempotency_key: Annotated[str | None, Header(description=IDEMPOTENCY_HELP)] = None,
+) -> Response:
+    _check_tus(tus_resumable)
+    project = get_project(db, project_id)
+    fp = fingerprint("POST", f"/projects/{project_id}/uploads", {"length": upload_length})
+    if (rec := replay(db, idempotency_key, fp)) is not None:
+        return Response(status_code=rec.status, headers=TUS_HEADERS | {"Location": rec.location or ""})
+    require_active(db, project)
+    if upload_length > svc.settings.max_upload_bytes:
+        raise ApiError(
+            413,
+            "too_large",
+            f"a photo may be at most {svc.settings.max_upload_bytes // 2**20} MB",
+            field="Upload-Length",
+        )
+    p = Photo(tenant_id=c.tenant_id, project_id=project.id, contract_id=project.contract_id, length=upload_length)
+    db.add(p)
+    db.flush()
+    _staging(svc, p)  # creates the directory
+    loc = f"/v1/uploads/{p.id}"
+    remember(db, tenant_id=c.tenant_id, key=idempotency_key, fp=fp, status=201, body={"photo_id": p.id}, location=loc)
+    commit_or_conflict(db)
+    return Response(status_code=201, headers=TUS_HEADERS | {"Location": loc, "Upload-Offset": "0"})
+
+
+def _get_photo(db: DB, photo_id: str) -> Photo:
+    p = db.get(Photo, photo_id)
+    if p is None:
+        raise not_found("photo")
+    return p
+
+
+def _offset(svc: Services, p: Photo) -> int:
+    return _staging(svc, p).offset() if p.state == "uploading" else p.length
+
+
+@router.head(
+    "/uploads/{upload_id}",
+    response_class=Response,
+    responses={200: {"description": "Upload-Offset says how much arrived"}},
+)
+def head_upload(
+    upload_id: str, db: DB, svc: ServicesDep, _: UploadCaller, tus_resumable: Annotated[str | None, Header()] = None
+) -> Response:
+    _check_tus(tus_resumable)
+    p = _get_photo(db, upload_id)
+    return Response(
+        status_code=200,
+        headers=TUS_HEADERS
+        | {"Upload-Offset": str(_offset(svc, p)), "Upload-Length": str(p.length), "Cache-Control": "no-store"},
+    )
+
+
+@contextmanager
+def _exclusive(svc: Services, p: Photo) -> Iterator[None]:
+    """One PATCH at a time per upload, across threads and server processes."""
+    path = svc.settings.uploads_dir / p.contract_id / p.id / ".lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ApiError(409, "upload_busy", "another request is writing this upload; retry shortly") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _check_pixels(head: bytes, max_pixels: int) -> None:
+    """Refuse a decompression bomb from its header, before the body has even finished arriving."""
+    try:
+        import pillow_heif
+
+        pillow_heif.register_heif_opener()
+        with Image.open(io.BytesIO(head)) as im:
+            w, h = im.size
+    except Exception:
+        return  # header not complete or not parseable here: the privacy gate decides at decode
+    if w * h > max_pixels:
+        raise ApiError(
+            413, "too_many_pixels", f"the image has {w * h / 1e6:.0f} megapixels; the limit is {max_pixels / 1e6:.0f}"
+        )
+
+
+@router.patch(
+    "/uploads/{upload_id}",
+    status_code=204,
+    response_class=Response,
+    openapi_extra=_BODY,
+    responses={
+        204: {"description": "bytes stored; Upload-Offset is the new offset"},
+        409: ERROR_RESPONSES[401] | {"description": "offset mismatch or upload busy"},
+        412: ERROR_RESPONSES[401] | {"description": "wrong tus version"},
+        413: ERROR_RESPONSES[401] | {"description": "too large"},
+        415: ERROR_RESPONSES[401] | {"description": "not an image, or wrong content type"},
+    },
+)
+async def patch_upload(
+    upload_id: str,
+    request: Request,
+    db: DB,
+    svc: ServicesDep,
+    _: UploadCaller,
+    upload_offset: Annotated[int, Header(ge=0)],
+    content_type: Annotated[str, Header()],
+    tus_resumable: Annotated[str | None, Header()] = None,
+) -> Response:
+    _check_tus(tus_resumable)
+    if content_type.split(";")[0].strip().lower() != "application/offset+octet-stream":
+        raise ApiError(415, "unsupported_type", "upload chunks must be sent as application/offset+octet-stream")
+    p = _get_photo(db, upload_id)
+    if p.state != "uploading":
+        raise ApiError(409, "offset_mismatch", "this upload is complete", headers={"Upload-Offset": str(p.length)})
+    require_active(db, get_project(db, p.project_id))
+    max_pixels = 120_000_000
+    with _exclusive(svc, p):
+        staging = _staging(svc, p)
+        start = await run_in_threadpool(staging.offset)
+        if upload_offset != start:
+            raise ApiError(
+                409,
+                "offset_mismatch",
+                f"the upload is at byte {start}, not {upload_offset}",
+                headers={"Upload-Offset": str(start)},
+            )
+        app = await run_in_threadpool(staging.appender, limit=p.length)
+        head = bytearray() if start == 0 else None
+        checked = start >= _HEAD_BYTES
+        batch = bytearray()
+        refused: ApiError | None = None
+        try:
+            async for piece in request.stream():
+                if head is not None and len(head) < _HEAD_BYTES:
+                    head += piece[: _HEAD_BYTES - len(head)]
+                    if len(head) >= 32 and start == 0 and len(head) - len(piece) < 32:
+                        try:
+                            sniff_format(bytes(head))
+                        except InvalidImage as exc:
+                            refused = ApiError(415, "unsupported_type", str(exc))
+                            break
+                    if not checked and len(head) >= min(_HEAD_BYTES, p.length):
+                        checked = True
+                        _check_pixels(bytes(head), max_pixels)
+                if app.offset + len(batch) + len(piece) > p.length:
+                    refused = ApiError(413, "too_large", "more bytes than the declared Upload-Length")
+                    break
+                batch += piece
+                if len(batch) >= CHUNK:
+                    await run_in_threadpool(app.write, bytes(batch))
+                    batch.clear()
+            if batch and refused is None:
+                await run_in_threadpool(app.write, bytes(batch))
+        except ClientDisconnect:
+            log.info("upload %s: connection dropped at byte %d; it can resume", p.id[:8], app.offset + len(batch))
+            if batch:
+                await run_in_threadpool(app.write, bytes(batch))
+        except ApiError as exc:
+            refused = exc
+        finally:
+            await run_in_threadpool(app.close)
+        offset = app.offset
+        if refused is None and head is None and not checked and offset >= min(_HEAD_BYTES, p.length):
+            first = await run_in_threadpool(_read_head, staging)
+            try:
+                sniff_format(first)
+                _check_pixels(first, max_pixels)
+            except InvalidImage as exc:
+                refused = ApiError(415, "unsupported_type", str(exc))
+            except ApiError as exc:
+                refused = exc
+        if refused is not None:
+            await run_in_threadpool(staging.discard)
+            p.state, p.error = "rejected", refused.message
+            db.commit()
+            raise refused
+        if offset == p.length:
+            info = await run_in_threadpool(svc.vault.put, p.contract_id, staging.plaintext())
+            p.original_object, p.state = info.object_id, "quarantined"
+            db.commit()
+            await run_in_threadpool(staging.discard)
+            runner = svc.runner
+            if runner is not None:
+                runner.submit_ingest(p.id)  # type: ignore[attr-defined]
+    return Response(status_code=204, headers=TUS_HEADERS | {"Upload-Offset": str(offset)})
+
+
+def _read_head(staging: UploadStaging) -> bytes:
+    out = bytearray()
+    for chunk in staging.plaintext():
+        out += chunk
+        if len(out) >= _HEAD_BYTES:
+            break
+    return bytes(out[:_HEAD_BYTES])
+
+
+@router.delete("/uploads/{upload_id}", status_code=204, response_class=Response)
+def delete_upload(
+    upload_id: str, db: DB, svc: ServicesDep, _: UploadCaller, tus_resumable: Annotated[str | None, Header()] = None
+) -> Response:
+    """tus termination: drop an unfinished upload and what arrived of it."""
+    _check_tus(tus_resumable)
+    p = _get_photo(db, upload_id)
+    if p.state != "uploading":
+        raise ApiError(409, "conflict", "this upload is complete; delete the photo instead")
+    _staging(svc, p).discard()
+    db.delete(p)
+    db.commit()
+    return Response(status_code=204, headers=TUS_HEADERS)
+
+
+@router.get("/projects/{project_id}/photos", response_model=PhotoList)
+def list_photos(
+    project_id: str,
+    db: DB,
+    _: ReadCaller,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> PhotoList:
+    get_project(db, project_id)
+    stmt = select(Photo).where(Photo.project_id == project_id).order_by(Photo.created_at, Photo.id)
+    rows = db.scalars(stmt.limit(limit).offset(offset)).all()
+    return PhotoList(items=[_public(r) for r in rows], total=count(db, stmt), limit=limit, offset=offset)
+
+
+@router.get("/photos/{photo_id}", response_model=PhotoPublic)
+def get_photo(photo_id: str, db: DB, _: ReadCaller) -> PhotoPublic:
+    return _public(_get_photo(db, photo_id))
+
+
+@router.get(
+    "/photos/{photo_id}/content",
+    response_class=StreamingResponse,
+    responses={
+        200: {"content": {"image/jpeg": {}}, "description": "the anonymised JPEG"},
+        409: ERROR_RESPONSES[401] | {"description": "not anonymised yet"},
+    },
+)
+def get_photo_content(photo_id: str, db: DB, svc: ServicesDep, _: ReadCaller) -> StreamingResponse:
+    p = _get_photo(db, photo_id)
+    if p.state != "anonymised" or p.object is None:
+        raise ApiError(409, "not_ready", f"the photo is {p.state}; only anonymised photos can be downloaded")
+    return StreamingResponse(
+        svc.vault.open(p.contract_id, p.object),
+        media_type="image/jpeg",
+        headers={"Cache-Control": "private, no-store"},
+    )
+
+
+@router.delete("/photos/{photo_id}", status_code=204, response_class=Response)
+def delete_photo(photo_id: str, db: DB, svc: ServicesDep, _: UploadCaller) -> Response:
+    """Erase one photo: its anonymised copy and any kept original are shredded."""
+    p = _get_photo(db, photo_id)
+    for obj in (p.object, p.original_object):
+        if obj:
+            svc.vault.delete(p.contract_id, obj)
+    if p.state == "uploading":
+        _staging(svc, p).discard()
+    db.delete(p)
+    db.commit()
+    return Response(status_code=204)

@@ -1,0 +1,87 @@
+"""Projects: one site for one client, under one contract."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Response
+from sqlalchemy import select
+
+from api.deps import DB, ReadCaller, UploadCaller
+from api.errors import ERROR_RESPONSES, ApiError, not_found
+from api.routes.common import IDEMPOTENCY_HELP, commit_or_conflict, count, fingerprint, remember, replay, set_location
+from api.schemas import ProjectCreate, ProjectList, ProjectPublic
+from siteplan.db import Contract, Project, Subject
+
+router = APIRouter(prefix="/projects", tags=["projects"], responses=ERROR_RESPONSES)
+
+
+def _public(p: Project) -> ProjectPublic:
+    return ProjectPublic.model_validate(p, from_attributes=True)
+
+
+def get_project(db: DB, project_id: str) -> Project:
+    p = db.get(Project, project_id)
+    if p is None:
+        raise not_found("project")
+    return p
+
+
+def require_active(db: DB, p: Project) -> None:
+    ct = db.get(Contract, p.contract_id)
+    if ct is None or ct.state != "active":
+        raise ApiError(
+            409, "contract_not_active", "the project's contract has ended; nothing more can be done under it"
+        )
+
+
+@router.post("", status_code=201, response_model=ProjectPublic)
+def post_project(
+    body: ProjectCreate,
+    db: DB,
+    c: UploadCaller,
+    response: Response,
+    idempotency_key: Annotated[str | None, Header(description=IDEMPOTENCY_HELP)] = None,
+) -> ProjectPublic:
+    fp = fingerprint("POST", "/projects", body.model_dump(mode="json"))
+    if (rec := replay(db, idempotency_key, fp)) is not None:
+        set_location(response, rec.location)
+        return ProjectPublic.model_validate(rec.body)
+    ct = db.get(Contract, body.contract_id)
+    if ct is None:
+        raise ApiError(422, "invalid", "no such contract", field="contract_id")
+    if ct.state != "active":
+        raise ApiError(409, "contract_not_active", "the contract has ended; no new project can be started under it")
+    if body.subject_id is not None:
+        s = db.get(Subject, body.subject_id)
+        if s is None or s.contract_id != ct.id:
+            raise ApiError(422, "invalid", "no such client under this contract", field="subject_id")
+    p = Project(tenant_id=c.tenant_id, contract_id=ct.id, subject_id=body.subject_id, reference=body.reference)
+    db.add(p)
+    db.flush()
+    out = _public(p)
+    loc = f"/v1/projects/{p.id}"
+    remember(db, tenant_id=c.tenant_id, key=idempotency_key, fp=fp, status=201, body=out, location=loc)
+    commit_or_conflict(db)
+    set_location(response, loc)
+    return out
+
+
+@router.get("", response_model=ProjectList)
+def list_projects(
+    db: DB,
+    _: ReadCaller,
+    subject_id: Annotated[str | None, Query(max_length=32)] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> ProjectList:
+    stmt = select(Project).order_by(Project.created_at, Project.id)
+    if subject_id is not None:
+        stmt = stmt.where(Project.subject_id == subject_id)
+    rows = db.scalars(stmt.limit(limit).offset(offset)).all()
+    return ProjectList(items=[_public(r) for r in rows], total=count(db, stmt), limit=limit, offset=offset)
+
+
+@router.get("/{project_id}", response_model=ProjectPublic)
+def read_project(project_id: str, db: DB, _: ReadCaller) -> ProjectPublic:
+    return _public(get_project(db, project_id))

@@ -1,0 +1,160 @@
+"""Data subjects (the designer's clients): fields sealed per contract, found by blind-index search."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Response
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from api.deps import DB, ReadCaller, ServicesDep, UploadCaller
+from api.errors import ERROR_RESPONSES, ApiError, not_found
+from api.routes.common import IDEMPOTENCY_HELP, commit_or_conflict, count, fingerprint, remember, replay, set_location
+from api.schemas import SubjectCreate, SubjectList, SubjectPublic, SubjectUpdate
+from api.services import Services
+from privacy.subjects import (
+    SubjectFields,
+    index_digests,
+    index_key_id,
+    open_subject,
+    query_digests,
+    seal_subject,
+)
+from siteplan.db import Contract, Subject, SubjectToken
+
+router = APIRouter(prefix="/subjects", tags=["subjects"], responses=ERROR_RESPONSES)
+
+
+def _public(svc: Services, s: Subject) -> SubjectPublic:
+    f = open_subject(svc.vault.keys, s.contract_id, s.id, s.name_enc, s.address_enc, s.phone_enc)
+    return SubjectPublic(
+        id=s.id,
+        contract_id=s.contract_id,
+        name=f.name,
+        address=f.address,
+        phone=f.phone,
+        restricted=s.restricted,
+        created_at=s.created_at,
+    )
+
+
+def _reindex(db: Session, svc: Services, s: Subject, f: SubjectFields) -> None:
+    db.query(SubjectToken).filter(SubjectToken.subject_id == s.id).delete()
+    key = svc.vault.keys.get(index_key_id(s.tenant_id))
+    for d in sorted(index_digests(key, f.name, f.address)):
+        db.add(SubjectToken(tenant_id=s.tenant_id, subject_id=s.id, digest=d))
+
+
+def _active_contract(db: DB, contract_id: str) -> Contract:
+    ct = db.get(Contract, contract_id)
+    if ct is None:
+        raise ApiError(422, "invalid", "no such contract", field="contract_id")
+    if ct.state != "active":
+        raise ApiError(409, "contract_not_active", "the contract has ended; no new data can be stored under it")
+    return ct
+
+
+@router.post("", status_code=201, response_model=SubjectPublic)
+def post_subject(
+    body: SubjectCreate,
+    db: DB,
+    svc: ServicesDep,
+    c: UploadCaller,
+    response: Response,
+    idempotency_key: Annotated[str | None, Header(description=IDEMPOTENCY_HELP)] = None,
+) -> SubjectPublic:
+    fp = fingerprint("POST", "/subjects", body.model_dump(mode="json"))
+    if (rec := replay(db, idempotency_key, fp)) is not None:
+        set_location(response, rec.location)
+        return _public(svc, _get(db, rec.body["id"]))
+    _active_contract(db, body.contract_id)
+    s = Subject(tenant_id=c.tenant_id, contract_id=body.contract_id, name_enc="")
+    db.add(s)
+    db.flush()
+    f = SubjectFields(body.name, body.address, body.phone)
+    for k, v in seal_subject(svc.vault.keys, s.contract_id, s.id, f).items():
+        setattr(s, k, v)
+    _reindex(db, svc, s, f)
+    db.flush()
+    out = _public(svc, s)
+    loc = f"/v1/subjects/{s.id}"
+    # The replay record must not hold the plaintext: store only the id and re-read on replay.
+    remember(db, tenant_id=c.tenant_id, key=idempotency_key, fp=fp, status=201, body={"id": s.id}, location=loc)
+    commit_or_conflict(db)
+    set_location(response, loc)
+    return out
+
+
+@router.get("", response_model=SubjectList)
+def list_subjects(
+    db: DB,
+    svc: ServicesDep,
+    c: ReadCaller,
+    q: Annotated[
+        str | None, Query(max_length=100, description="Keywords in the name or address (prefixes of 3+ letters).")
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> SubjectList:
+    stmt = select(Subject).order_by(Subject.created_at, Subject.id)
+    if q is not None:
+        digests = query_digests(svc.vault.keys.get(index_key_id(c.tenant_id)), q)
+        if not digests:
+            raise ApiError(422, "invalid", "the search has no words", field="q")
+        hits = (
+            select(SubjectToken.subject_id)
+            .where(SubjectToken.digest.in_(digests))
+            .group_by(SubjectToken.subject_id)
+            .having(func.count(func.distinct(SubjectToken.digest)) == len(set(digests)))
+        )
+        stmt = stmt.where(Subject.id.in_(hits))
+    rows = db.scalars(stmt.limit(limit).offset(offset)).all()
+    return SubjectList(items=[_public(svc, r) for r in rows], total=count(db, stmt), limit=limit, offset=offset)
+
+
+def _get(db: DB, subject_id: str) -> Subject:
+    s = db.get(Subject, subject_id)
+    if s is None:
+        raise not_found("subject")
+    return s
+
+
+@router.get("/{subject_id}", response_model=SubjectPublic)
+def get_subject(subject_id: str, db: DB, svc: ServicesDep, _: ReadCaller) -> SubjectPublic:
+    return _public(svc, _get(db, subject_id))
+
+
+@router.patch("/{subject_id}", response_model=SubjectPublic)
+def patch_subject(subject_id: str, body: SubjectUpdate, db: DB, svc: ServicesDep, _: UploadCaller) -> SubjectPublic:
+    """Rectify a subject's data (P7)."""
+    s = _get(db, subject_id)
+    old = open_subject(svc.vault.keys, s.contract_id, s.id, s.name_enc, s.address_enc, s.phone_enc)
+    given = body.model_dump(exclude_unset=True)
+    f = SubjectFields(
+        name=given.get("name") or old.name,
+        address=given.get("address", old.address),
+        phone=given.get("phone", old.phone),
+    )
+    for k, v in seal_subject(svc.vault.keys, s.contract_id, s.id, f).items():
+        setattr(s, k, v)
+    _reindex(db, svc, s, f)
+    db.commit()
+    return _public(svc, s)
+
+
+@router.post("/{subject_id}/restrict", response_model=SubjectPublic)
+def restrict_subject(subject_id: str, db: DB, svc: ServicesDep, _: UploadCaller) -> SubjectPublic:
+    """Restrict processing (P7): every job refuses this subject's media from now on."""
+    s = _get(db, subject_id)
+    s.restricted = True
+    db.commit()
+    return _public(svc, s)
+
+
+@router.post("/{subject_id}/lift-restriction", response_model=SubjectPublic)
+def lift_restriction(subject_id: str, db: DB, svc: ServicesDep, _: UploadCaller) -> SubjectPublic:
+    s = _get(db, subject_id)
+    s.restricted = False
+    db.commit()
+    return _public(svc, s)

@@ -1,0 +1,84 @@
+"""The caller's own tenant, and its contracts (admin scope to create or terminate)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Response
+from sqlalchemy import select
+
+from api.deps import DB, AdminCaller, ReadCaller, ServicesDep
+from api.errors import ERROR_RESPONSES, ApiError, not_found
+from api.routes.common import IDEMPOTENCY_HELP, commit_or_conflict, count, fingerprint, remember, replay, set_location
+from api.schemas import ContractCreate, ContractList, ContractPublic, ContractTerminate, TenantPublic
+from privacy.lifecycle import terminate_contract
+from siteplan.db import Contract, Tenant
+from siteplan.tenancy import create_contract
+
+router = APIRouter(tags=["tenants"], responses=ERROR_RESPONSES)
+
+
+@router.get("/tenant", response_model=TenantPublic)
+def get_tenant(db: DB, c: ReadCaller) -> TenantPublic:
+    t = db.get(Tenant, c.tenant_id)
+    if t is None:
+        raise not_found("tenant")
+    return TenantPublic(id=t.id, label=t.label, created_at=t.created_at)
+
+
+def _contract(c: Contract) -> ContractPublic:
+    return ContractPublic.model_validate(c, from_attributes=True)
+
+
+@router.get("/contracts", response_model=ContractList)
+def list_contracts(
+    db: DB, _: ReadCaller, limit: Annotated[int, Query(ge=1, le=200)] = 50, offset: Annotated[int, Query(ge=0)] = 0
+) -> ContractList:
+    stmt = select(Contract).order_by(Contract.created_at, Contract.id)
+    rows = db.scalars(stmt.limit(limit).offset(offset)).all()
+    return ContractList(items=[_contract(r) for r in rows], total=count(db, stmt), limit=limit, offset=offset)
+
+
+@router.post("/contracts", status_code=201, response_model=ContractPublic)
+def post_contract(
+    body: ContractCreate,
+    db: DB,
+    svc: ServicesDep,
+    c: AdminCaller,
+    response: Response,
+    idempotency_key: Annotated[str | None, Header(description=IDEMPOTENCY_HELP)] = None,
+) -> ContractPublic:
+    fp = fingerprint("POST", "/contracts", body.model_dump(mode="json"))
+    if (rec := replay(db, idempotency_key, fp)) is not None:
+        set_location(response, rec.location)
+        return ContractPublic.model_validate(rec.body)
+    ct = create_contract(db, svc.vault.keys, tenant_id=c.tenant_id, starts_on=body.starts_on)
+    out = _contract(ct)
+    loc = f"/v1/contracts/{ct.id}"
+    remember(db, tenant_id=c.tenant_id, key=idempotency_key, fp=fp, status=201, body=out, location=loc)
+    commit_or_conflict(db)
+    set_location(response, loc)
+    return out
+
+
+@router.get("/contracts/{contract_id}", response_model=ContractPublic)
+def get_contract(contract_id: str, db: DB, _: ReadCaller) -> ContractPublic:
+    ct = db.get(Contract, contract_id)
+    if ct is None:
+        raise not_found("contract")
+    return _contract(ct)
+
+
+@router.post("/contracts/{contract_id}/terminate", response_model=ContractPublic)
+def post_terminate(
+    contract_id: str, body: ContractTerminate, db: DB, svc: ServicesDep, _: AdminCaller
+) -> ContractPublic:
+    ct = db.get(Contract, contract_id)
+    if ct is None:
+        raise not_found("contract")
+    if body.disposition != "destroy":
+        raise ApiError(422, "invalid", "only 'destroy' is available through the API for now", field="disposition")
+    terminate_contract(db, svc.vault, contract_id=contract_id, disposition=body.disposition)
+    db.commit()
+    db.refresh(ct)
+    return _contract(ct)

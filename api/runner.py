@@ -1,0 +1,101 @@
+"""Background work of the API process: anonymising finished uploads and running queued jobs.
+
+Durable state is in the DB, so a restart loses nothing: at start-up the runner picks up every
+photo still in quarantine and every job still queued or running.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from sqlalchemy import select
+
+from api.services import Services
+from privacy.anonymize import AnonymizationPolicy
+from privacy.ingest import ingest
+from privacy.vault import VaultError
+from siteplan.db import Contract, Job, Photo
+
+log = logging.getLogger(__name__)
+
+
+def ingest_photo(svc: Services, photo_id: str) -> None:
+    """Quarantine -> anonymised (or rejected). Safe to run twice: only a quarantined photo moves."""
+    with svc.factory.begin() as db:
+        p = db.get(Photo, photo_id)
+        if p is None or p.state != "quarantined" or p.original_object is None:
+            return
+        contract = db.get(Contract, p.contract_id)
+        if contract is None or contract.state != "active":
+            return
+        key_id, original = p.contract_id, p.original_object
+    try:
+        res = ingest(svc.vault, key_id=key_id, original=original, policy=AnonymizationPolicy())
+    except VaultError:
+        log.warning("photo %s: its quarantined original is unreadable", photo_id[:8])
+        with svc.factory.begin() as db:
+            p = db.get(Photo, photo_id)
+            if p is not None:
+                p.state, p.error = "rejected", "the upload could not be read back; please upload it again"
+        return
+    with svc.factory.begin() as db:
+        p = db.get(Photo, photo_id)
+        if p is None:  # erased meanwhile: drop what we made
+            if res.photo:
+                svc.vault.delete(key_id, res.photo.object_id)
+            return
+        if res.original_destroyed:
+            p.original_object = None
+        if res.photo is None:
+            p.state, p.error = "rejected", res.error
+        else:
+            p.state, p.object, p.sha256 = "anonymised", res.photo.object_id, res.photo.sha256
+            p.intrinsics, p.faces, p.plates = res.intrinsics, res.faces, res.plates
+
+
+class Runner:
+    def __init__(self, svc: Services) -> None:
+        self.svc = svc
+        n = svc.settings.ingest_workers
+        self._ingest = ThreadPoolExecutor(max_workers=n, thread_name_prefix="ingest") if n else None
+        self._jobs = ThreadPoolExecutor(max_workers=1, thread_name_prefix="job") if svc.settings.run_jobs else None
+
+    def resume(self) -> None:
+        with self.svc.factory() as db:
+            photos = list(db.scalars(select(Photo.id).where(Photo.state == "quarantined")))
+            jobs = list(db.scalars(select(Job.id).where(Job.state.in_(("queued", "running"))).order_by(Job.created_at)))
+        for pid in photos:
+            self.submit_ingest(pid)
+        for jid in jobs:
+            self.submit_job(jid)
+        if photos or jobs:
+            log.info("resumed %d photos and %d jobs", len(photos), len(jobs))
+
+    def submit_ingest(self, photo_id: str) -> Future[None] | None:
+        if self._ingest is None:
+            return None
+        return self._ingest.submit(self._safe, ingest_photo, photo_id)
+
+    def submit_job(self, job_id: str) -> Future[None] | None:
+        if self._jobs is None:
+            return None
+        from workers.project_job import run_project_job
+
+        return self._jobs.submit(
+            self._safe, lambda svc, jid: run_project_job(svc.settings, svc.factory, svc.vault, jid), job_id
+        )
+
+    def _safe(self, fn: Callable[[Services, str], None], item_id: str) -> None:
+        try:
+            fn(self.svc, item_id)
+        except Exception as exc:
+            log.error(
+                "background %s failed on %s: %s", getattr(fn, "__name__", "task"), item_id[:8], type(exc).__name__
+            )
+
+    def shutdown(self) -> None:
+        for ex in (self._ingest, self._jobs):
+            if ex is not None:
+                ex.shutdown(wait=True, cancel_futures=True)

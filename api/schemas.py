@@ -1,0 +1,182 @@
+"""Request and response bodies (Create / Update / Public variants); unknown fields are errors."""
+
+from __future__ import annotations
+
+from datetime import UTC, date
+from datetime import datetime as _datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from reconstruct.design import DesignDescriptor
+from reconstruct.placement import PlacementSpec
+from reconstruct.reference import ScaleReference
+
+
+def _utc(d: _datetime) -> _datetime:
+    # SQLite hands back naive datetimes; every time we store is UTC.
+    return d if d.tzinfo else d.replace(tzinfo=UTC)
+
+
+datetime = Annotated[_datetime, AfterValidator(_utc)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Page(BaseModel):
+    total: int
+    limit: int
+    offset: int
+
+
+class TenantPublic(BaseModel):
+    id: str
+    label: str
+    created_at: datetime
+
+
+class ContractCreate(Strict):
+    starts_on: date | None = Field(default=None, description="Default: today.")
+
+
+class ContractPublic(BaseModel):
+    id: str
+    starts_on: date
+    ends_on: date | None
+    state: Literal["active", "terminating", "ended"]
+    disposition: str | None
+    created_at: datetime
+
+
+class ContractList(Page):
+    items: list[ContractPublic]
+
+
+class ContractTerminate(Strict):
+    disposition: Literal["destroy", "return", "transfer"] = "destroy"
+
+
+class SubjectCreate(Strict):
+    contract_id: str = Field(min_length=1, max_length=32)
+    name: str = Field(min_length=1, max_length=200)
+    address: str | None = Field(default=None, max_length=300)
+    phone: str | None = Field(default=None, max_length=40)
+
+
+class SubjectUpdate(Strict):
+    name: str | None = Field(default=None, min_length=1, max_length=200)
+    address: str | None = Field(default=None, max_length=300)
+    phone: str | None = Field(default=None, max_length=40)
+
+
+class SubjectPublic(BaseModel):
+    id: str
+    contract_id: str
+    name: str
+    address: str | None
+    phone: str | None
+    restricted: bool
+    created_at: datetime
+
+
+class SubjectList(Page):
+    items: list[SubjectPublic]
+
+
+class ProjectCreate(Strict):
+    contract_id: str = Field(min_length=1, max_length=32)
+    reference: str = Field(min_length=1, max_length=64, description="The designer's own project code.")
+    subject_id: str | None = Field(default=None, max_length=32)
+
+
+class ProjectPublic(BaseModel):
+    id: str
+    contract_id: str
+    subject_id: str | None
+    reference: str
+    created_at: datetime
+
+
+class ProjectList(Page):
+    items: list[ProjectPublic]
+
+
+class PhotoPublic(BaseModel):
+    id: str
+    project_id: str
+    state: Literal["uploading", "quarantined", "anonymised", "rejected"]
+    length: int
+    faces_blurred: int
+    plates_blurred: int
+    width: int | None
+    height: int | None
+    sha256: str | None = Field(description="SHA-256 of the anonymised JPEG.")
+    error: str | None
+    created_at: datetime
+
+
+class PhotoList(Page):
+    items: list[PhotoPublic]
+
+
+class DesignCreate(Strict):
+    descriptor: DesignDescriptor = Field(default_factory=DesignDescriptor)
+
+
+class DesignPublic(BaseModel):
+    id: str
+    project_id: str
+    descriptor: dict[str, Any]
+    file_format: str | None
+    size: int | None
+    created_at: datetime
+
+
+class DesignList(Page):
+    items: list[DesignPublic]
+
+
+class JobCreate(Strict):
+    design_id: str = Field(min_length=1, max_length=32)
+    reference: ScaleReference = Field(description="Scale reference; segment images are photo ids.")
+    placement: PlacementSpec = Field(description="Where the design goes; `image` is a photo id.")
+
+
+class JobPublic(BaseModel):
+    id: str
+    project_id: str
+    kind: str
+    state: Literal["queued", "running", "done", "failed", "cancelled"]
+    stage: str | None
+    progress: float
+    attempts: int
+    pipeline_version: str
+    result: dict[str, Any] | None
+    timings: dict[str, Any]
+    error: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class JobList(Page):
+    items: list[JobPublic]
+
+
+class PlanFilePublic(BaseModel):
+    name: str
+    media_type: str
+    size: int
+    sha256: str
+    url: str
+
+
+class PlanPublic(BaseModel):
+    job_id: str
+    files: list[PlanFilePublic]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    pipeline_version: str

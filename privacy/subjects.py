@@ -1,0 +1,84 @@
+"""Data subjects' personal fields: sealed per contract, searchable through a keyed blind index (P5).
+
+The blind index stores, per subject, HMAC-SHA256 digests (truncated to 128 bits) of each
+normalised word of the name and address and of its prefixes of 3+ characters, keyed by a
+per-controller index key. A search for "Janss" hashes the query the same way and matches
+digests; the server never holds a plaintext index. What it leaks (docs/vault.md): which subjects
+share a word or prefix (equality), and how common a digest is (frequency), within one controller.
+Prefixes start at 3 characters to limit that; digests of different controllers never compare.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import unicodedata
+from dataclasses import dataclass
+
+from privacy.vault import KeyStore, open_field, seal_field
+
+MIN_PREFIX = 3
+MAX_WORD = 32
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def normalise_words(text: str) -> list[str]:
+    """Casefold, strip accents and punctuation: "Kerkstraat 12, Gent" -> ["kerkstraat", "12", "gent"]."""
+    folded = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode().casefold()
+    return [w[:MAX_WORD] for w in _WORD.findall(folded)]
+
+
+def index_key_id(tenant_id: str) -> str:
+    return f"{tenant_id}-index"
+
+
+def _digest(key: bytes, token: str) -> str:
+    return hmac.new(key, token.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def index_digests(key: bytes, *texts: str | None) -> set[str]:
+    out: set[str] = set()
+    for text in texts:
+        for w in normalise_words(text or ""):
+            for n in range(min(MIN_PREFIX, len(w)), len(w) + 1):
+                out.add(_digest(key, w[:n]))
+    return out
+
+
+def query_digests(key: bytes, query: str) -> list[str]:
+    """One digest per query word (every word must match); words under 3 characters match whole words only."""
+    return [_digest(key, w) for w in normalise_words(query)]
+
+
+@dataclass(frozen=True)
+class SubjectFields:
+    name: str
+    address: str | None = None
+    phone: str | None = None
+
+
+def seal_subject(keys: KeyStore, contract_id: str, subject_id: str, f: SubjectFields) -> dict[str, str | None]:
+    key = keys.get(contract_id)
+
+    def seal(col: str, v: str | None) -> str | None:
+        return None if v is None else seal_field(key, v, context=f"subjects/{subject_id}/{col}")
+
+    return {
+        "name_enc": seal("name", f.name),
+        "address_enc": seal("address", f.address),
+        "phone_enc": seal("phone", f.phone),
+    }
+
+
+def open_subject(
+    keys: KeyStore, contract_id: str, subject_id: str, name_enc: str, address_enc: str | None, phone_enc: str | None
+) -> SubjectFields:
+    key = keys.get(contract_id)
+
+    def unseal(col: str, v: str | None) -> str | None:
+        return None if v is None else open_field(key, v, context=f"subjects/{subject_id}/{col}")
+
+    return SubjectFields(
+        name=unseal("name", name_enc) or "", address=unseal("address", address_enc), phone=unseal("phone", phone_enc)
+    )

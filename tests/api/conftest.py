@@ -1,0 +1,96 @@
+"""API test fixtures: a fresh app per test on SQLite, and the same on PostgreSQL.
+
+PostgreSQL is the production store, so the data layer and API tests run against both. Each
+PostgreSQL test gets its own database, created and dropped here. If the server cannot be
+reached the tests fail (``.ci/run`` starts it); they are never skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import create_engine, text
+
+from api.app import create_app
+from api.services import Services
+from siteplan.db import tenant_session
+from siteplan.settings import Settings
+from siteplan.tenancy import create_contract, create_tenant, create_token
+
+PG_ADMIN_URL = os.environ.get("SITEPLAN_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'siteplan.db'}"
+        return
+    name = f"siteplan_t_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@dataclass
+class Tenant:
+    id: str
+    contract_id: str
+    token: str
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+
+@dataclass
+class Api:
+    client: TestClient
+    svc: Services
+
+    def tenant(self, label: str = "Acme Gates", scopes: tuple[str, ...] = ("upload", "read", "admin")) -> Tenant:
+        with self.svc.factory.begin() as db:
+            t = create_tenant(db, self.svc.vault.keys, label=label)
+            c = create_contract(db, self.svc.vault.keys, tenant_id=t.id)
+            tok = create_token(db, tenant_id=t.id, name="test", scopes=list(scopes))
+            return Tenant(t.id, c.id, tok.secret)
+
+    def scoped(self, tenant_id: str):  # type: ignore[no-untyped-def]
+        return tenant_session(self.svc.factory, tenant_id)
+
+
+def make_settings(tmp_path: Path, db_url: str, **kw: object) -> Settings:
+    base: dict[str, object] = {
+        "data_dir": tmp_path / "data",
+        "database_url": db_url,
+        "rate_limit_per_minute": 100_000,
+        "rate_limit_burst": 100_000,
+    }
+    base.update(kw)
+    return Settings(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def api(tmp_path: Path, db_url: str) -> Iterator[Api]:
+    app = create_app(make_settings(tmp_path, db_url), background=False)
+    with TestClient(app) as client:
+        yield Api(client, app.state.services)
+    app.state.services.factory.kw["bind"].dispose()
+
+
+@pytest.fixture
+def sqlite_api(tmp_path: Path) -> Iterator[Api]:
+    app = create_app(make_settings(tmp_path, f"sqlite:///{tmp_path / 'siteplan.db'}"), background=False)
+    with TestClient(app) as client:
+        yield Api(client, app.state.services)

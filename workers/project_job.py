@@ -1,0 +1,245 @@
+"""A plan job started through the API: the project's anonymised photos from the vault through
+reconstruct and plan, with the outputs sealed back into the vault.
+
+The durable state is the ``jobs`` row. Consent is checked when the job starts, not only when it
+was queued: an ended contract or a restricted subject stops it before any photo is decrypted.
+Worker scratch holds decrypted photos only while the job runs and is wiped in every case.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from privacy.metadata import orient_point
+from privacy.vault import Vault
+from reconstruct.errors import ScaleReferenceError
+from reconstruct.reference import ScaleReference, check_reference
+from reconstruct.report import write_report_html
+from reconstruct.sfm import SfmConfig
+from siteplan.db import Contract, Design, Job, Photo, PlanFile, Project, Subject
+from siteplan.settings import Settings
+from workers.job import SITE_KEYS, JobFailed, site_and_plan
+from workers.runtime import ray_runtime
+
+log = logging.getLogger(__name__)
+
+MEDIA_TYPES = {
+    ".glb": "model/gltf-binary",
+    ".svg": "image/svg+xml",
+    ".dxf": "image/vnd.dxf",
+    ".jpg": "image/jpeg",
+    ".html": "text/html",
+    ".json": "application/json",
+    ".ply": "application/octet-stream",
+}
+# What the API hands back; the site model and raw surfaces stay internal.
+OUTPUTS = ("plan.glb", "plan.svg", "plan.dxf", "elevation.svg", "report.html", "report.json")
+
+
+class JobRefused(JobFailed):
+    """The job may not run (contract not active, subject restricted): nothing was processed."""
+
+
+def check_consent(db: Session, job: Job) -> Project:
+    project = db.get(Project, job.project_id)
+    if project is None:
+        raise JobRefused("the project no longer exists")
+    contract = db.get(Contract, project.contract_id)
+    if contract is None or contract.state != "active":
+        raise JobRefused("the contract is not active; nothing may be processed under it")
+    if project.subject_id is not None:
+        subj = db.get(Subject, project.subject_id)
+        if subj is not None and subj.restricted:
+            raise JobRefused("processing of this client's data is restricted")
+    return project
+
+
+def _orient(pt: list[float] | tuple[float, float], intr: dict[str, Any]) -> tuple[float, float]:
+    return orient_point(pt[0], pt[1], intr["original_width"], intr["original_height"], intr["orientation"])
+
+
+def run_project_job(
+    settings: Settings,
+    factory: sessionmaker[Session],
+    vault: Vault,
+    job_id: str,
+    progress: Callable[[str], None] | None = None,
+) -> None:
+    """Run one queued job to done or failed; never raises for a job's own failure."""
+    say = progress or (lambda m: log.info("%s", m))
+    scratch = settings.scratch_dir / job_id
+    t_job = time.perf_counter()
+    timings: dict[str, float] = {}
+    with factory.begin() as db:
+        job = db.get(Job, job_id)
+        if job is None or job.state not in ("queued", "running"):
+            return
+        job.state, job.attempts, job.stage, job.progress = "running", job.attempts + 1, "prepare", 0.02
+    try:
+        with factory.begin() as db:
+            job = db.get(Job, job_id)
+            assert job is not None
+            project = check_consent(db, job)
+            key_id = project.contract_id
+            inputs = dict(job.inputs)
+            photos = list(
+                db.scalars(
+                    select(Photo)
+                    .where(Photo.project_id == project.id, Photo.state == "anonymised")
+                    .order_by(Photo.created_at, Photo.id)
+                )
+            )
+            design = db.get(Design, inputs["design_id"])
+            if design is None or design.object is None or design.project_id != project.id:
+                raise JobFailed("the design has no file yet; upload it first")
+            photo_rows = [(p.id, p.object, p.intrinsics) for p in photos]
+            design_row = (design.object, design.file_format, dict(design.descriptor))
+            tenant_id = job.tenant_id
+        if len(photo_rows) < SfmConfig().min_photos:
+            raise JobFailed(f"only {len(photo_rows)} anonymised photos; at least {SfmConfig().min_photos} are needed")
+
+        # Decrypt into scratch: pycolmap and the renderer read files.
+        photos_out = scratch / "photos"
+        photos_out.mkdir(parents=True, exist_ok=True)
+        good: list[dict[str, Any]] = []
+        intr_by_id: dict[str, dict[str, Any]] = {}
+        for pid, obj, intr in photo_rows:
+            assert obj is not None and intr is not None
+            vault.export_to(key_id, obj, photos_out / f"{pid}.jpg")
+            good.append({"input": pid, "output": f"{pid}.jpg", "intrinsics": intr})
+            intr_by_id[pid] = intr
+        obj, fmt, descriptor = design_row
+        design_dir = scratch / "design"
+        assert obj is not None
+        vault.export_to(key_id, obj, design_dir / f"design.{fmt}")
+        descriptor["file"] = f"design.{fmt}"
+        (design_dir / "design.json").write_text(json.dumps(descriptor))
+
+        # Reference and placement name photos by id, in pixels as uploaded: orient them.
+        ref = ScaleReference.model_validate(inputs["reference"])
+        try:
+            check_reference(ref, set(intr_by_id))
+        except ScaleReferenceError as exc:
+            raise JobFailed(str(exc)) from None
+        segs = [
+            s.model_copy(
+                update={
+                    "image": f"{s.image}.jpg",
+                    "a": _orient(s.a, intr_by_id[s.image]),
+                    "b": _orient(s.b, intr_by_id[s.image]),
+                }
+            )
+            for s in ref.segments
+        ]
+        mref = ScaleReference(segments=segs, markers=ref.markers)
+        placement = dict(inputs["placement"])
+        if placement.get("image") is not None:
+            img = placement["image"]
+            if img not in intr_by_id:
+                raise JobFailed("the placement names a photo that is not in this project")
+            for k in ("ground_points", "ground_point"):
+                if placement.get(k) is not None:
+                    v = placement[k]
+                    placement[k] = (
+                        [list(_orient(p, intr_by_id[img])) for p in v]
+                        if k == "ground_points"
+                        else list(_orient(v, intr_by_id[img]))
+                    )
+            placement["image"] = f"{img}.jpg"
+        (scratch / "placement.json").write_text(json.dumps(placement))
+
+        def stage_done(name: str, seconds: float) -> None:
+            timings[name] = round(seconds, 2)
+            with factory.begin() as db:
+                j = db.get(Job, job_id)
+                assert j is not None
+                j.stage, j.timings = name, dict(timings)
+                j.progress = {"reconstruct": 0.7, "plan": 0.9}.get(name, j.progress)
+
+        def fail(msg: str) -> JobFailed:
+            return JobFailed(msg)
+
+        with factory.begin() as db:
+            j = db.get(Job, job_id)
+            assert j is not None
+            j.stage, j.progress = "reconstruct", 0.1
+        out = scratch / "out"
+        out.mkdir(parents=True, exist_ok=True)
+        with ray_runtime(settings):
+            info, plan_result = site_and_plan(
+                photos_out=photos_out,
+                good=good,
+                reference=mref,
+                design=design_dir / "design.json",
+                placement=scratch / "placement.json",
+                out=out,
+                sfm=SfmConfig(),
+                progress=say,
+                stage_done=stage_done,
+                fail=fail,
+            )
+        timings["total"] = round(time.perf_counter() - t_job, 2)
+        report = {
+            "job": {"id": job_id, "project": project.id},
+            "site": {k: info.get(k) for k in SITE_KEYS},
+            "plan": plan_result,
+            "timings_s": timings,
+        }
+        (out / "report.json").write_text(json.dumps(report, indent=2))
+        write_report_html(report, out / "report.html")
+
+        # Seal the outputs, then publish them in one transaction.
+        names = [n for n in OUTPUTS if (out / n).is_file()]
+        names += sorted(p.name for p in out.glob("montage_*.jpg"))
+        sealed = [(n, vault.put_file(key_id, out / n)) for n in names]
+        with factory.begin() as db:
+            j = db.get(Job, job_id)
+            assert j is not None
+            if j.state == "cancelled":
+                for _, o in sealed:
+                    vault.delete(key_id, o.object_id)
+                return
+            for n, o in sealed:
+                db.add(
+                    PlanFile(
+                        tenant_id=tenant_id,
+                        job_id=job_id,
+                        contract_id=key_id,
+                        name=n,
+                        media_type=MEDIA_TYPES.get(Path(n).suffix, "application/octet-stream"),
+                        object=o.object_id,
+                        size=o.size,
+                        sha256=o.sha256,
+                    )
+                )
+            j.state, j.stage, j.progress, j.timings = "done", "done", 1.0, dict(timings)
+            j.result = {
+                "placement": plan_result.get("placement"),
+                "scale_source": info.get("scale_source"),
+                "scale_sigma_rel": info.get("scale_sigma_rel"),
+                "registered_photos": len(info.get("registered_images", [])),
+            }
+        say(f"job {job_id[:8]} done in {timings['total']:.1f} s")
+    except JobFailed as exc:
+        with factory.begin() as db:
+            j = db.get(Job, job_id)
+            assert j is not None
+            j.state = "cancelled" if isinstance(exc, JobRefused) else "failed"
+            j.error = str(exc)
+    except Exception as exc:  # a bug: record the type only (a message may hold personal data)
+        log.exception("job %s failed unexpectedly", job_id[:8])
+        with factory.begin() as db:
+            j = db.get(Job, job_id)
+            assert j is not None
+            j.state, j.error = "failed", f"internal error ({type(exc).__name__}); the operators were told"
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
