@@ -12,6 +12,7 @@ import fcntl
 import io
 import logging
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated
@@ -79,7 +80,7 @@ def _check_tus(version: str | None) -> None:
 @router.options(
     "/uploads", status_code=204, response_class=Response, responses={204: {"description": "tus capabilities"}}
 )
-def tus_options(svc: ServicesDep) -> Response:
+def tus_options(svc: ServicesDep, _: UploadCaller) -> Response:
     return Response(
         status_code=204,
         headers={
@@ -148,7 +149,10 @@ def _get_photo(db: DB, photo_id: str) -> Photo:
 
 
 def _offset(svc: Services, p: Photo) -> int:
-    return _staging(svc, p).offset() if p.state == "uploading" else p.length
+    if p.state != "uploading":
+        return p.length
+    with _locked(svc, p, exclusive=False, wait_s=10.0):
+        return _staging(svc, p).offset()
 
 
 @router.head(
@@ -169,16 +173,24 @@ def head_upload(
 
 
 @contextmanager
-def _exclusive(svc: Services, p: Photo) -> Iterator[None]:
-    """One PATCH at a time per upload, across threads and server processes."""
+def _locked(svc: Services, p: Photo, *, exclusive: bool, wait_s: float = 0.0) -> Iterator[None]:
+    """One PATCH at a time per upload, across threads and server processes; HEAD takes a shared
+    lock so it never reads a half-written state (it waits a little for a PATCH to finish)."""
     path = svc.settings.uploads_dir / p.contract_id / p.id / ".lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ApiError(409, "upload_busy", "another request is writing this upload; retry shortly") from None
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise ApiError(
+                        409, "upload_busy", "another request is writing this upload; retry shortly"
+                    ) from None
+                time.sleep(0.02)
         yield
     finally:
         os.close(fd)
@@ -192,6 +204,8 @@ def _check_pixels(head: bytes, max_pixels: int) -> None:
         pillow_heif.register_heif_opener()
         with Image.open(io.BytesIO(head)) as im:
             w, h = im.size
+    except Image.DecompressionBombError:
+        raise ApiError(413, "too_many_pixels", "the image has far too many pixels to be a photo") from None
     except Exception:
         return  # header not complete or not parseable here: the privacy gate decides at decode
     if w * h > max_pixels:
@@ -231,7 +245,7 @@ async def patch_upload(
         raise ApiError(409, "offset_mismatch", "this upload is complete", headers={"Upload-Offset": str(p.length)})
     require_active(db, get_project(db, p.project_id))
     max_pixels = 120_000_000
-    with _exclusive(svc, p):
+    with _locked(svc, p, exclusive=True):
         staging = _staging(svc, p)
         start = await run_in_threadpool(staging.offset)
         if upload_offset != start:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
 
@@ -58,6 +59,7 @@ class Tenant:
 class Api:
     client: TestClient
     svc: Services
+    app: FastAPI
 
     def tenant(self, label: str = "Acme Gates", scopes: tuple[str, ...] = ("upload", "read", "admin")) -> Tenant:
         with self.svc.factory.begin() as db:
@@ -85,7 +87,7 @@ def make_settings(tmp_path: Path, db_url: str, **kw: object) -> Settings:
 def api(tmp_path: Path, db_url: str) -> Iterator[Api]:
     app = create_app(make_settings(tmp_path, db_url), background=False)
     with TestClient(app) as client:
-        yield Api(client, app.state.services)
+        yield Api(client, app.state.services, app)
     app.state.services.factory.kw["bind"].dispose()
 
 
@@ -93,4 +95,45 @@ def api(tmp_path: Path, db_url: str) -> Iterator[Api]:
 def sqlite_api(tmp_path: Path) -> Iterator[Api]:
     app = create_app(make_settings(tmp_path, f"sqlite:///{tmp_path / 'siteplan.db'}"), background=False)
     with TestClient(app) as client:
-        yield Api(client, app.state.services)
+        yield Api(client, app.state.services, app)
+
+
+class LiveServer:
+    """The app served by uvicorn on a free loopback port, in a thread of this process."""
+
+    def __init__(self, app: FastAPI) -> None:
+        import socket
+        import threading
+
+        import uvicorn
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        import time
+
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            assert time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture
+def live(tmp_path: Path, db_url: str) -> Iterator[tuple[LiveServer, Api]]:
+    app = create_app(make_settings(tmp_path, db_url), background=False)
+    server = LiveServer(app)
+    try:
+        with TestClient(app) as client:
+            yield server, Api(client, app.state.services, app)
+    finally:
+        server.stop()
+        app.state.services.factory.kw["bind"].dispose()
