@@ -58,7 +58,7 @@ _CODES = {
 }
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    s: {"model": ErrorBody, "description": _CODES[s].replace("_", " ")} for s in (401, 404, 422, 429)
+    s: {"model": ErrorBody, "description": _CODES[s].replace("_", " ")} for s in (401, 403, 404, 409, 413, 422, 429)
 }
 
 

@@ -17,7 +17,10 @@ from api.schemas import DesignCreate, DesignList, DesignPublic
 from privacy.vault import CHUNK
 from siteplan.db import Design
 
-router = APIRouter(tags=["designs"], responses=ERROR_RESPONSES)
+router = APIRouter(
+    tags=["designs"],
+    responses=ERROR_RESPONSES | {415: ERROR_RESPONSES[401] | {"description": "unsupported design format"}},
+)
 
 FORMATS = {
     "model/gltf-binary": "glb",
@@ -67,7 +70,7 @@ def list_designs(
     db: DB,
     _: ReadCaller,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
 ) -> DesignList:
     get_project(db, project_id)
     stmt = select(Design).where(Design.project_id == project_id).order_by(Design.created_at, Design.id)

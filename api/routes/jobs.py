@@ -94,7 +94,7 @@ def list_jobs(
     db: DB,
     _: ReadCaller,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
 ) -> JobList:
     get_project(db, project_id)
     stmt = select(Job).where(Job.project_id == project_id).order_by(Job.created_at, Job.id)

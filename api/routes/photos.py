@@ -36,7 +36,14 @@ from privacy.vault import CHUNK, UploadStaging
 from siteplan.db import Photo
 
 log = logging.getLogger(__name__)
-router = APIRouter(tags=["photos"], responses=ERROR_RESPONSES)
+router = APIRouter(
+    tags=["photos"],
+    responses=ERROR_RESPONSES
+    | {
+        412: ERROR_RESPONSES[401] | {"description": "Tus-Resumable missing or not 1.0.0"},
+        415: ERROR_RESPONSES[401] | {"description": "not an image, or the wrong content type"},
+    },
+)
 
 TUS_VERSION = "1.0.0"
 TUS_HEADERS = {"Tus-Resumable": TUS_VERSION}
@@ -346,7 +353,7 @@ def list_photos(
     db: DB,
     _: ReadCaller,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
 ) -> PhotoList:
     get_project(db, project_id)
     stmt = select(Photo).where(Photo.project_id == project_id).order_by(Photo.created_at, Photo.id)

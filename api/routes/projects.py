@@ -73,7 +73,7 @@ def list_projects(
     _: ReadCaller,
     subject_id: Annotated[str | None, Query(max_length=32)] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
 ) -> ProjectList:
     stmt = select(Project).order_by(Project.created_at, Project.id)
     if subject_id is not None:

@@ -95,7 +95,7 @@ def list_subjects(
         str | None, Query(max_length=100, description="Keywords in the name or address (prefixes of 3+ letters).")
     ] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
 ) -> SubjectList:
     stmt = select(Subject).order_by(Subject.created_at, Subject.id)
     if q is not None:

@@ -32,7 +32,10 @@ def _contract(c: Contract) -> ContractPublic:
 
 @router.get("/contracts", response_model=ContractList)
 def list_contracts(
-    db: DB, _: ReadCaller, limit: Annotated[int, Query(ge=1, le=200)] = 50, offset: Annotated[int, Query(ge=0)] = 0
+    db: DB,
+    _: ReadCaller,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
 ) -> ContractList:
     stmt = select(Contract).order_by(Contract.created_at, Contract.id)
     rows = db.scalars(stmt.limit(limit).offset(offset)).all()
