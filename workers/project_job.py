@@ -25,6 +25,7 @@ from reconstruct.errors import ScaleReferenceError
 from reconstruct.reference import ScaleReference, check_reference
 from reconstruct.report import write_report_html
 from reconstruct.sfm import SfmConfig
+from siteplan import PIPELINE_VERSION
 from siteplan.db import Contract, Design, Job, Photo, PlanFile, Project, Subject
 from siteplan.settings import Settings
 from workers.job import SITE_KEYS, JobFailed, site_and_plan
@@ -102,6 +103,17 @@ def run_project_job(
             if design is None or design.object is None or design.project_id != project.id:
                 raise JobFailed("the design has no file yet; upload it first")
             photo_rows = [(p.id, p.object, p.intrinsics) for p in photos]
+            rejected = db.scalars(
+                select(Photo.id).where(Photo.project_id == project.id, Photo.state == "rejected")
+            ).all()
+            privacy = {
+                "photos": len(photos) + len(rejected),
+                "anonymised": len(photos),
+                "faces_blurred": sum(p.faces for p in photos),
+                "plates_blurred": sum(p.plates for p in photos),
+                # Refused uploads are named by id, never by file name.
+                "errors": [{"input": pid, "error": "refused by the privacy gate"} for pid in rejected],
+            }
             design_row = (design.object, design.file_format, dict(design.descriptor))
             tenant_id = job.tenant_id
         if len(photo_rows) < SfmConfig().min_photos:
@@ -189,7 +201,8 @@ def run_project_job(
             )
         timings["total"] = round(time.perf_counter() - t_job, 2)
         report = {
-            "job": {"id": job_id, "project": project.id},
+            "job": {"id": job_id, "project": project.id, "pipeline_version": PIPELINE_VERSION},
+            "privacy": privacy,
             "site": {k: info.get(k) for k in SITE_KEYS},
             "plan": plan_result,
             "timings_s": timings,

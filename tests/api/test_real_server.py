@@ -1,0 +1,138 @@
+"""The whole API path on a real server: `siteplan serve` (uvicorn) on loopback, the sample photos
+uploaded over tus with an HTTP client, a plan job run by the server, plan.glb downloaded."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import trimesh
+
+ROOT = Path(__file__).parents[2]
+SAMPLE = ROOT / "sample_data"
+SITEPLAN = Path(sys.executable).parent / "siteplan"
+
+
+def _cli(env: dict[str, str], *args: str) -> dict:  # type: ignore[type-arg]
+    out = subprocess.run([str(SITEPLAN), *args], env=env, capture_output=True, text=True, check=True, timeout=120)
+    return json.loads(out.stdout)
+
+
+def _upload(http: httpx.Client, pid: str, data: bytes, chunk: int = 512 * 1024) -> str:
+    r = http.post(f"/v1/projects/{pid}/uploads", headers={"Tus-Resumable": "1.0.0", "Upload-Length": str(len(data))})
+    assert r.status_code == 201, r.text
+    loc = r.headers["Location"]
+    off = 0
+    while off < len(data):
+        r = http.patch(
+            loc,
+            content=data[off : off + chunk],
+            headers={
+                "Tus-Resumable": "1.0.0",
+                "Upload-Offset": str(off),
+                "Content-Type": "application/offset+octet-stream",
+            },
+        )
+        assert r.status_code == 204, r.text
+        off = int(r.headers["Upload-Offset"])
+    return str(loc.rsplit("/", 1)[1])
+
+
+@pytest.mark.slow
+def test_serve_upload_plan_download(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = os.environ | {
+        "SITEPLAN_DATA_DIR": str(tmp_path / "data"),
+        "SITEPLAN_PORT": str(port),
+        "SITEPLAN_NUM_CPUS": "2",
+    }
+    tenant = _cli(env, "tenant", "create", "Acme Gates", "--with-contract")
+    token = _cli(env, "token", "create", "--tenant", tenant["tenant_id"], "--scopes", "upload,read")["token"]
+    log = open(tmp_path / "server.log", "wb")  # noqa: SIM115 - closed in finally
+    server = subprocess.Popen([str(SITEPLAN), "serve"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{base}/v1/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline and server.poll() is None, (tmp_path / "server.log").read_text()
+            time.sleep(0.3)
+        with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=60) as http:
+            r = http.post("/v1/projects", json={"contract_id": tenant["contract_id"], "reference": "demo-site"})
+            pid = r.json()["id"]
+            ids = {p.name: _upload(http, pid, p.read_bytes()) for p in sorted((SAMPLE / "photos").glob("*.jpg"))}
+            desc = json.loads((SAMPLE / "design" / "gate.json").read_text())
+            desc.pop("file")
+            r = http.post(f"/v1/projects/{pid}/designs", json={"descriptor": desc})
+            design_id = r.json()["id"]
+            r = http.put(
+                f"/v1/designs/{design_id}/file",
+                content=(SAMPLE / "design" / "gate.glb").read_bytes(),
+                headers={"Content-Type": "model/gltf-binary"},
+            )
+            assert r.status_code == 200, r.text
+            # Wait for the server to anonymise every photo.
+            deadline = time.monotonic() + 300
+            while True:
+                photos = http.get(f"/v1/projects/{pid}/photos", params={"limit": 50}).json()["items"]
+                if all(p["state"] in ("anonymised", "rejected") for p in photos):
+                    break
+                assert time.monotonic() < deadline, photos
+                time.sleep(1)
+            assert all(p["state"] == "anonymised" for p in photos)
+            people = next(p for p in photos if p["id"] == ids["street_people.jpg"])
+            assert people["faces_blurred"] >= 1
+            # The reference and placement name photos by id, in pixels as uploaded.
+            ref = json.loads((SAMPLE / "reference.json").read_text())
+            for seg in ref["segments"]:
+                seg["image"] = ids[seg["image"]]
+            place = json.loads((SAMPLE / "placement.json").read_text())
+            place["image"] = ids[place["image"]]
+            body = {"design_id": design_id, "reference": ref, "placement": place}
+            r = http.post(f"/v1/projects/{pid}/jobs", json=body, headers={"Idempotency-Key": "plan-1"})
+            assert r.status_code == 202, r.text
+            job = r.json()
+            again = http.post(f"/v1/projects/{pid}/jobs", json=body, headers={"Idempotency-Key": "plan-1"})
+            assert again.json()["id"] == job["id"]
+            # Poll with the ETag: unchanged states answer 304 without a body.
+            etag, seen_304 = None, False
+            deadline = time.monotonic() + 900
+            while job["state"] in ("queued", "running"):
+                assert time.monotonic() < deadline, job
+                time.sleep(2)
+                r = http.get(f"/v1/jobs/{job['id']}", headers={"If-None-Match": etag} if etag else {})
+                if r.status_code == 304:
+                    seen_304 = True
+                    continue
+                job, etag = r.json(), r.headers["ETag"]
+            assert job["state"] == "done", (job, (tmp_path / "server.log").read_text()[-3000:])
+            assert seen_304
+            assert job["result"]["registered_photos"] >= 10
+            files = {f["name"]: f for f in http.get(f"/v1/jobs/{job['id']}/plan").json()["files"]}
+            assert {"plan.glb", "plan.svg", "plan.dxf", "report.html"} <= set(files)
+            assert any(n.startswith("montage_") for n in files)
+            glb = http.get(files["plan.glb"]["url"])
+            assert glb.status_code == 200 and glb.content[:4] == b"glTF"
+            assert len(glb.content) == files["plan.glb"]["size"]
+            scene = trimesh.load(trimesh.util.wrap_as_stream(glb.content), file_type="glb")
+            assert len(scene.geometry) >= 2  # the site and the design at least
+        # Nothing decrypted is left in worker scratch.
+        scratch = tmp_path / "data" / "scratch"
+        assert not scratch.exists() or not any(scratch.rglob("*.jpg"))
+    finally:
+        server.terminate()
+        server.wait(30)
+        log.close()
