@@ -1,16 +1,19 @@
 """The vault: every stored personal object encrypted at rest, with one data key per contract.
 
-- Objects are sealed with AES-256-GCM in the STREAM construction (Hoang et al., 2015): the
-  plaintext is cut into fixed-size chunks, each sealed with nonce = random prefix ‖ counter ‖
-  last-flag. A reordered, dropped or truncated chunk fails authentication, and an object can be
-  written and read without ever holding it whole in memory.
+- Objects are sealed with AES-256-GCM, chunk by chunk (the STREAM idea of Hoang et al., 2015):
+  the plaintext is cut into 256 KiB chunks, each sealed under a fresh random nonce with the
+  object id, the chunk index and a last-chunk flag as associated data. A reordered, swapped,
+  dropped or truncated chunk fails authentication, and an object is written and read without
+  ever being whole in memory.
 - Data keys are per (controller, contract) and are wrapped by a master key held by a
   :class:`KeyStore` (a file key in the embedded default; a KMS in production). Destroying a
   contract's key makes every copy of its objects unreadable, backups included
   (crypto-shredding), as long as the key store itself is kept out of backups (docs/vault.md).
 - Object names are random: they carry no file name, no subject and no contract detail.
-- Uploads in progress are kept encrypted too: full chunks are sealed as they arrive, and the
-  unfinished tail is re-sealed under a fresh nonce at the end of each request.
+- Uploads in progress are kept encrypted too: full chunks are sealed as they arrive, in the final
+  object format, and the unfinished tail is re-sealed under a fresh nonce at the end of each
+  request. Completing an upload seals the tail as the last chunk and renames the file into the
+  vault: nothing is decrypted or copied.
 """
 
 from __future__ import annotations
@@ -32,11 +35,11 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"SPV1"
-CHUNK = 1 << 20  # 1 MiB plaintext per sealed chunk: bounded memory, 16 bytes of tag overhead per MiB
+MAGIC = b"SPV2"
+CHUNK = 256 * 1024  # plaintext per sealed chunk: bounds memory per stream; 28 bytes of overhead each
 _TAG = 16
-_RECORD = 12 + CHUNK + _TAG  # one sealed chunk of an upload in progress: nonce, ciphertext, tag
-_HEADER = struct.Struct(">4sI7s")  # magic, chunk size, nonce prefix
+_RECORD = 12 + CHUNK + _TAG  # one sealed full chunk: nonce, ciphertext, tag
+_HEADER = struct.Struct(">4sI")  # magic, chunk size
 
 
 class VaultError(Exception):
@@ -161,12 +164,13 @@ class FileKeyStore:
         return sorted(p.stem for p in d.glob("*.key")) if d.is_dir() else []
 
 
-def _nonce(prefix: bytes, counter: int, last: bool) -> bytes:
-    return prefix + struct.pack(">I", counter) + (b"\x01" if last else b"\x00")
+def _aad(key_id: str, object_id: str, index: int, last: bool) -> bytes:
+    return f"siteplan-vault/v2/{key_id}/{object_id}/{index}/{int(last)}".encode()
 
 
-def _aad(key_id: str, object_id: str) -> bytes:
-    return f"siteplan-vault/v1/{key_id}/{object_id}".encode()
+def _seal(aead: AESGCM, chunk: bytes, aad: bytes) -> bytes:
+    nonce = secrets.token_bytes(12)  # random per chunk: a chunk re-sent after a crash never reuses one
+    return nonce + aead.encrypt(nonce, chunk, aad)
 
 
 @dataclass(frozen=True)
@@ -181,33 +185,30 @@ class SealedWriter:
 
     def __init__(self, vault: Vault, key_id: str, object_id: str) -> None:
         self._aead = AESGCM(vault.keys.get(key_id))
-        self._aad = _aad(key_id, object_id)
-        self._prefix = secrets.token_bytes(7)
+        self._key_id, self.object_id = key_id, object_id
         self._path = vault.object_path(key_id, object_id)
         self._path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._tmp = self._path.with_name(f".tmp-{object_id}-{secrets.token_hex(4)}")
         self._f: BinaryIO = open(self._tmp, "wb")  # noqa: SIM115 - closed in commit/abort
-        self._f.write(_HEADER.pack(MAGIC, CHUNK, self._prefix))
+        self._f.write(_HEADER.pack(MAGIC, CHUNK))
         self._buf = bytearray()
-        self._counter = 0
+        self._n = 0
         self._size = 0
         self._hash = hashlib.sha256()
-        self.object_id = object_id
 
     def write(self, data: bytes | memoryview) -> None:
         self._buf += data
         self._size += len(data)
         self._hash.update(data)
         while len(self._buf) > CHUNK:  # keep at least one byte back: the last chunk is flagged
-            self._seal(bytes(self._buf[:CHUNK]), last=False)
+            self._f.write(
+                _seal(self._aead, bytes(self._buf[:CHUNK]), _aad(self._key_id, self.object_id, self._n, False))
+            )
             del self._buf[:CHUNK]
-
-    def _seal(self, chunk: bytes, *, last: bool) -> None:
-        self._f.write(self._aead.encrypt(_nonce(self._prefix, self._counter, last), chunk, self._aad))
-        self._counter += 1
+            self._n += 1
 
     def commit(self) -> ObjectInfo:
-        self._seal(bytes(self._buf), last=True)
+        self._f.write(_seal(self._aead, bytes(self._buf), _aad(self._key_id, self.object_id, self._n, True)))
         self._buf.clear()
         self._f.flush()
         os.fsync(self._f.fileno())
@@ -258,35 +259,12 @@ class Vault:
     def open(self, key_id: str, object_id: str) -> Iterator[bytes]:
         """Yield the plaintext chunk by chunk; raises :class:`VaultError` on any tampering."""
         aead = AESGCM(self.keys.get(key_id))
-        aad = _aad(key_id, object_id)
         path = self.object_path(key_id, object_id)
         try:
-            f = open(path, "rb")  # noqa: SIM115 - closed below, in the generator
+            f = open(path, "rb")  # noqa: SIM115 - closed in the generator
         except FileNotFoundError:
             raise VaultError("no such object") from None
-        return self._chunks(f, aead, aad)
-
-    @staticmethod
-    def _chunks(f: BinaryIO, aead: AESGCM, aad: bytes) -> Iterator[bytes]:
-        with f:
-            head = f.read(_HEADER.size)
-            if len(head) != _HEADER.size:
-                raise VaultError("object is truncated")
-            magic, chunk, prefix = _HEADER.unpack(head)
-            if magic != MAGIC or chunk <= 0 or chunk > 64 * CHUNK:
-                raise VaultError("not a vault object")
-            counter = 0
-            cur = f.read(chunk + _TAG)
-            while True:
-                nxt = f.read(chunk + _TAG)
-                last = not nxt
-                try:
-                    yield aead.decrypt(_nonce(prefix, counter, last), cur, aad)
-                except InvalidTag:
-                    raise VaultError("object failed authentication (tampered or truncated)") from None
-                if last:
-                    return
-                cur, counter = nxt, counter + 1
+        return _read_records(f, aead, key_id, object_id)
 
     def read_bytes(self, key_id: str, object_id: str) -> bytes:
         return b"".join(self.open(key_id, object_id))
@@ -325,6 +303,29 @@ class Vault:
         return n
 
 
+def _read_records(f: BinaryIO, aead: AESGCM, key_id: str, object_id: str) -> Iterator[bytes]:
+    with f:
+        head = f.read(_HEADER.size)
+        if len(head) != _HEADER.size:
+            raise VaultError("object is truncated")
+        magic, chunk = _HEADER.unpack(head)
+        if magic != MAGIC or chunk <= 0 or chunk > 64 * 2**20:
+            raise VaultError("not a vault object")
+        record = 12 + chunk + _TAG
+        index = 0
+        cur = f.read(record)
+        while True:
+            nxt = f.read(record)
+            last = not nxt
+            try:
+                yield aead.decrypt(cur[:12], cur[12:], _aad(key_id, object_id, index, last))
+            except InvalidTag:
+                raise VaultError("object failed authentication (tampered or truncated)") from None
+            if last:
+                return
+            cur, index = nxt, index + 1
+
+
 # -- Field-level encryption (subject names, addresses, phones) ----------------------------------
 
 
@@ -348,45 +349,51 @@ def open_field(key: bytes, sealed: str, *, context: str) -> str:
 
 
 class UploadStaging:
-    """An upload in progress: ``<dir>/chunks`` holds sealed full chunks, ``<dir>/tail`` the sealed
-    unfinished remainder (under 1 MiB). The offset survives restarts; plaintext never hits disk."""
+    """An upload in progress, addressed by the vault object it will become.
 
-    def __init__(self, directory: Path, key: bytes, upload_id: str) -> None:
+    ``<dir>/object`` is that object being built: the header and every full chunk, sealed exactly
+    as the vault stores them. ``<dir>/tail`` holds the unfinished remainder (under one chunk),
+    sealed under a fresh nonce at the end of each request and bound to the number of full chunks
+    before it. The offset survives restarts; plaintext never touches the disk; completion seals
+    the tail as the last chunk and renames the file into the vault.
+    """
+
+    def __init__(self, directory: Path, vault: Vault, key_id: str, object_id: str) -> None:
         self.dir = directory
-        self._aead = AESGCM(key)
-        self._aad = f"siteplan-upload/v1/{_check_id(upload_id)}".encode()
+        self.vault, self.key_id, self.object_id = vault, key_id, _check_id(object_id)
+        self._aead = AESGCM(vault.keys.get(key_id))
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     @property
-    def _chunks(self) -> Path:
-        return self.dir / "chunks"
+    def _object(self) -> Path:
+        return self.dir / "object"
 
     @property
     def _tail(self) -> Path:
         return self.dir / "tail"
 
-    def _chunk_aad(self, index: int) -> bytes:
-        return self._aad + b"/chunk/" + str(index).encode()
+    def _tail_aad(self, n: int) -> bytes:
+        return f"siteplan-upload/v2/{self.key_id}/{self.object_id}/tail/{n}".encode()
 
-    def _read_tail(self) -> bytes:
+    def _n_chunks(self) -> int:
+        try:
+            return max(0, self._object.stat().st_size - _HEADER.size) // _RECORD
+        except FileNotFoundError:
+            return 0
+
+    def _read_tail(self, n: int) -> bytes:
         try:
             blob = self._tail.read_bytes()
         except FileNotFoundError:
             return b""
-        n_chunks = self._n_chunks()
         try:
-            return self._aead.decrypt(blob[:12], blob[12:], self._aad + b"/tail/" + str(n_chunks).encode())
+            return self._aead.decrypt(blob[:12], blob[12:], self._tail_aad(n))
         except InvalidTag:
             raise VaultError("upload state failed authentication") from None
 
-    def _n_chunks(self) -> int:
-        try:
-            return self._chunks.stat().st_size // _RECORD
-        except FileNotFoundError:
-            return 0
-
     def offset(self) -> int:
-        return self._n_chunks() * CHUNK + len(self._read_tail())
+        n = self._n_chunks()
+        return n * CHUNK + len(self._read_tail(n))
 
     def appender(self, *, limit: int) -> UploadAppender:
         """Start appending one request's body; call :meth:`UploadAppender.close` in every case."""
@@ -402,23 +409,49 @@ class UploadStaging:
             app.close()
         return app.offset
 
-    def plaintext(self) -> Iterator[bytes]:
+    def head(self, size: int) -> bytes:
+        """The first ``size`` plaintext bytes that arrived (type and header checks)."""
+        out = bytearray()
         n = self._n_chunks()
         if n:
-            with open(self._chunks, "rb") as f:
+            with open(self._object, "rb") as f:
+                f.seek(_HEADER.size)
                 for i in range(n):
-                    blob = f.read(_RECORD)
+                    rec = f.read(_RECORD)
                     try:
-                        yield self._aead.decrypt(blob[:12], blob[12:], self._chunk_aad(i))
+                        out += self._aead.decrypt(rec[:12], rec[12:], _aad(self.key_id, self.object_id, i, False))
                     except InvalidTag:
                         raise VaultError("upload state failed authentication") from None
-        tail = self._read_tail()
-        if tail:
-            yield tail
+                    if len(out) >= size:
+                        return bytes(out[:size])
+        out += self._read_tail(n)
+        return bytes(out[:size])
+
+    def complete(self) -> ObjectInfo:
+        """Seal the tail as the last chunk and move the object into the vault (no re-encryption)."""
+        n = self._n_chunks()
+        tail = self._read_tail(n)
+        app = UploadAppender(self, limit=1 << 62)  # truncates any partial record a crash left
+        app.f.write(_seal(self._aead, tail, _aad(self.key_id, self.object_id, n, True)))
+        app.f.flush()
+        os.fsync(app.f.fileno())
+        app.f.close()
+        size = n * CHUNK + len(tail)
+        dest = self.vault.object_path(self.key_id, self.object_id)
+        dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.replace(self._object, dest)
+        _fsync_dir(dest.parent)
+        # The plaintext hash needs one decrypting pass; it streams, chunk by chunk.
+        h = hashlib.sha256()
+        for chunk in self.vault.open(self.key_id, self.object_id):
+            h.update(chunk)
+        self.discard()
+        return ObjectInfo(self.object_id, size, h.hexdigest())
 
     def discard(self) -> None:
-        for p in (self._chunks, self._tail):
-            shred_file(p)
+        for p in (self._object, self._tail):
+            if p.exists():
+                shred_file(p)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -430,12 +463,15 @@ class UploadAppender:
     def __init__(self, staging: UploadStaging, limit: int) -> None:
         self.st = staging
         self.limit = limit
-        self.tail = bytearray(staging._read_tail())
         self.n = staging._n_chunks()
+        self.tail = bytearray(staging._read_tail(self.n))
+        path = staging._object
+        if not path.exists() or path.stat().st_size < _HEADER.size:
+            _write_private(path, _HEADER.pack(MAGIC, CHUNK))
         # Drop any partial record a crash may have left after the last full one.
-        if staging._chunks.exists() and staging._chunks.stat().st_size != self.n * _RECORD:
-            os.truncate(staging._chunks, self.n * _RECORD)
-        self.f: BinaryIO = open(staging._chunks, "ab")  # noqa: SIM115 - closed in close()
+        if path.stat().st_size != _HEADER.size + self.n * _RECORD:
+            os.truncate(path, _HEADER.size + self.n * _RECORD)
+        self.f: BinaryIO = open(path, "ab")  # noqa: SIM115 - closed in close()
 
     @property
     def offset(self) -> int:
@@ -445,11 +481,9 @@ class UploadAppender:
         if self.offset + len(piece) > self.limit:
             raise ValueError("upload larger than its declared length")
         self.tail += piece
+        st = self.st
         while len(self.tail) >= CHUNK:
-            # A random nonce per record: a chunk re-sent after a crash is never sealed twice
-            # under the same nonce.
-            nonce = secrets.token_bytes(12)
-            self.f.write(nonce + self.st._aead.encrypt(nonce, bytes(self.tail[:CHUNK]), self.st._chunk_aad(self.n)))
+            self.f.write(_seal(st._aead, bytes(self.tail[:CHUNK]), _aad(st.key_id, st.object_id, self.n, False)))
             del self.tail[:CHUNK]
             self.n += 1
 
@@ -459,6 +493,4 @@ class UploadAppender:
         self.f.flush()
         os.fsync(self.f.fileno())
         self.f.close()
-        nonce = secrets.token_bytes(12)
-        aad = self.st._aad + b"/tail/" + str(self.n).encode()
-        _write_private(self.st._tail, nonce + self.st._aead.encrypt(nonce, bytes(self.tail), aad))
+        _write_private(self.st._tail, _seal(self.st._aead, bytes(self.tail), self.st._tail_aad(self.n)))

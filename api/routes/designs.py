@@ -14,8 +14,9 @@ from api.errors import ERROR_RESPONSES, ApiError, not_found
 from api.routes.common import IDEMPOTENCY_HELP, commit_or_conflict, count, fingerprint, remember, replay, set_location
 from api.routes.projects import get_project, require_active
 from api.schemas import DesignCreate, DesignList, DesignPublic
+from api.services import Services
 from privacy.vault import CHUNK
-from siteplan.db import Design
+from siteplan.db import Design, tenant_session
 
 router = APIRouter(
     tags=["designs"],
@@ -108,18 +109,16 @@ def get_design(design_id: str, db: DB, _: ReadCaller) -> DesignPublic:
 async def put_design_file(
     design_id: str,
     request: Request,
-    db: DB,
     svc: ServicesDep,
-    _: UploadCaller,
+    c: UploadCaller,
     content_type: Annotated[str, Header()],
 ) -> DesignPublic:
     """The design's mesh, self-contained (a GLB, or an OBJ/STL/PLY/DAE without external files)."""
     fmt = FORMATS.get(content_type.split(";")[0].strip().lower())
     if fmt is None:
         raise ApiError(415, "unsupported_type", f"send the design as one of: {', '.join(sorted(FORMATS))}")
-    d = _get(db, design_id)
-    require_active(db, get_project(db, d.project_id))
-    w = await run_in_threadpool(svc.vault.writer, d.contract_id)
+    contract_id = await run_in_threadpool(_begin_put, svc, c.tenant_id, design_id)
+    w = await run_in_threadpool(svc.vault.writer, contract_id)
     batch = bytearray()
     size = 0
     try:
@@ -138,9 +137,30 @@ async def put_design_file(
     except (ApiError, ClientDisconnect):
         w.abort()
         raise
-    old = d.object
-    d.object, d.file_format, d.size = info.object_id, fmt, info.size
-    db.commit()
-    if old:
-        await run_in_threadpool(svc.vault.delete, d.contract_id, old)
-    return _public(d)
+    return await run_in_threadpool(
+        _finish_put, svc, c.tenant_id, design_id, contract_id, info.object_id, fmt, info.size
+    )
+
+
+def _begin_put(svc: Services, tenant_id: str, design_id: str) -> str:
+    # Short sessions around the upload: no DB connection is held while the body streams in.
+    with tenant_session(svc.factory, tenant_id) as db:
+        d = _get(db, design_id)
+        require_active(db, get_project(db, d.project_id))
+        return d.contract_id
+
+
+def _finish_put(
+    svc: Services, tenant_id: str, design_id: str, contract_id: str, obj: str, fmt: str, size: int
+) -> DesignPublic:
+    with tenant_session(svc.factory, tenant_id) as db:
+        d = db.get(Design, design_id)
+        if d is None:  # erased while it was uploading: keep nothing
+            svc.vault.delete(contract_id, obj)
+            raise not_found("design")
+        old = d.object
+        d.object, d.file_format, d.size = obj, fmt, size
+        db.commit()
+        if old:
+            svc.vault.delete(d.contract_id, old)
+        return _public(d)

@@ -15,6 +15,7 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
@@ -30,10 +31,11 @@ from api.routes.common import IDEMPOTENCY_HELP, commit_or_conflict, count, finge
 from api.routes.projects import get_project, require_active
 from api.schemas import PhotoList, PhotoPublic
 from api.services import Services
+from privacy.anonymize import AnonymizationPolicy
 from privacy.decode import sniff_format
 from privacy.errors import InvalidImage
 from privacy.vault import CHUNK, UploadStaging
-from siteplan.db import Photo
+from siteplan.db import Photo, tenant_session
 
 log = logging.getLogger(__name__)
 router = APIRouter(
@@ -56,6 +58,13 @@ _BODY = {
 }
 
 
+@dataclass(frozen=True)
+class _Upload:
+    id: str
+    contract_id: str
+    length: int
+
+
 def _public(p: Photo) -> PhotoPublic:
     intr = p.intrinsics or {}
     return PhotoPublic(
@@ -73,8 +82,9 @@ def _public(p: Photo) -> PhotoPublic:
     )
 
 
-def _staging(svc: Services, p: Photo) -> UploadStaging:
-    return UploadStaging(svc.settings.uploads_dir / p.contract_id / p.id, svc.vault.keys.get(p.contract_id), p.id)
+def _staging(svc: Services, p: Photo | _Upload) -> UploadStaging:
+    # The quarantined original will be the vault object named after the photo (a random id).
+    return UploadStaging(svc.settings.uploads_dir / p.contract_id / p.id, svc.vault, p.contract_id, p.id)
 
 
 def _check_tus(version: str | None) -> None:
@@ -180,7 +190,7 @@ def head_upload(
 
 
 @contextmanager
-def _locked(svc: Services, p: Photo, *, exclusive: bool, wait_s: float = 0.0) -> Iterator[None]:
+def _locked(svc: Services, p: Photo | _Upload, *, exclusive: bool, wait_s: float = 0.0) -> Iterator[None]:
     """One PATCH at a time per upload, across threads and server processes; HEAD takes a shared
     lock so it never reads a half-written state (it waits a little for a PATCH to finish)."""
     path = svc.settings.uploads_dir / p.contract_id / p.id / ".lock"
@@ -221,6 +231,24 @@ def _check_pixels(head: bytes, max_pixels: int) -> None:
         )
 
 
+def _begin_patch(svc: Services, tenant_id: str, upload_id: str) -> _Upload:
+    # A short session of its own: no DB connection is held while the body streams in.
+    with tenant_session(svc.factory, tenant_id) as db:
+        p = _get_photo(db, upload_id)
+        if p.state != "uploading":
+            raise ApiError(409, "offset_mismatch", "this upload is complete", headers={"Upload-Offset": str(p.length)})
+        require_active(db, get_project(db, p.project_id))
+        return _Upload(p.id, p.contract_id, p.length)
+
+
+def _finish_patch(svc: Services, tenant_id: str, upload_id: str, **values: object) -> None:
+    with tenant_session(svc.factory, tenant_id) as db:
+        p = _get_photo(db, upload_id)
+        for k, v in values.items():
+            setattr(p, k, v)
+        db.commit()
+
+
 @router.patch(
     "/uploads/{upload_id}",
     status_code=204,
@@ -237,9 +265,8 @@ def _check_pixels(head: bytes, max_pixels: int) -> None:
 async def patch_upload(
     upload_id: str,
     request: Request,
-    db: DB,
     svc: ServicesDep,
-    _: UploadCaller,
+    c: UploadCaller,
     upload_offset: Annotated[int, Header(ge=0)],
     content_type: Annotated[str, Header()],
     tus_resumable: Annotated[str | None, Header()] = None,
@@ -247,11 +274,8 @@ async def patch_upload(
     _check_tus(tus_resumable)
     if content_type.split(";")[0].strip().lower() != "application/offset+octet-stream":
         raise ApiError(415, "unsupported_type", "upload chunks must be sent as application/offset+octet-stream")
-    p = _get_photo(db, upload_id)
-    if p.state != "uploading":
-        raise ApiError(409, "offset_mismatch", "this upload is complete", headers={"Upload-Offset": str(p.length)})
-    require_active(db, get_project(db, p.project_id))
-    max_pixels = 120_000_000
+    p = await run_in_threadpool(_begin_patch, svc, c.tenant_id, upload_id)
+    max_pixels = AnonymizationPolicy().max_pixels
     with _locked(svc, p, exclusive=True):
         staging = _staging(svc, p)
         start = await run_in_threadpool(staging.offset)
@@ -299,7 +323,7 @@ async def patch_upload(
             await run_in_threadpool(app.close)
         offset = app.offset
         if refused is None and head is None and not checked and offset >= min(_HEAD_BYTES, p.length):
-            first = await run_in_threadpool(_read_head, staging)
+            first = await run_in_threadpool(staging.head, _HEAD_BYTES)
             try:
                 sniff_format(first)
                 _check_pixels(first, max_pixels)
@@ -309,27 +333,17 @@ async def patch_upload(
                 refused = exc
         if refused is not None:
             await run_in_threadpool(staging.discard)
-            p.state, p.error = "rejected", refused.message
-            db.commit()
+            await run_in_threadpool(_finish_patch, svc, c.tenant_id, p.id, state="rejected", error=refused.message)
             raise refused
         if offset == p.length:
-            info = await run_in_threadpool(svc.vault.put, p.contract_id, staging.plaintext())
-            p.original_object, p.state = info.object_id, "quarantined"
-            db.commit()
-            await run_in_threadpool(staging.discard)
+            info = await run_in_threadpool(staging.complete)
+            await run_in_threadpool(
+                _finish_patch, svc, c.tenant_id, p.id, original_object=info.object_id, state="quarantined"
+            )
             runner = svc.runner
             if runner is not None:
                 runner.submit_ingest(p.id)  # type: ignore[attr-defined]
     return Response(status_code=204, headers=TUS_HEADERS | {"Upload-Offset": str(offset)})
-
-
-def _read_head(staging: UploadStaging) -> bytes:
-    out = bytearray()
-    for chunk in staging.plaintext():
-        out += chunk
-        if len(out) >= _HEAD_BYTES:
-            break
-    return bytes(out[:_HEAD_BYTES])
 
 
 @router.delete("/uploads/{upload_id}", status_code=204, response_class=Response)
