@@ -137,14 +137,24 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
     return app
 
 
-def run(settings: Settings, **uvicorn_kwargs: Any) -> None:
+def app_from_env() -> FastAPI:
+    """Factory for uvicorn's worker processes: settings come from the environment."""
+    return create_app(Settings())
+
+
+def run(settings: Settings, *, workers: int = 1) -> None:
     import uvicorn
 
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level="warning",
-        access_log=False,
-        **uvicorn_kwargs,
-    )
+    common: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": "warning",
+        "access_log": False,
+    }
+    if workers > 1:
+        # Each worker is a process with its own runner; photos and jobs are claimed atomically in
+        # the DB, so none is processed twice. Migrate once here, before the workers start.
+        build_services(settings)
+        uvicorn.run("api.app:app_from_env", factory=True, workers=workers, **common)
+    else:
+        uvicorn.run(create_app(settings), **common)

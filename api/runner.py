@@ -9,8 +9,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from api.services import Services
 from privacy.anonymize import AnonymizationPolicy
@@ -21,16 +22,29 @@ from siteplan.db import Contract, Job, Photo
 log = logging.getLogger(__name__)
 
 
+STALE_JOB = timedelta(hours=2)  # a "running" job not updated for this long is taken as abandoned
+STALE_CLAIM = timedelta(minutes=15)  # an "anonymising" claim older than this is taken as abandoned
+
+
 def ingest_photo(svc: Services, photo_id: str) -> None:
-    """Quarantine -> anonymised (or rejected). Safe to run twice: only a quarantined photo moves."""
+    """Quarantine -> anonymised (or rejected). Safe to run twice, from any number of processes:
+    a photo is claimed with one conditional UPDATE, and only the claimant works on it."""
     with svc.factory.begin() as db:
-        p = db.get(Photo, photo_id)
-        if p is None or p.state != "quarantined" or p.original_object is None:
+        claimed = db.execute(
+            update(Photo)
+            .where(Photo.id == photo_id, Photo.state == "quarantined", Photo.original_object.is_not(None))
+            .values(state="anonymising", updated_at=datetime.now(UTC))
+        ).rowcount  # type: ignore[attr-defined]
+        if not claimed:
             return
+        p = db.get(Photo, photo_id)
+        assert p is not None
         contract = db.get(Contract, p.contract_id)
         if contract is None or contract.state != "active":
+            p.state = "quarantined"
             return
         key_id, original = p.contract_id, p.original_object
+        assert original is not None
     try:
         res = ingest(svc.vault, key_id=key_id, original=original, policy=AnonymizationPolicy())
     except VaultError:
@@ -63,9 +77,20 @@ class Runner:
         self._jobs = ThreadPoolExecutor(max_workers=1, thread_name_prefix="job") if svc.settings.run_jobs else None
 
     def resume(self) -> None:
+        """Pick up what a stopped process left: quarantined photos, abandoned claims, queued jobs."""
+        stale = datetime.now(UTC) - STALE_CLAIM
+        with self.svc.factory.begin() as db:
+            db.execute(
+                update(Photo).where(Photo.state == "anonymising", Photo.updated_at < stale).values(state="quarantined")
+            )
+            db.execute(
+                update(Job)
+                .where(Job.state == "running", Job.updated_at < datetime.now(UTC) - STALE_JOB)
+                .values(state="queued")
+            )
         with self.svc.factory() as db:
             photos = list(db.scalars(select(Photo.id).where(Photo.state == "quarantined")))
-            jobs = list(db.scalars(select(Job.id).where(Job.state.in_(("queued", "running"))).order_by(Job.created_at)))
+            jobs = list(db.scalars(select(Job.id).where(Job.state == "queued").order_by(Job.created_at)))
         for pid in photos:
             self.submit_ingest(pid)
         for jid in jobs:

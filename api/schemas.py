@@ -106,7 +106,7 @@ class ProjectList(Page):
 class PhotoPublic(BaseModel):
     id: str
     project_id: str
-    state: Literal["uploading", "quarantined", "anonymised", "rejected"]
+    state: Literal["uploading", "quarantined", "anonymising", "anonymised", "rejected"]
     length: int
     faces_blurred: int
     plates_blurred: int

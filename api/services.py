@@ -48,11 +48,45 @@ class RateLimiter:
         return math.ceil(wait) if wait else 0.0
 
 
+@dataclass(frozen=True)
+class CachedToken:
+    tenant_id: str
+    token_id: str
+    scopes: frozenset[str]
+    valid_until: float  # monotonic: the earlier of the cache TTL and the token's own expiry
+
+
+class TokenCache:
+    """Verified tokens for a few seconds, keyed by the secret's hash: spares a DB round trip on
+    every request. A revoked or rotated token stops working within ``ttl_s`` in every process."""
+
+    def __init__(self, ttl_s: float = 15.0, max_items: int = 10_000) -> None:
+        self.ttl_s = ttl_s
+        self._items: OrderedDict[str, CachedToken] = OrderedDict()
+        self._lock = threading.Lock()
+        self._max = max_items
+
+    def get(self, key: str) -> CachedToken | None:
+        with self._lock:
+            hit = self._items.get(key)
+            if hit is not None and hit.valid_until <= time.monotonic():
+                del self._items[key]
+                return None
+            return hit
+
+    def put(self, key: str, value: CachedToken) -> None:
+        with self._lock:
+            self._items[key] = value
+            while len(self._items) > self._max:
+                self._items.popitem(last=False)
+
+
 @dataclass
 class Services:
     settings: Settings
     factory: sessionmaker[Session]
     vault: Vault
     limiter: RateLimiter
+    tokens: TokenCache = field(default_factory=TokenCache)
     runner: object | None = None  # api.runner.Runner, set at start-up
     upload_locks: dict[str, threading.Lock] = field(default_factory=dict)

@@ -17,12 +17,14 @@ def _child(fn: Callable[..., Any], args: tuple[Any, ...], q: Any) -> None:
     except Exception as exc:  # report, don't hide
         result, err = None, f"{type(exc).__name__}: {exc}"
     wall = time.perf_counter() - t0
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    q.put({"result": result, "error": err, "wall_s": wall, "peak_rss_mb": peak_mb})
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    peak_mb = ru.ru_maxrss / 1024.0
+    # CPU seconds (all threads, start-up included): steadier than wall time on a shared machine.
+    q.put({"result": result, "error": err, "wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_stime, "peak_rss_mb": peak_mb})
 
 
 def measured(fn: Callable[..., Any], *args: Any) -> dict[str, Any]:
-    """Run ``fn(*args)`` in a spawned process; its wall time and peak resident memory (measured)."""
+    """Run ``fn(*args)`` in a spawned process; its wall time, CPU time and peak resident memory (measured)."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     p = ctx.Process(target=_child, args=(fn, args, q))

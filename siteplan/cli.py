@@ -163,9 +163,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from siteplan.settings import Settings
 
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    for k, v in overrides.items():  # worker processes read the environment
+        os.environ[f"SITEPLAN_{k.upper()}"] = str(v)
     settings = Settings(**overrides)
     print(f"serving the Siteplan API on http://{settings.host}:{settings.port} (OpenAPI at /openapi.json)", flush=True)
-    run(settings)
+    run(settings, workers=args.workers)
     return 0
 
 
@@ -263,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="the HTTP API (embedded defaults unless configured)")
     sv.add_argument("--host", default=None)
     sv.add_argument("--port", type=int, default=None)
+    sv.add_argument("--workers", type=int, default=1, help="server processes (e.g. one per core)")
     sv.set_defaults(func=cmd_serve)
 
     te = sub.add_parser("tenant", help="controllers (tenants)").add_subparsers(dest="action", required=True)

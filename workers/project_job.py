@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from privacy.metadata import orient_point
@@ -81,10 +81,15 @@ def run_project_job(
     t_job = time.perf_counter()
     timings: dict[str, float] = {}
     with factory.begin() as db:
-        job = db.get(Job, job_id)
-        if job is None or job.state not in ("queued", "running"):
+        # Claim the job with one conditional UPDATE: of several processes, exactly one runs it.
+        claimed = db.execute(
+            update(Job).where(Job.id == job_id, Job.state == "queued").values(state="running")
+        ).rowcount  # type: ignore[attr-defined]
+        if not claimed:
             return
-        job.state, job.attempts, job.stage, job.progress = "running", job.attempts + 1, "prepare", 0.02
+        job = db.get(Job, job_id)
+        assert job is not None
+        job.attempts, job.stage, job.progress = job.attempts + 1, "prepare", 0.02
     try:
         with factory.begin() as db:
             job = db.get(Job, job_id)
