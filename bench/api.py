@@ -221,7 +221,6 @@ def main() -> None:
         subprocess.run(["cp", "-r", str(src) + "/.", str(dst)], check=True)
         os.sync()
         cp_s = time.perf_counter() - t0
-        shutil.rmtree(src)
         shutil.rmtree(dst)
 
         base_rss = tree_rss_mb(server.pid)
@@ -241,6 +240,7 @@ def main() -> None:
         stop.set()
         th.join()
 
+        shutil.rmtree(src)
         items = httpx.get(f"{base}/v1/projects/{pid}/photos", params={"limit": 5}, headers=h).json()["items"]
         paths = [f"/v1/projects/{pid}", f"/v1/projects/{pid}/photos", "/v1/tenant"] + [
             f"/v1/photos/{p['id']}" for p in items

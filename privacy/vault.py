@@ -177,7 +177,8 @@ def _seal(aead: AESGCM, chunk: bytes, aad: bytes) -> bytes:
 class ObjectInfo:
     object_id: str
     size: int
-    sha256: str  # of the plaintext; lets a certificate or export name an object without revealing it
+    sha256: str | None  # of the plaintext (None for a completed upload: hashing it would cost a
+    # second decrypting pass; the privacy gate reads it once anyway)
 
 
 class SealedWriter:
@@ -441,12 +442,8 @@ class UploadStaging:
         dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.replace(self._object, dest)
         _fsync_dir(dest.parent)
-        # The plaintext hash needs one decrypting pass; it streams, chunk by chunk.
-        h = hashlib.sha256()
-        for chunk in self.vault.open(self.key_id, self.object_id):
-            h.update(chunk)
         self.discard()
-        return ObjectInfo(self.object_id, size, h.hexdigest())
+        return ObjectInfo(self.object_id, size, None)
 
     def discard(self) -> None:
         for p in (self._object, self._tail):
@@ -482,10 +479,25 @@ class UploadAppender:
             raise ValueError("upload larger than its declared length")
         self.tail += piece
         st = self.st
-        while len(self.tail) >= CHUNK:
-            self.f.write(_seal(st._aead, bytes(self.tail[:CHUNK]), _aad(st.key_id, st.object_id, self.n, False)))
-            del self.tail[:CHUNK]
+        if len(self.tail) < CHUNK:
+            return
+        view = memoryview(self.tail)
+        done = 0
+        while len(self.tail) - done >= CHUNK:
+            # Seal straight from the buffer and write nonce and ciphertext separately: no copies.
+            nonce = secrets.token_bytes(12)
+            self.f.write(nonce)
+            self.f.write(
+                st._aead.encrypt(nonce, view[done : done + CHUNK], _aad(st.key_id, st.object_id, self.n, False))
+            )
+            done += CHUNK
             self.n += 1
+        view.release()
+        del self.tail[:done]
+
+    def write_many(self, pieces: list[bytes]) -> None:
+        for piece in pieces:
+            self.write(piece)
 
     def close(self) -> None:
         if self.f.closed:

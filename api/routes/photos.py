@@ -289,7 +289,8 @@ async def patch_upload(
         app = await run_in_threadpool(staging.appender, limit=p.length)
         head = bytearray() if start == 0 else None
         checked = start >= _HEAD_BYTES
-        batch = bytearray()
+        batch: list[bytes] = []  # pieces as received, handed to the sealing thread ~1 MiB at a time
+        batched = 0
         refused: ApiError | None = None
         try:
             async for piece in request.stream():
@@ -304,19 +305,20 @@ async def patch_upload(
                     if not checked and len(head) >= min(_HEAD_BYTES, p.length):
                         checked = True
                         _check_pixels(bytes(head), max_pixels)
-                if app.offset + len(batch) + len(piece) > p.length:
+                if app.offset + batched + len(piece) > p.length:
                     refused = ApiError(413, "too_large", "more bytes than the declared Upload-Length")
                     break
-                batch += piece
-                if len(batch) >= CHUNK:
-                    await run_in_threadpool(app.write, bytes(batch))
-                    batch.clear()
+                batch.append(piece)
+                batched += len(piece)
+                if batched >= 4 * CHUNK:
+                    await run_in_threadpool(app.write_many, batch)
+                    batch, batched = [], 0
             if batch and refused is None:
-                await run_in_threadpool(app.write, bytes(batch))
+                await run_in_threadpool(app.write_many, batch)
         except ClientDisconnect:
-            log.info("upload %s: connection dropped at byte %d; it can resume", p.id[:8], app.offset + len(batch))
+            log.info("upload %s: connection dropped at byte %d; it can resume", p.id[:8], app.offset + batched)
             if batch:
-                await run_in_threadpool(app.write, bytes(batch))
+                await run_in_threadpool(app.write_many, batch)
         except ApiError as exc:
             refused = exc
         finally:
