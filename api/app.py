@@ -13,7 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api import errors
 from api.routes import designs, jobs, meta, photos, projects, subjects, tenants
 from api.runner import Runner
-from api.services import RateLimiter, Services
+from api.services import RateLimiter, Services, TokenCache
 from privacy.vault import FileKeyStore, Vault
 from siteplan import PIPELINE_VERSION
 from siteplan.db import init_db
@@ -90,7 +90,9 @@ def build_services(settings: Settings) -> Services:
     factory = init_db(settings.db_url)
     vault = Vault(settings.vault_dir, FileKeyStore(settings.key_dir))
     limiter = RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst)
-    return Services(settings=settings, factory=factory, vault=vault, limiter=limiter)
+    return Services(
+        settings=settings, factory=factory, vault=vault, limiter=limiter, tokens=TokenCache(settings.token_cache_s)
+    )
 
 
 def create_app(settings: Settings | None = None, *, background: bool = True) -> FastAPI:

@@ -60,7 +60,7 @@ class TokenCache:
     """Verified tokens for a few seconds, keyed by the secret's hash: spares a DB round trip on
     every request. A revoked or rotated token stops working within ``ttl_s`` in every process."""
 
-    def __init__(self, ttl_s: float = 15.0, max_items: int = 10_000) -> None:
+    def __init__(self, ttl_s: float = 10.0, max_items: int = 10_000) -> None:
         self.ttl_s = ttl_s
         self._items: OrderedDict[str, CachedToken] = OrderedDict()
         self._lock = threading.Lock()
@@ -75,6 +75,8 @@ class TokenCache:
             return hit
 
     def put(self, key: str, value: CachedToken) -> None:
+        if self.ttl_s <= 0:
+            return
         with self._lock:
             self._items[key] = value
             while len(self._items) > self._max:

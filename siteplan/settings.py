@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     max_json_bytes: int = Field(default=1 * 2**20, gt=0, description="Largest JSON request body.")
     rate_limit_per_minute: int = Field(default=600, gt=0, description="Requests per minute per API token.")
     rate_limit_burst: int = Field(default=120, gt=0, description="Burst allowance per API token.")
+    token_cache_s: float = Field(
+        default=10.0, ge=0, description="How long a verified token is trusted without a DB check (revocation delay)."
+    )
     ingest_workers: int = Field(
         default=1, ge=0, description="Photos anonymised at once in the API process (0: leave to workers)."
     )

@@ -1,0 +1,67 @@
+"""Tokens (scopes, expiry, rotation), rate limits, and the schema migrations on both databases."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from fastapi.testclient import TestClient
+
+from api.app import create_app
+from siteplan.db import ApiToken, Base, make_engine, migrate
+from siteplan.tenancy import create_contract, create_tenant, create_token, rotate_token, verify_token
+from tests.api.conftest import Api, make_settings
+
+
+def test_migrations_build_exactly_the_models(db_url: str) -> None:
+    engine = make_engine(db_url)
+    migrate(engine)
+    migrate(engine)  # idempotent
+    with engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    engine.dispose()
+    assert diff == [], f"the models and the migrations differ: {diff}"
+
+
+def test_token_expiry_rotation_and_hashing(tmp_path: Path, db_url: str) -> None:
+    app = create_app(make_settings(tmp_path, db_url, token_cache_s=0), background=False)
+    with TestClient(app) as client:
+        svc = app.state.services
+        with svc.factory.begin() as db:
+            t = create_tenant(db, svc.vault.keys, label="A")
+            create_contract(db, svc.vault.keys, tenant_id=t.id)
+            old = create_token(db, tenant_id=t.id, name="app", scopes=["read"])
+            short = create_token(db, tenant_id=t.id, name="app", scopes=["read"], days=1)
+            # The secret is never stored, only its hash.
+            assert all(old.secret not in (r.secret_hash or "") for r in db.query(ApiToken))
+        auth = {"Authorization": f"Bearer {old.secret}"}
+        assert client.get("/v1/tenant", headers=auth).status_code == 200
+        with svc.factory.begin() as db:
+            new = rotate_token(db, token_id=old.token.id)
+        assert client.get("/v1/tenant", headers=auth).status_code == 401
+        assert client.get("/v1/tenant", headers={"Authorization": f"Bearer {new.secret}"}).status_code == 200
+        with svc.factory.begin() as db:
+            db.get(ApiToken, short.token.id).expires_at = datetime.now(UTC) - timedelta(seconds=1)  # type: ignore[union-attr]
+        assert client.get("/v1/tenant", headers={"Authorization": f"Bearer {short.secret}"}).status_code == 401
+        with svc.factory() as db:
+            assert verify_token(db, "not-a-token") is None
+    svc.factory.kw["bind"].dispose()
+
+
+def test_rate_limit_per_token(tmp_path: Path) -> None:
+    app = create_app(
+        make_settings(tmp_path, f"sqlite:///{tmp_path / 'db.sqlite'}", rate_limit_per_minute=60, rate_limit_burst=5),
+        background=False,
+    )
+    with TestClient(app) as client:
+        api = Api(client, app.state.services, app)
+        a, b = api.tenant("A"), api.tenant("B")
+        codes = [client.get("/v1/tenant", headers=a.auth).status_code for _ in range(8)]
+        assert codes[:5] == [200] * 5 and codes[-1] == 429
+        r = client.get("/v1/tenant", headers=a.auth)
+        assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
+        assert r.json()["error"]["code"] == "rate_limited"
+        # Another token is not slowed down by the first one's burst.
+        assert client.get("/v1/tenant", headers=b.auth).status_code == 200
