@@ -14,10 +14,11 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import select, update
 
 from api.services import Services
+from privacy import register
 from privacy.anonymize import AnonymizationPolicy
 from privacy.ingest import ingest
 from privacy.vault import VaultError
-from siteplan.db import Contract, Job, Photo
+from siteplan.db import Contract, Job, Photo, Project, Subject
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,11 @@ def ingest_photo(svc: Services, photo_id: str) -> None:
         p = db.get(Photo, photo_id)
         assert p is not None
         contract = db.get(Contract, p.contract_id)
-        if contract is None or contract.state != "active":
+        project = db.get(Project, p.project_id)
+        subject = db.get(Subject, project.subject_id) if project is not None and project.subject_id else None
+        if contract is None or contract.state != "active" or (subject is not None and subject.restricted):
+            # Checked when the work starts: an ended contract or a restricted client's photo is
+            # not processed; it stays sealed in quarantine.
             p.state = "quarantined"
             return
         key_id, original = p.contract_id, p.original_object
@@ -67,6 +72,15 @@ def ingest_photo(svc: Services, photo_id: str) -> None:
         else:
             p.state, p.object, p.sha256 = "anonymised", res.photo.object_id, res.photo.sha256
             p.intrinsics, p.faces, p.plates = res.intrinsics, res.faces, res.plates
+        register.record(
+            db,
+            tenant_id=p.tenant_id,
+            actor="system",
+            action="photo_anonymised",
+            categories=["photos", "derived_media"],
+            purpose="privacy gate: metadata, faces and plates",
+            ref=p.id,
+        )
 
 
 class Runner:

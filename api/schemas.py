@@ -56,6 +56,9 @@ class ContractList(Page):
 
 class ContractTerminate(Strict):
     disposition: Literal["destroy", "return", "transfer"] = "destroy"
+    recipient_public_key: str | None = Field(
+        default=None, max_length=2000, description="For a transfer: the receiving processor's X25519 public key, PEM."
+    )
 
 
 class SubjectCreate(Strict):

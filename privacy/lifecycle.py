@@ -1,67 +1,468 @@
-"""Contract termination by destruction (P8): rows, vault objects, uploads in progress, then the key.
+"""Contract termination (P8): export (return or transfer), destruction, and a signed certificate.
 
-Order matters for a resumable, never-readable-halfway termination: the contract is first marked
-``terminating`` (no new work is accepted, running jobs see it at their next check), then every
-object is shredded and its rows deleted, and last the data key is destroyed, which makes any
-copy that escaped (a backup, a disk block) unreadable. Re-running it finishes what a kill left.
+``terminate_contract`` is resumable: each step records its result in ``contracts.termination``
+before the next starts, so a run killed at any point is finished by running it again, and no
+step leaves a readable copy behind:
+
+1. ``freeze``    the contract goes to ``terminating`` (no new work), queued and running jobs are
+                 cancelled, and running ones are waited for (their scratch disappears);
+2. ``export``    for ``return``/``transfer``: a self-describing archive (photos, plans, designs,
+                 subject records, the register, a manifest of SHA-256 hashes); for ``transfer``
+                 encrypted to the receiving processor's X25519 public key;
+3. ``inventory`` every vault object, upload in progress and scratch file of the contract is
+                 listed with the SHA-256 of its bytes (the certificate names them by hash);
+4. ``rows``      its rows are deleted (subjects, projects, photos, designs, jobs, plan files);
+5. ``objects``   its objects, uploads and scratch are shredded;
+6. ``key``       its data key is destroyed (crypto-shredding: copies in backups die with it);
+7. ``close``     billing records get their 7-year deletion date, the register records the end,
+                 and the certificate is signed with the service's Ed25519 key.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import logging
+import os
+import secrets
 import shutil
+import time
+import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from sqlalchemy import delete, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
-from privacy.vault import Vault
-from siteplan.db import Contract, Design, Job, Photo, PlanFile, Project, Subject, SubjectToken
+from privacy import register, signing
+from privacy.subjects import open_subject
+from privacy.vault import Vault, shred_file
+from siteplan.db import (
+    BillingRecord,
+    Certificate,
+    Contract,
+    Design,
+    Job,
+    Photo,
+    PlanFile,
+    Project,
+    Subject,
+    SubjectToken,
+)
 
 log = logging.getLogger(__name__)
 
+DISPOSITIONS = ("destroy", "return", "transfer")
+STEPS = ("freeze", "export", "inventory", "rows", "objects", "key", "close")
+BILLING_RETENTION = timedelta(days=7 * 365 + 2)  # 7 years (P10), leap days included
+
+
+class TerminationError(RuntimeError):
+    """Termination cannot proceed as asked (the message says why)."""
+
 
 @dataclass(frozen=True)
-class Destruction:
-    objects: int
-    rows: int
-    key_destroyed: bool
+class Paths:
+    """Where the contract's data can be, besides the vault."""
+
+    uploads: Path
+    scratch: Path
+    exports: Path
+    certificates: Path
+    signing_key: Path
+
+
+def _sha256_file(p: Path) -> str:
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _state(factory: sessionmaker[Session], contract_id: str) -> dict[str, Any]:
+    with factory() as db:
+        c = db.get(Contract, contract_id)
+        if c is None:
+            raise TerminationError("no such contract")
+        return dict(c.termination or {})
+
+
+def _save(factory: sessionmaker[Session], contract_id: str, **changes: Any) -> dict[str, Any]:
+    with factory.begin() as db:
+        c = db.get(Contract, contract_id)
+        assert c is not None
+        t = dict(c.termination or {})
+        t.update(changes)
+        c.termination = t
+        return t
+
+
+def _done(factory: sessionmaker[Session], contract_id: str, step: str, **changes: Any) -> None:
+    t = _state(factory, contract_id)
+    _save(factory, contract_id, steps=[*t.get("steps", []), step], **changes)
+
+
+# -- export archives ----------------------------------------------------------------------------
+
+
+def _export_zip(db: Session, vault: Vault, contract: Contract) -> bytes:
+    """Everything of one contract, decrypted, with a manifest of SHA-256 hashes. Held in memory
+    (one contract's photos: tens of MB); a streaming zip is the upgrade for very large ones."""
+    files: list[dict[str, Any]] = []
+    buf = io.BytesIO()
+    cid = contract.id
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+
+        def add(name: str, data: bytes) -> None:
+            z.writestr(name, data)
+            files.append({"path": name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+
+        subjects = db.scalars(select(Subject).where(Subject.contract_id == cid)).all()
+        for s in subjects:
+            f = open_subject(vault.keys, cid, s.id, s.name_enc, s.address_enc, s.phone_enc)
+            rec = {"id": s.id, "name": f.name, "address": f.address, "phone": f.phone, "restricted": s.restricted}
+            add(f"subjects/{s.id}.json", json.dumps(rec, indent=1, ensure_ascii=False).encode())
+        for p in db.scalars(select(Project).where(Project.contract_id == cid)).all():
+            add(
+                f"projects/{p.id}/project.json",
+                json.dumps({"id": p.id, "reference": p.reference, "subject_id": p.subject_id}).encode(),
+            )
+            for ph in db.scalars(select(Photo).where(Photo.project_id == p.id, Photo.state == "anonymised")).all():
+                assert ph.object is not None
+                add(f"projects/{p.id}/photos/{ph.id}.jpg", vault.read_bytes(cid, ph.object))
+            for d in db.scalars(select(Design).where(Design.project_id == p.id)).all():
+                add(f"projects/{p.id}/designs/{d.id}.json", json.dumps(d.descriptor).encode())
+                if d.object:
+                    add(f"projects/{p.id}/designs/{d.id}.{d.file_format}", vault.read_bytes(cid, d.object))
+            for j in db.scalars(select(Job).where(Job.project_id == p.id, Job.state == "done")).all():
+                for pf in db.scalars(select(PlanFile).where(PlanFile.job_id == j.id)).all():
+                    add(f"projects/{p.id}/plans/{j.id}/{pf.name}", vault.read_bytes(cid, pf.object))
+        add("register.json", json.dumps(register.export_register(db, contract.tenant_id), indent=1).encode())
+        manifest = {
+            "format": "siteplan.export/v1",
+            "controller": contract.tenant_id,
+            "contract": cid,
+            "created_at": datetime.now(UTC).isoformat(),
+            "files": files,
+        }
+        z.writestr("manifest.json", json.dumps(manifest, indent=1))
+    return buf.getvalue()
+
+
+_TRANSFER_MAGIC = b"SPX1"
+
+
+def encrypt_for(recipient_public_pem: bytes, data: bytes) -> bytes:
+    """Seal ``data`` to an X25519 public key: ephemeral ECDH, HKDF-SHA256, AES-256-GCM."""
+    pub = serialization.load_pem_public_key(recipient_public_pem)
+    if not isinstance(pub, X25519PublicKey):
+        raise TerminationError("the receiving processor's key must be an X25519 public key (PEM)")
+    eph = X25519PrivateKey.generate()
+    eph_raw = eph.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    key = HKDF(hashes.SHA256(), 32, salt=eph_raw, info=b"siteplan-transfer/v1").derive(eph.exchange(pub))
+    nonce = secrets.token_bytes(12)
+    return _TRANSFER_MAGIC + eph_raw + nonce + AESGCM(key).encrypt(nonce, data, _TRANSFER_MAGIC + eph_raw)
+
+
+def decrypt_transfer(recipient_private_pem: bytes, blob: bytes) -> bytes:
+    """What the receiving processor runs (or any X25519 + HKDF + AES-GCM implementation)."""
+    priv = serialization.load_pem_private_key(recipient_private_pem, password=None)
+    if not isinstance(priv, X25519PrivateKey) or blob[:4] != _TRANSFER_MAGIC:
+        raise TerminationError("not a Siteplan transfer archive, or not an X25519 key")
+    eph_raw, nonce, ct = blob[4:36], blob[36:48], blob[48:]
+    shared = priv.exchange(X25519PublicKey.from_public_bytes(eph_raw))
+    key = HKDF(hashes.SHA256(), 32, salt=eph_raw, info=b"siteplan-transfer/v1").derive(shared)
+    return AESGCM(key).decrypt(nonce, ct, _TRANSFER_MAGIC + eph_raw)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{secrets.token_hex(6)}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# -- the termination ------------------------------------------------------------------------------
 
 
 def terminate_contract(
-    db: Session, vault: Vault, *, contract_id: str, disposition: str = "destroy", uploads_dir: Path | None = None
-) -> Destruction:
-    ct = db.get(Contract, contract_id)
-    if ct is None:
-        raise LookupError("no such contract")
-    ct.state, ct.disposition = "terminating", disposition
-    db.flush()
-    projects = list(db.scalars(select(Project.id).where(Project.contract_id == contract_id)))
-    if projects:
-        db.execute(
-            update(Job)
-            .where(Job.project_id.in_(projects), Job.state.in_(("queued", "running")))
-            .values(state="cancelled", error="the contract ended")
+    factory: sessionmaker[Session],
+    vault: Vault,
+    paths: Paths,
+    *,
+    contract_id: str,
+    disposition: str,
+    actor: str = "system",
+    recipient_public_pem: bytes | None = None,
+    wait_for_jobs_s: float = 120.0,
+    checkpoint: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) a termination; returns the signed certificate."""
+    if disposition not in DISPOSITIONS:
+        raise TerminationError(f"disposition must be one of {', '.join(DISPOSITIONS)}")
+    if disposition == "transfer" and recipient_public_pem is None:
+        raise TerminationError("a transfer needs the receiving processor's public key")
+    hook = checkpoint or (lambda _step: None)
+
+    with factory.begin() as db:
+        c = db.get(Contract, contract_id)
+        if c is None:
+            raise TerminationError("no such contract")
+        if c.state == "ended":
+            cert = db.scalars(select(Certificate).where(Certificate.contract_id == contract_id)).first()
+            if cert is None:
+                raise TerminationError("the contract ended without a certificate")
+            return dict(cert.document)
+        if c.state == "terminating" and c.disposition != disposition:
+            raise TerminationError(f"a '{c.disposition}' termination is under way; finish it with that disposition")
+        c.state, c.disposition = "terminating", disposition
+        tenant_id = c.tenant_id
+        t = dict(c.termination or {})
+        t.setdefault("steps", [])
+        t.setdefault("started_at", datetime.now(UTC).isoformat())
+        c.termination = t
+    steps: list[str] = t["steps"]
+
+    # 1. freeze
+    if "freeze" not in steps:
+        with factory.begin() as db:
+            projects = select(Project.id).where(Project.contract_id == contract_id)
+            running = list(db.scalars(select(Job.id).where(Job.project_id.in_(projects), Job.state == "running")))
+            n = db.execute(
+                update(Job)
+                .where(Job.project_id.in_(projects), Job.state.in_(("queued", "running")))
+                .values(state="cancelled", error="the contract ended")
+            ).rowcount  # type: ignore[attr-defined]
+        deadline = time.monotonic() + wait_for_jobs_s
+        while any((paths.scratch / j).exists() for j in running) and time.monotonic() < deadline:
+            time.sleep(0.2)  # a cancelled job stops at its next stage and wipes its scratch
+        _done(factory, contract_id, "freeze", jobs_cancelled=n)
+    hook("freeze")
+
+    # 2. export
+    if "export" not in _state(factory, contract_id)["steps"]:
+        export: dict[str, Any] | None = None
+        if disposition in ("return", "transfer"):
+            with factory() as db:
+                c = db.get(Contract, contract_id)
+                assert c is not None
+                data = _export_zip(db, vault, c)
+            name = f"{contract_id}-export.zip"
+            if disposition == "transfer":
+                assert recipient_public_pem is not None
+                data = encrypt_for(recipient_public_pem, data)
+                name += ".x25519"
+            dest = paths.exports / name
+            _write_atomic(dest, data)
+            export = {"file": name, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+            if disposition == "transfer":
+                pub = serialization.load_pem_public_key(recipient_public_pem)  # type: ignore[arg-type]
+                raw = pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+                export["recipient_key_fingerprint"] = "SHA256:" + hashlib.sha256(raw).hexdigest()[:32]
+        _done(factory, contract_id, "export", export=export)
+    hook("export")
+
+    # 3. inventory: name every copy by the hash of its bytes, before anything is destroyed.
+    if "inventory" not in _state(factory, contract_id)["steps"]:
+        objects = {oid: _sha256_file(vault.object_path(contract_id, oid)) for oid in vault.objects(contract_id)}
+        uploads = (
+            sorted(str(p.relative_to(paths.uploads)) for p in (paths.uploads / contract_id).rglob("*") if p.is_file())
+            if (paths.uploads / contract_id).exists()
+            else []
         )
-    rows = 0
-    job_ids = list(db.scalars(select(Job.id).where(Job.project_id.in_(projects)))) if projects else []
-    subjects = list(db.scalars(select(Subject.id).where(Subject.contract_id == contract_id)))
-    for stmt in (
-        delete(PlanFile).where(PlanFile.contract_id == contract_id),
-        delete(Job).where(Job.id.in_(job_ids)),
-        delete(Photo).where(Photo.contract_id == contract_id),
-        delete(Design).where(Design.contract_id == contract_id),
-        delete(Project).where(Project.contract_id == contract_id),
-        delete(SubjectToken).where(SubjectToken.subject_id.in_(subjects)),
-        delete(Subject).where(Subject.contract_id == contract_id),
-    ):
-        rows += db.execute(stmt).rowcount or 0  # type: ignore[attr-defined]
-    objects = vault.drop_container(contract_id)
-    if uploads_dir is not None and (uploads_dir / contract_id).exists():
-        shutil.rmtree(uploads_dir / contract_id, ignore_errors=True)
-    key = vault.keys.destroy(contract_id)
-    ct.state = "ended"
-    db.flush()
-    log.info("contract %s destroyed: %d objects, %d rows, key destroyed: %s", contract_id[:8], objects, rows, key)
-    return Destruction(objects, rows, key)
+        with factory() as db:
+            projects = select(Project.id).where(Project.contract_id == contract_id)
+            jobs = list(db.scalars(select(Job.id).where(Job.project_id.in_(projects))))
+        _done(factory, contract_id, "inventory", objects=objects, uploads=uploads, jobs=jobs)
+    hook("inventory")
+
+    # 4. rows
+    if "rows" not in _state(factory, contract_id)["steps"]:
+        counts: dict[str, int] = {}
+        with factory.begin() as db:
+            project_ids = list(db.scalars(select(Project.id).where(Project.contract_id == contract_id)))
+            jobs = list(db.scalars(select(Job.id).where(Job.project_id.in_(project_ids))))
+            subjects = list(db.scalars(select(Subject.id).where(Subject.contract_id == contract_id)))
+            for name, stmt in (
+                ("plan_files", delete(PlanFile).where(PlanFile.contract_id == contract_id)),
+                ("jobs", delete(Job).where(Job.id.in_(jobs))),
+                ("photos", delete(Photo).where(Photo.contract_id == contract_id)),
+                ("designs", delete(Design).where(Design.contract_id == contract_id)),
+                ("projects", delete(Project).where(Project.contract_id == contract_id)),
+                ("subject_index", delete(SubjectToken).where(SubjectToken.subject_id.in_(subjects))),
+                ("subjects", delete(Subject).where(Subject.contract_id == contract_id)),
+            ):
+                counts[name] = db.execute(stmt).rowcount or 0  # type: ignore[attr-defined]
+        _done(factory, contract_id, "rows", rows=counts)
+    hook("rows")
+
+    # 5. objects, uploads in progress, worker scratch
+    if "objects" not in _state(factory, contract_id)["steps"]:
+        st = _state(factory, contract_id)
+        shredded = vault.drop_container(contract_id)
+        up = paths.uploads / contract_id
+        for p in sorted(up.rglob("*")) if up.exists() else []:
+            if p.is_file():
+                shred_file(p)
+        shutil.rmtree(up, ignore_errors=True)
+        scratch_files = 0
+        for j in st.get("jobs", []):
+            d = paths.scratch / j
+            if d.exists():
+                for p in d.rglob("*"):
+                    if p.is_file():
+                        scratch_files += shred_file(p)
+                shutil.rmtree(d, ignore_errors=True)
+        _done(factory, contract_id, "objects", shredded=st.get("shredded", 0) + shredded, scratch_files=scratch_files)
+    hook("objects")
+
+    # 6. key
+    if "key" not in _state(factory, contract_id)["steps"]:
+        vault.keys.destroy(contract_id)
+        if vault.keys.exists(contract_id):
+            raise TerminationError("the data key could not be destroyed")
+        _done(factory, contract_id, "key", key_destroyed_at=datetime.now(UTC).isoformat())
+    hook("key")
+
+    # 7. close: billing retention, register, certificate, state.
+    st = _state(factory, contract_id)
+    today = date.today()
+    with factory.begin() as db:
+        db.execute(
+            update(BillingRecord)
+            .where(BillingRecord.contract_id == contract_id, BillingRecord.file_closed_on.is_(None))
+            .values(file_closed_on=today, delete_after=today + BILLING_RETENTION)
+        )
+        entry = register.record(
+            db,
+            tenant_id=tenant_id,
+            actor=actor,
+            action="contract_terminated",
+            categories=["photos", "derived_media", "site_models", "subject_identity", "subject_contact"],
+            purpose=f"end of service: {disposition}",
+            ref=contract_id,
+        )
+        doc = {
+            "type": "siteplan.destruction-certificate/v1",
+            "certificate_id": secrets.token_hex(16),
+            "issued_at": datetime.now(UTC).isoformat(),
+            "controller": tenant_id,
+            "contract": contract_id,
+            "disposition": disposition,
+            "export": st.get("export"),
+            "jobs_cancelled": st.get("jobs_cancelled", 0),
+            "destroyed": {
+                "objects": len(st.get("objects", {})),
+                "object_sha256": sorted(st.get("objects", {}).values()),
+                "object_ids": sorted(st.get("objects", {})),
+                "uploads_in_progress_files": len(st.get("uploads", [])),
+                "scratch_files": st.get("scratch_files", 0),
+                "rows": st.get("rows", {}),
+            },
+            "key_destruction": {
+                "key_id": contract_id,
+                "destroyed_at": st.get("key_destroyed_at"),
+                "method": "data key (AES-256) overwritten and unlinked from the key store; every object and "
+                "backup copy sealed with it is unreadable (crypto-shredding)",
+            },
+            "register_head": {"seq": entry.seq, "hash": entry.hash},
+            "retained": "billing records only (not media), deleted 7 years after the file is closed",
+        }
+        signed = signing.sign(signing.load_or_create(paths.signing_key), doc)
+        db.add(Certificate(tenant_id=tenant_id, contract_id=contract_id, document=signed))
+        c = db.get(Contract, contract_id)
+        assert c is not None
+        c.state, c.ends_on = "ended", today
+        t2 = dict(c.termination or {})
+        t2["steps"] = [*t2.get("steps", []), "close"]
+        c.termination = t2
+    write_certificate(paths.certificates, signed)
+    log.info("contract %s ended (%s): %d objects destroyed", contract_id[:8], disposition, len(st.get("objects", {})))
+    return signed
+
+
+def write_certificate(directory: Path, signed: dict[str, Any]) -> tuple[Path, Path]:
+    """The signed JSON and a human-readable HTML rendering of it."""
+    from html import escape
+
+    doc = signed["document"]
+    base = directory / f"destruction-{doc['contract']}"
+    _write_atomic(base.with_suffix(".json"), json.dumps(signed, indent=1).encode())
+    rows = "".join(f"<tr><td>{escape(k)}</td><td>{v}</td></tr>" for k, v in doc["destroyed"]["rows"].items())
+    export = doc.get("export")
+    export_line = (
+        "<p>Before destruction an export archive was handed over "
+        f"(SHA-256 <code>{escape(export['sha256'])}</code>).</p>"
+        if export
+        else ""
+    )
+    html = f"""<!doctype html><meta charset="utf-8"><title>Destruction certificate</title>
+<style>body{{font:15px system-ui;max-width:760px;margin:2em auto}}td{{padding:2px 10px}}code{{font-size:12px}}</style>
+<h1>Certificate of destruction</h1>
+<p>Contract <code>{escape(doc["contract"])}</code> of controller <code>{escape(doc["controller"])}</code>
+ended on {escape(doc["issued_at"])} with disposition <b>{escape(doc["disposition"])}</b>.</p>
+<p>{doc["destroyed"]["objects"]} stored objects (originals, anonymised photos, designs, models, drawings,
+montages) were shredded, {doc["destroyed"]["uploads_in_progress_files"]} files of unfinished uploads and
+{doc["destroyed"]["scratch_files"]} worker scratch files removed, and these database rows deleted:</p>
+<table>{rows}</table>
+<p>The contract's data key was destroyed at {escape(str(doc["key_destruction"]["destroyed_at"]))}: every copy
+of its data, including copies in backups, can no longer be decrypted.</p>
+{export_line}
+<p>Kept: {escape(doc["retained"])}.</p>
+<p>Signed with the service's Ed25519 key {escape(signed["signature"]["key_fingerprint"])}. Verify with
+<code>siteplan certificate verify {escape(base.with_suffix(".json").name)}</code>.</p>
+"""
+    _write_atomic(base.with_suffix(".html"), html.encode())
+    return base.with_suffix(".json"), base.with_suffix(".html")
+
+
+@dataclass(frozen=True)
+class CertificateCheck:
+    signature_ok: bool
+    problems: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return self.signature_ok and not self.problems
+
+
+def verify_certificate(
+    signed: dict[str, Any],
+    *,
+    vault: Vault | None = None,
+    data_dir: Path | None = None,
+    service_public_key: str | None = None,
+) -> CertificateCheck:
+    """The signature; and, where the data dir is at hand, that nothing listed still exists."""
+    ok = signing.verify(signed)
+    problems: list[str] = []
+    if not ok:
+        return CertificateCheck(False, ["the signature does not match the document"])
+    doc = signed["document"]
+    if service_public_key is not None and signed["signature"]["public_key"] != service_public_key:
+        problems.append("signed by a key that is not this service's")
+    if vault is not None:
+        cid = doc["contract"]
+        if vault.keys.exists(cid):
+            problems.append("the contract's data key still exists")
+        for oid in doc["destroyed"]["object_ids"]:
+            if vault.exists(cid, oid):
+                problems.append(f"object {oid} still exists")
+    if data_dir is not None and data_dir.exists():
+        wanted = set(doc["destroyed"]["object_sha256"])
+        for p in data_dir.rglob("*"):
+            if p.is_file() and p.stat().st_size > 8 and _sha256_file(p) in wanted:
+                problems.append(f"a destroyed object's bytes survive in {p.relative_to(data_dir)}")
+    return CertificateCheck(True, problems)

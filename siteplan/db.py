@@ -86,6 +86,9 @@ class Contract(TenantScoped, Base):
     ends_on: Mapped[date | None] = mapped_column(Date, nullable=True)
     state: Mapped[str] = mapped_column(String(16), default="active")  # active, terminating, ended
     disposition: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    # Progress of a termination (privacy/lifecycle.py): what was exported, which objects (by
+    # hash) are to be destroyed, which steps are done. Lets a killed termination resume.
+    termination: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
 
 
@@ -199,6 +202,47 @@ class IdempotencyRecord(TenantScoped, Base):
     body: Mapped[dict[str, Any]] = mapped_column(JSON)
     location: Mapped[str | None] = mapped_column(String(200), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class RegisterEntry(TenantScoped, Base):
+    """The register of processing (P9): append-only, hash-chained per controller (privacy/register.py)."""
+
+    __tablename__ = "register_entries"
+    __table_args__ = (UniqueConstraint("tenant_id", "seq"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    seq: Mapped[int] = mapped_column(Integer)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    actor: Mapped[str] = mapped_column(String(40))  # a token id, or "system"
+    action: Mapped[str] = mapped_column(String(40))
+    categories: Mapped[str] = mapped_column(String(200))  # space separated
+    purpose: Mapped[str] = mapped_column(String(200))
+    ref: Mapped[str | None] = mapped_column(String(64), nullable=True)  # an object id, never a name
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class Certificate(TenantScoped, Base):
+    """A signed destruction certificate (kept: it is the written justification, P8)."""
+
+    __tablename__ = "certificates"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=_uuid)
+    contract_id: Mapped[str] = mapped_column(String(32), index=True)
+    issued_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    document: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class BillingRecord(TenantScoped, Base):
+    """Invoice data: not media, kept up to 7 years after the file is closed (P10)."""
+
+    __tablename__ = "billing_records"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=_uuid)
+    contract_id: Mapped[str] = mapped_column(String(32), index=True)
+    job_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    item: Mapped[str] = mapped_column(String(60))
+    quantity: Mapped[int] = mapped_column(Integer, default=1)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    file_closed_on: Mapped[date | None] = mapped_column(Date, nullable=True)
+    delete_after: Mapped[date | None] = mapped_column(Date, nullable=True)
 
 
 # -- Tenant scoping in the data layer -------------------------------------------------------------

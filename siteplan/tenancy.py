@@ -10,6 +10,7 @@ from datetime import UTC, date, datetime, timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from privacy import register
 from privacy.subjects import index_key_id
 from privacy.vault import KeyStore
 from siteplan.db import ApiToken, Contract, Tenant
@@ -37,11 +38,22 @@ def create_tenant(db: Session, keys: KeyStore, *, label: str) -> Tenant:
     return t
 
 
-def create_contract(db: Session, keys: KeyStore, *, tenant_id: str, starts_on: date | None = None) -> Contract:
+def create_contract(
+    db: Session, keys: KeyStore, *, tenant_id: str, starts_on: date | None = None, actor: str = "operator"
+) -> Contract:
     c = Contract(tenant_id=tenant_id, starts_on=starts_on or date.today(), state="active")
     db.add(c)
     db.flush()
     keys.create(c.id)  # the contract's data key: destroying it shreds every copy of its media
+    register.record(
+        db,
+        tenant_id=tenant_id,
+        actor=actor,
+        action="contract_started",
+        categories=["account"],
+        purpose="processing agreement for COVER design services",
+        ref=c.id,
+    )
     return c
 
 

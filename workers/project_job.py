@@ -19,6 +19,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from privacy import register
 from privacy.metadata import orient_point
 from privacy.vault import Vault
 from reconstruct.errors import ScaleReferenceError
@@ -26,7 +27,7 @@ from reconstruct.reference import ScaleReference, check_reference
 from reconstruct.report import write_report_html
 from reconstruct.sfm import SfmConfig
 from siteplan import PIPELINE_VERSION
-from siteplan.db import Contract, Design, Job, Photo, PlanFile, Project, Subject
+from siteplan.db import BillingRecord, Contract, Design, Job, Photo, PlanFile, Project, Subject
 from siteplan.settings import Settings
 from workers.job import SITE_KEYS, JobFailed, site_and_plan
 from workers.runtime import ray_runtime
@@ -240,6 +241,16 @@ def run_project_job(
                     )
                 )
             j.state, j.stage, j.progress, j.timings = "done", "done", 1.0, dict(timings)
+            register.record(
+                db,
+                tenant_id=tenant_id,
+                actor="system",
+                action="plan_produced",
+                categories=["photos", "site_models", "derived_media"],
+                purpose="3D plan, drawings and montages of the site with the design",
+                ref=job_id,
+            )
+            db.add(BillingRecord(tenant_id=tenant_id, contract_id=key_id, job_id=job_id, item="plan"))
             j.result = {
                 "placement": plan_result.get("placement"),
                 "scale_source": info.get("scale_source"),

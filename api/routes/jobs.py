@@ -14,6 +14,7 @@ from api.errors import ERROR_RESPONSES, ApiError, not_found
 from api.routes.common import IDEMPOTENCY_HELP, commit_or_conflict, count, fingerprint, remember, replay, set_location
 from api.routes.projects import get_project, require_active
 from api.schemas import JobCreate, JobList, JobPublic, PlanFilePublic, PlanPublic
+from privacy import register
 from siteplan import PIPELINE_VERSION
 from siteplan.db import Design, Job, Photo, PlanFile, Subject
 
@@ -78,6 +79,15 @@ def post_job(
     )
     db.add(j)
     db.flush()
+    register.record(
+        db,
+        tenant_id=c.tenant_id,
+        actor=c.token_id,
+        action="plan_requested",
+        categories=["photos", "site_models", "derived_media"],
+        purpose="3D plan, drawings and montages of the site with the design",
+        ref=j.id,
+    )
     out = _public(j)
     loc = f"/v1/jobs/{j.id}"
     remember(db, tenant_id=c.tenant_id, key=idempotency_key, fp=fp, status=202, body={"id": j.id}, location=loc)

@@ -31,6 +31,7 @@ from api.routes.common import IDEMPOTENCY_HELP, commit_or_conflict, count, finge
 from api.routes.projects import get_project, require_active
 from api.schemas import PhotoList, PhotoPublic
 from api.services import Services
+from privacy import register
 from privacy.anonymize import AnonymizationPolicy
 from privacy.decode import sniff_format
 from privacy.errors import InvalidImage
@@ -241,11 +242,21 @@ def _begin_patch(svc: Services, tenant_id: str, upload_id: str) -> _Upload:
         return _Upload(p.id, p.contract_id, p.length)
 
 
-def _finish_patch(svc: Services, tenant_id: str, upload_id: str, **values: object) -> None:
+def _finish_patch(svc: Services, tenant_id: str, upload_id: str, actor: str, **values: object) -> None:
     with tenant_session(svc.factory, tenant_id) as db:
         p = _get_photo(db, upload_id)
         for k, v in values.items():
             setattr(p, k, v)
+        if p.state == "quarantined":
+            register.record(
+                db,
+                tenant_id=tenant_id,
+                actor=actor,
+                action="photo_received",
+                categories=["photos"],
+                purpose="site photo for a design (quarantined, encrypted)",
+                ref=p.id,
+            )
         db.commit()
 
 
@@ -335,12 +346,14 @@ async def patch_upload(
                 refused = exc
         if refused is not None:
             await run_in_threadpool(staging.discard)
-            await run_in_threadpool(_finish_patch, svc, c.tenant_id, p.id, state="rejected", error=refused.message)
+            await run_in_threadpool(
+                _finish_patch, svc, c.tenant_id, p.id, c.token_id, state="rejected", error=refused.message
+            )
             raise refused
         if offset == p.length:
             info = await run_in_threadpool(staging.complete)
             await run_in_threadpool(
-                _finish_patch, svc, c.tenant_id, p.id, original_object=info.object_id, state="quarantined"
+                _finish_patch, svc, c.tenant_id, p.id, c.token_id, original_object=info.object_id, state="quarantined"
             )
             runner = svc.runner
             if runner is not None:

@@ -13,6 +13,8 @@ from api.errors import ERROR_RESPONSES, ApiError, not_found
 from api.routes.common import IDEMPOTENCY_HELP, commit_or_conflict, count, fingerprint, remember, replay, set_location
 from api.schemas import SubjectCreate, SubjectList, SubjectPublic, SubjectUpdate
 from api.services import Services
+from privacy import register
+from privacy.rights import erase_subject, export_subject
 from privacy.subjects import (
     SubjectFields,
     index_digests,
@@ -76,6 +78,15 @@ def post_subject(
     for k, v in seal_subject(svc.vault.keys, s.contract_id, s.id, f).items():
         setattr(s, k, v)
     _reindex(db, svc, s, f)
+    register.record(
+        db,
+        tenant_id=c.tenant_id,
+        actor=c.token_id,
+        action="subject_created",
+        categories=["subject_identity", "subject_contact"],
+        purpose="client record for a design",
+        ref=s.id,
+    )
     db.flush()
     out = _public(svc, s)
     loc = f"/v1/subjects/{s.id}"
@@ -126,7 +137,7 @@ def get_subject(subject_id: str, db: DB, svc: ServicesDep, _: ReadCaller) -> Sub
 
 
 @router.patch("/{subject_id}", response_model=SubjectPublic)
-def patch_subject(subject_id: str, body: SubjectUpdate, db: DB, svc: ServicesDep, _: UploadCaller) -> SubjectPublic:
+def patch_subject(subject_id: str, body: SubjectUpdate, db: DB, svc: ServicesDep, c: UploadCaller) -> SubjectPublic:
     """Rectify a subject's data (P7)."""
     s = _get(db, subject_id)
     old = open_subject(svc.vault.keys, s.contract_id, s.id, s.name_enc, s.address_enc, s.phone_enc)
@@ -139,22 +150,96 @@ def patch_subject(subject_id: str, body: SubjectUpdate, db: DB, svc: ServicesDep
     for k, v in seal_subject(svc.vault.keys, s.contract_id, s.id, f).items():
         setattr(s, k, v)
     _reindex(db, svc, s, f)
+    register.record(
+        db,
+        tenant_id=c.tenant_id,
+        actor=c.token_id,
+        action="subject_rectified",
+        categories=["subject_identity", "subject_contact"],
+        purpose="rectification (P7)",
+        ref=s.id,
+    )
     db.commit()
     return _public(svc, s)
 
 
 @router.post("/{subject_id}/restrict", response_model=SubjectPublic)
-def restrict_subject(subject_id: str, db: DB, svc: ServicesDep, _: UploadCaller) -> SubjectPublic:
+def restrict_subject(subject_id: str, db: DB, svc: ServicesDep, c: UploadCaller) -> SubjectPublic:
     """Restrict processing (P7): every job refuses this subject's media from now on."""
     s = _get(db, subject_id)
     s.restricted = True
+    register.record(
+        db,
+        tenant_id=c.tenant_id,
+        actor=c.token_id,
+        action="subject_restricted",
+        categories=["photos", "derived_media"],
+        purpose="restriction of processing (P7)",
+        ref=s.id,
+    )
     db.commit()
     return _public(svc, s)
 
 
 @router.post("/{subject_id}/lift-restriction", response_model=SubjectPublic)
-def lift_restriction(subject_id: str, db: DB, svc: ServicesDep, _: UploadCaller) -> SubjectPublic:
+def lift_restriction(subject_id: str, db: DB, svc: ServicesDep, c: UploadCaller) -> SubjectPublic:
     s = _get(db, subject_id)
     s.restricted = False
+    register.record(
+        db,
+        tenant_id=c.tenant_id,
+        actor=c.token_id,
+        action="subject_restriction_lifted",
+        categories=["photos", "derived_media"],
+        purpose="restriction lifted (P7)",
+        ref=s.id,
+    )
     db.commit()
     return _public(svc, s)
+
+
+@router.get(
+    "/{subject_id}/export",
+    response_class=Response,
+    responses={200: {"content": {"application/zip": {}}, "description": "everything about the subject"}},
+)
+def export(subject_id: str, db: DB, svc: ServicesDep, c: ReadCaller) -> Response:
+    """Access and portability (P7): the subject's record and their projects' photos and plans."""
+    s = _get(db, subject_id)
+    data = export_subject(db, svc.vault, s)
+    register.record(
+        db,
+        tenant_id=c.tenant_id,
+        actor=c.token_id,
+        action="subject_exported",
+        categories=["subject_identity", "subject_contact", "photos", "derived_media"],
+        purpose="access and portability (P7)",
+        ref=s.id,
+    )
+    db.commit()
+    return Response(
+        data,
+        media_type="application/zip",
+        headers={
+            "Content-Disposition": f'attachment; filename="subject-{s.id}.zip"',
+            "Cache-Control": "private, no-store",
+        },
+    )
+
+
+@router.delete("/{subject_id}", status_code=204, response_class=Response)
+def erase(subject_id: str, db: DB, svc: ServicesDep, c: UploadCaller) -> Response:
+    """Erasure (P7): the subject, their projects and every photo, design and plan of those."""
+    s = _get(db, subject_id)
+    erase_subject(db, svc.vault, s)
+    register.record(
+        db,
+        tenant_id=c.tenant_id,
+        actor=c.token_id,
+        action="subject_erased",
+        categories=["subject_identity", "subject_contact", "photos", "derived_media", "site_models"],
+        purpose="erasure (P7)",
+        ref=subject_id,
+    )
+    db.commit()
+    return Response(status_code=204)

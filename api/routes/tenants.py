@@ -11,8 +11,9 @@ from api.deps import DB, AdminCaller, ReadCaller, ServicesDep
 from api.errors import ERROR_RESPONSES, ApiError, not_found
 from api.routes.common import IDEMPOTENCY_HELP, commit_or_conflict, count, fingerprint, remember, replay, set_location
 from api.schemas import ContractCreate, ContractList, ContractPublic, ContractTerminate, TenantPublic
-from privacy.lifecycle import terminate_contract
+from privacy.lifecycle import TerminationError, terminate_contract
 from siteplan.db import Contract, Tenant
+from siteplan.paths import lifecycle_paths
 from siteplan.tenancy import create_contract
 
 router = APIRouter(tags=["tenants"], responses=ERROR_RESPONSES)
@@ -55,7 +56,7 @@ def post_contract(
     if (rec := replay(db, idempotency_key, fp)) is not None:
         set_location(response, rec.location)
         return ContractPublic.model_validate(rec.body)
-    ct = create_contract(db, svc.vault.keys, tenant_id=c.tenant_id, starts_on=body.starts_on)
+    ct = create_contract(db, svc.vault.keys, tenant_id=c.tenant_id, starts_on=body.starts_on, actor=c.token_id)
     out = _contract(ct)
     loc = f"/v1/contracts/{ct.id}"
     remember(db, tenant_id=c.tenant_id, key=idempotency_key, fp=fp, status=201, body=out, location=loc)
@@ -72,16 +73,40 @@ def get_contract(contract_id: str, db: DB, _: ReadCaller) -> ContractPublic:
     return _contract(ct)
 
 
-@router.post("/contracts/{contract_id}/terminate", response_model=ContractPublic)
+@router.post(
+    "/contracts/{contract_id}/terminate",
+    response_model=ContractPublic,
+    responses={409: ERROR_RESPONSES[401] | {"description": "a different termination is under way"}},
+)
 def post_terminate(
-    contract_id: str, body: ContractTerminate, db: DB, svc: ServicesDep, _: AdminCaller
+    contract_id: str, body: ContractTerminate, db: DB, svc: ServicesDep, c: AdminCaller
 ) -> ContractPublic:
+    """End a contract: export (return, transfer), destroy everything, sign a certificate.
+    Calling it again resumes a termination that was interrupted."""
     ct = db.get(Contract, contract_id)
     if ct is None:
         raise not_found("contract")
-    if body.disposition != "destroy":
-        raise ApiError(422, "invalid", "only 'destroy' is available through the API for now", field="disposition")
-    terminate_contract(db, svc.vault, contract_id=contract_id, disposition=body.disposition)
-    db.commit()
-    db.refresh(ct)
+    if body.disposition == "transfer" and not body.recipient_public_key:
+        raise ApiError(
+            422,
+            "invalid",
+            "a transfer needs the receiving processor's X25519 public key (PEM)",
+            field="recipient_public_key",
+        )
+    db.rollback()
+    try:
+        terminate_contract(
+            svc.factory,
+            svc.vault,
+            lifecycle_paths(svc.settings),
+            contract_id=contract_id,
+            disposition=body.disposition,
+            actor=c.token_id,
+            recipient_public_pem=body.recipient_public_key.encode() if body.recipient_public_key else None,
+        )
+    except TerminationError as exc:
+        raise ApiError(409, "conflict", str(exc)) from None
+    db.expire_all()
+    ct = db.get(Contract, contract_id)
+    assert ct is not None
     return _contract(ct)
