@@ -226,6 +226,183 @@ def cmd_token_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def _services() -> Any:
+    from privacy.vault import FileKeyStore, Vault
+    from siteplan.db import init_db
+    from siteplan.settings import Settings
+
+    settings = Settings()
+    settings.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return settings, init_db(settings.db_url), Vault(settings.vault_dir, FileKeyStore(settings.key_dir))
+
+
+def cmd_contract_end(args: argparse.Namespace) -> int:
+    from privacy.lifecycle import TerminationError, terminate_contract
+    from siteplan.paths import lifecycle_paths
+
+    settings, factory, vault = _services()
+    pem = Path(args.recipient_key).read_bytes() if args.recipient_key else None
+    try:
+        signed = terminate_contract(
+            factory,
+            vault,
+            lifecycle_paths(settings),
+            contract_id=args.contract,
+            disposition=args.disposition,
+            actor="operator",
+            recipient_public_pem=pem,
+        )
+    except TerminationError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    doc = signed["document"]
+    cert = lifecycle_paths(settings).certificates / f"destruction-{doc['contract']}.json"
+    print(
+        json.dumps(
+            {
+                "contract": doc["contract"],
+                "disposition": doc["disposition"],
+                "objects_destroyed": doc["destroyed"]["objects"],
+                "export": doc["export"],
+                "certificate": str(cert),
+                "certificate_html": str(cert.with_suffix(".html")),
+            },
+            indent=1,
+        )
+    )
+    return 0
+
+
+def cmd_certificate_verify(args: argparse.Namespace) -> int:
+    from privacy import signing
+    from privacy.lifecycle import verify_certificate
+    from privacy.vault import FileKeyStore, Vault
+    from siteplan.settings import Settings
+
+    try:
+        signed = json.loads(Path(args.file).read_text())
+    except (OSError, ValueError):
+        raise SystemExit("error: the certificate file cannot be read as JSON") from None
+    settings = Settings()
+    here = settings.root.exists()
+    vault = Vault(settings.vault_dir, FileKeyStore(settings.key_dir)) if here else None
+    key_file = settings.key_dir / "signing.pem"
+    service_key = signing.public_b64(signing.load_or_create(key_file)) if key_file.exists() else None
+    check = verify_certificate(
+        signed, vault=vault, data_dir=settings.root if here else None, service_public_key=service_key
+    )
+    print(
+        json.dumps(
+            {
+                "signature_valid": check.signature_ok,
+                "data_dir_checked": here,
+                "problems": check.problems,
+                "valid": check.ok,
+            },
+            indent=1,
+        )
+    )
+    return 0 if check.ok else 1
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    from sqlalchemy import select
+
+    from privacy.register import export_register, verify_register
+    from siteplan.db import Tenant
+
+    _, factory, _ = _services()
+    with factory() as db:
+        tenants = [args.tenant] if args.tenant else list(db.scalars(select(Tenant.id)))
+        if args.action == "export":
+            if not args.tenant:
+                raise SystemExit("error: --tenant is required for export")
+            print(json.dumps(export_register(db, args.tenant), indent=1))
+            return 0
+        results = {t: verify_register(db, t) for t in tenants}
+    print(
+        json.dumps(
+            {t: {"ok": r.ok, "entries": r.entries, "head": r.head, "problem": r.problem} for t, r in results.items()},
+            indent=1,
+        )
+    )
+    return 0 if all(r.ok for r in results.values()) else 1
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    from privacy.backup import BackupError, backup
+
+    settings, _, _ = _services()
+    try:
+        meta = backup(db_file=settings.root / "siteplan.db", vault_root=settings.vault_dir, out=Path(args.out))
+    except BackupError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    print(json.dumps({"backup": args.out, **meta}))
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from privacy.backup import BackupError, restore
+    from privacy.vault import FileKeyStore, Vault
+    from siteplan.db import init_db
+    from siteplan.settings import Settings
+
+    settings = Settings()
+    settings.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    vault = Vault(settings.vault_dir, FileKeyStore(settings.key_dir))
+    try:
+        rep = restore(
+            Path(args.archive),
+            db_file=settings.root / "siteplan.db",
+            vault_root=settings.vault_dir,
+            factory_for=lambda: init_db(settings.db_url),
+            vault=vault,
+            force=args.force,
+        )
+    except BackupError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    print(
+        json.dumps(
+            {
+                "contracts": rep.contracts,
+                "unrecoverable_contracts": rep.unrecoverable,
+                "note": "contracts whose data key was destroyed stay destroyed" if rep.unrecoverable else "",
+            }
+        )
+    )
+    return 0
+
+
+def cmd_incident(args: argparse.Namespace) -> int:
+    from datetime import datetime
+
+    from privacy.incident import affected_by_object, affected_in_window
+
+    _, factory, _ = _services()
+    with factory() as db:
+        if args.object:
+            out = affected_by_object(db, args.object)
+        elif args.since and args.until:
+            out = affected_in_window(db, datetime.fromisoformat(args.since), datetime.fromisoformat(args.until))
+        else:
+            raise SystemExit("error: give --object NAME, or --since and --until (ISO times)")
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+def cmd_retention(args: argparse.Namespace) -> int:
+    from datetime import date
+
+    from sqlalchemy import delete
+
+    from siteplan.db import BillingRecord
+
+    _, factory, _ = _services()
+    with factory.begin() as db:
+        n = db.execute(delete(BillingRecord).where(BillingRecord.delete_after < date.today())).rowcount
+    print(json.dumps({"billing_records_deleted": n}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="siteplan", description="Site photos in, private metric 3D plans out.")
     p.add_argument("--log-level", default=os.environ.get("SITEPLAN_LOG_LEVEL", "WARNING"))
@@ -275,6 +452,38 @@ def build_parser() -> argparse.ArgumentParser:
     tc.set_defaults(func=cmd_tenant_create)
 
     co = sub.add_parser("contract", help="contracts").add_subparsers(dest="action", required=True)
+    ce = co.add_parser("end", help="end a contract: export if asked, destroy everything, sign a certificate")
+    ce.add_argument("contract")
+    ce.add_argument("--disposition", choices=["destroy", "return", "transfer"], required=True)
+    ce.add_argument("--recipient-key", help="for transfer: the receiving processor's X25519 public key (PEM file)")
+    ce.set_defaults(func=cmd_contract_end)
+
+    ctf = sub.add_parser("certificate", help="destruction certificates").add_subparsers(dest="action", required=True)
+    cv = ctf.add_parser("verify", help="check a certificate's signature and, with the data dir, that nothing survives")
+    cv.add_argument("file")
+    cv.set_defaults(func=cmd_certificate_verify)
+
+    rg = sub.add_parser("register", help="the register of processing")
+    rg.add_argument("action", choices=["verify", "export"])
+    rg.add_argument("--tenant")
+    rg.set_defaults(func=cmd_register)
+
+    bk = sub.add_parser("backup", help="back up the DB and the vault (never the keys)")
+    bk.add_argument("out", help="archive to write (.tar.gz)")
+    bk.set_defaults(func=cmd_backup)
+    rs = sub.add_parser("restore", help="restore a backup; contracts whose key was destroyed stay destroyed")
+    rs.add_argument("archive")
+    rs.add_argument("--force", action="store_true", help="replace the current database")
+    rs.set_defaults(func=cmd_restore)
+
+    inc = sub.add_parser("incident", help="which controllers and subjects an object or time window touches")
+    inc.add_argument("--object")
+    inc.add_argument("--since")
+    inc.add_argument("--until")
+    inc.set_defaults(func=cmd_incident)
+
+    rt = sub.add_parser("retention", help="apply retention: delete billing records past their 7 years")
+    rt.set_defaults(func=cmd_retention)
     cc = co.add_parser("create", help="start a contract for a tenant (creates its data key)")
     cc.add_argument("tenant")
     cc.set_defaults(func=cmd_contract_create)

@@ -1,0 +1,370 @@
+"""The data-protection lifecycle (issue 8): encryption at rest, contract termination that leaves
+nothing readable, resumable after a kill, signed certificates, the hash-chained register,
+restriction checked at processing time, backups that cannot resurrect a destroyed contract."""
+
+from __future__ import annotations
+
+import tarfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from privacy import register
+from privacy.anonymize import AnonymizationPolicy
+from privacy.backup import backup, restore
+from privacy.ingest import ingest
+from privacy.lifecycle import STEPS, decrypt_transfer, terminate_contract, verify_certificate
+from privacy.rights import erase_subject, export_subject
+from privacy.subjects import SubjectFields, index_digests, index_key_id, open_subject, seal_subject
+from privacy.vault import FileKeyStore, KeyDestroyed, UploadStaging, Vault
+from siteplan import PIPELINE_VERSION
+from siteplan.db import Contract, Design, Job, Photo, PlanFile, Project, RegisterEntry, Subject, SubjectToken, init_db
+from siteplan.paths import lifecycle_paths
+from siteplan.settings import Settings
+from siteplan.tenancy import create_contract, create_tenant
+
+SAMPLE = Path(__file__).parents[2] / "sample_data"
+PHOTOS = [SAMPLE / "photos" / "street_people.jpg", SAMPLE / "photos" / "street_car.jpg"]
+
+
+@dataclass
+class ContractData:
+    id: str
+    name: str
+    subject_id: str = ""
+    project_id: str = ""
+    objects: list[str] = field(default_factory=list)
+    plaintext: list[bytes] = field(default_factory=list)  # fingerprints of personal bytes
+    ciphertext: list[bytes] = field(default_factory=list)  # fingerprints of the sealed files
+
+
+@dataclass
+class World:
+    settings: Settings
+    factory: sessionmaker[Session]
+    vault: Vault
+    tenant_id: str
+    c1: ContractData
+    c2: ContractData
+
+
+def _sample(data: bytes) -> bytes:
+    mid = len(data) // 2
+    return data[mid : mid + 48]
+
+
+def _fill(db: Session, vault: Vault, tenant_id: str, cd: ContractData, settings: Settings) -> None:
+    keys = vault.keys
+    s = Subject(tenant_id=tenant_id, contract_id=cd.id, name_enc="")
+    db.add(s)
+    db.flush()
+    f = SubjectFields(cd.name, "Kerkstraat 12, 9000 Gent", "+32 470 12 34 56")
+    for k, v in seal_subject(keys, cd.id, s.id, f).items():
+        setattr(s, k, v)
+    for d in index_digests(keys.get(index_key_id(tenant_id)), f.name, f.address):
+        db.add(SubjectToken(tenant_id=tenant_id, subject_id=s.id, digest=d))
+    p = Project(tenant_id=tenant_id, contract_id=cd.id, subject_id=s.id, reference="P")
+    db.add(p)
+    db.flush()
+    cd.subject_id, cd.project_id = s.id, p.id
+    cd.plaintext += [cd.name.encode(), b"Kerkstraat 12", b"+32 470 12 34 56"]
+    policy = AnonymizationPolicy(keep_original=True)  # keep it, so destruction has originals to find
+    for src in PHOTOS:
+        data = src.read_bytes()
+        orig = vault.put(cd.id, data)
+        res = ingest(vault, key_id=cd.id, original=orig.object_id, policy=policy)
+        assert res.photo is not None
+        db.add(
+            Photo(
+                tenant_id=tenant_id,
+                project_id=p.id,
+                contract_id=cd.id,
+                length=len(data),
+                state="anonymised",
+                original_object=orig.object_id,
+                object=res.photo.object_id,
+                sha256=res.photo.sha256,
+                intrinsics=res.intrinsics,
+            )
+        )
+        cd.plaintext += [_sample(data), _sample(vault.read_bytes(cd.id, res.photo.object_id))]
+    glb = (SAMPLE / "design" / "gate.glb").read_bytes()
+    dobj = vault.put(cd.id, glb)
+    db.add(
+        Design(
+            tenant_id=tenant_id,
+            project_id=p.id,
+            contract_id=cd.id,
+            descriptor={"units": "mm"},
+            file_format="glb",
+            object=dobj.object_id,
+            size=dobj.size,
+        )
+    )
+    j = Job(
+        tenant_id=tenant_id, project_id=p.id, state="done", pipeline_version=PIPELINE_VERSION, inputs={}, timings={}
+    )
+    db.add(j)
+    db.flush()
+    montage = vault.read_bytes(cd.id, res.photo.object_id)[::-1]  # stands in for a montage's bytes
+    mobj = vault.put(cd.id, montage)
+    db.add(
+        PlanFile(
+            tenant_id=tenant_id,
+            job_id=j.id,
+            contract_id=cd.id,
+            name="montage_x.jpg",
+            media_type="image/jpeg",
+            object=mobj.object_id,
+            size=mobj.size,
+            sha256=mobj.sha256,
+        )
+    )
+    cd.plaintext.append(_sample(montage))
+    # An upload left half way, and a job's scratch left behind by a crash.
+    st = UploadStaging(settings.uploads_dir / cd.id / "ab12", vault, cd.id, "ab12")
+    st.append([PHOTOS[0].read_bytes()[:300_000]], limit=10**9)
+    scratch = settings.scratch_dir / j.id
+    scratch.mkdir(parents=True)
+    (scratch / "x.jpg").write_bytes(b"scratch-" + cd.id.encode())
+    cd.plaintext.append(b"scratch-" + cd.id.encode())
+    register.record(
+        db, tenant_id=tenant_id, actor="test", action="plan_produced", categories=["photos"], purpose="test", ref=j.id
+    )
+
+
+def _finish(w_vault: Vault, cd: ContractData) -> None:
+    cd.objects = w_vault.objects(cd.id)
+    for oid in cd.objects:
+        cd.ciphertext.append(_sample(w_vault.object_path(cd.id, oid).read_bytes()))
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> World:
+    settings = Settings(data_dir=tmp_path / "data")
+    settings.root.mkdir(parents=True)
+    factory = init_db(settings.db_url)
+    vault = Vault(settings.vault_dir, FileKeyStore(settings.key_dir))
+    with factory.begin() as db:
+        t = create_tenant(db, vault.keys, label="Acme Gates")
+        c1 = ContractData(create_contract(db, vault.keys, tenant_id=t.id).id, "Jan Janssens")
+        c2 = ContractData(create_contract(db, vault.keys, tenant_id=t.id).id, "Marie Peeters")
+        for cd in (c1, c2):
+            _fill(db, vault, t.id, cd, settings)
+        tid = t.id
+    for cd in (c1, c2):
+        _finish(vault, cd)
+    return World(settings, factory, vault, tid, c1, c2)
+
+
+def _scan(root: Path, needles: list[bytes]) -> list[str]:
+    hits = []
+    for p in root.rglob("*"):
+        if p.is_file():
+            data = p.read_bytes()
+            hits += [f"{p.relative_to(root)}" for n in needles if n in data]
+    return hits
+
+
+def test_nothing_personal_is_on_disk_in_plaintext(world: World) -> None:
+    needles = [n for n in world.c1.plaintext + world.c2.plaintext if not n.startswith(b"scratch-")]
+    assert _scan(world.settings.root, needles) == []
+
+
+def test_destroy_leaves_nothing_and_keeps_the_other_contract(world: World, tmp_path: Path) -> None:
+    w = world
+    archive = tmp_path / "backups" / "before.tar.gz"
+    backup(db_file=w.settings.root / "siteplan.db", vault_root=w.settings.vault_dir, out=archive)
+    paths = lifecycle_paths(w.settings)
+    signed = terminate_contract(w.factory, w.vault, paths, contract_id=w.c1.id, disposition="destroy")
+    # The scan: data dir (DB, vault, uploads, scratch, Ray dir, keys) and the backups.
+    assert _scan(w.settings.root, w.c1.plaintext + w.c1.ciphertext) == []
+    assert not (w.settings.scratch_dir).exists() or _scan(w.settings.scratch_dir, w.c1.plaintext) == []
+    unpacked = tmp_path / "unpacked"
+    with tarfile.open(archive) as tar:
+        tar.extractall(unpacked, filter="data")
+    assert _scan(unpacked, w.c1.plaintext) == []  # the backup holds only ciphertext of it ...
+    assert (unpacked / "vault" / "objects" / w.c1.id).exists()
+    with pytest.raises(KeyDestroyed):  # ... that nothing can open any more
+        Vault(unpacked / "vault", w.vault.keys).read_bytes(w.c1.id, w.c1.objects[0])
+    # The other contract is intact and readable.
+    assert sorted(w.vault.objects(w.c2.id)) == sorted(w.c2.objects)
+    with w.factory() as db:
+        s = db.get(Subject, w.c2.subject_id)
+        assert s is not None
+        assert open_subject(w.vault.keys, w.c2.id, s.id, s.name_enc, s.address_enc, s.phone_enc).name == "Marie Peeters"
+        for ph in db.scalars(select(Photo).where(Photo.contract_id == w.c2.id)):
+            assert w.vault.read_bytes(w.c2.id, ph.object or "")[:3] == b"\xff\xd8\xff"
+        assert db.get(Contract, w.c1.id).state == "ended"  # type: ignore[union-attr]
+    # The certificate lists what was destroyed, verifies, and checks the data dir.
+    doc = signed["document"]
+    assert sorted(doc["destroyed"]["object_ids"]) == sorted(w.c1.objects)
+    assert doc["destroyed"]["scratch_files"] == 1 and doc["destroyed"]["uploads_in_progress_files"] >= 1
+    check = verify_certificate(signed, vault=w.vault, data_dir=w.settings.root)
+    assert check.ok, check.problems
+    assert (paths.certificates / f"destruction-{w.c1.id}.html").is_file()
+    with w.factory() as db:
+        assert register.verify_register(db, w.tenant_id).ok
+
+
+@pytest.mark.parametrize("step", STEPS[:-1])
+def test_termination_killed_at_any_step_resumes_to_the_same_result(world: World, step: str) -> None:
+    w = world
+    paths = lifecycle_paths(w.settings)
+
+    class Killed(Exception):
+        pass
+
+    def kill(at: str) -> None:
+        if at == step:
+            raise Killed(at)
+
+    with pytest.raises(Killed):
+        terminate_contract(w.factory, w.vault, paths, contract_id=w.c1.id, disposition="destroy", checkpoint=kill)
+    with w.factory() as db:
+        assert db.get(Contract, w.c1.id).state == "terminating"  # type: ignore[union-attr]
+    signed = terminate_contract(w.factory, w.vault, paths, contract_id=w.c1.id, disposition="destroy")
+    assert sorted(signed["document"]["destroyed"]["object_ids"]) == sorted(w.c1.objects)
+    assert _scan(w.settings.root, w.c1.plaintext + w.c1.ciphertext) == []
+    assert not w.vault.keys.exists(w.c1.id)
+    assert verify_certificate(signed, vault=w.vault, data_dir=w.settings.root).ok
+    # A third run changes nothing and returns the same certificate.
+    again = terminate_contract(w.factory, w.vault, paths, contract_id=w.c1.id, disposition="destroy")
+    assert again == signed
+
+
+def test_tampered_certificate_and_register_fail(world: World) -> None:
+    w = world
+    signed = terminate_contract(
+        w.factory, w.vault, lifecycle_paths(w.settings), contract_id=w.c1.id, disposition="destroy"
+    )
+    forged = {**signed, "document": {**signed["document"], "disposition": "return"}}
+    assert not verify_certificate(forged).signature_ok
+    with w.factory.begin() as db:
+        assert register.verify_register(db, w.tenant_id).ok
+        e = db.scalars(
+            select(RegisterEntry).where(RegisterEntry.tenant_id == w.tenant_id, RegisterEntry.seq == 2)
+        ).one()
+        e.purpose = "something else"
+    with w.factory() as db:
+        r = register.verify_register(db, w.tenant_id)
+        assert not r.ok and "entry 2" in (r.problem or "")
+    with w.factory.begin() as db:
+        e = db.scalars(
+            select(RegisterEntry).where(RegisterEntry.tenant_id == w.tenant_id, RegisterEntry.seq == 2)
+        ).one()
+        e.purpose = register.export_register(db, w.tenant_id)[1]["purpose"]  # no-op: still altered above
+        db.delete(db.scalars(select(RegisterEntry).where(RegisterEntry.seq == 3)).one())
+    with w.factory() as db:
+        assert not register.verify_register(db, w.tenant_id).ok
+
+
+def test_backup_restore_does_not_resurrect_an_ended_contract(world: World, tmp_path: Path) -> None:
+    w = world
+    archive = tmp_path / "b.tar.gz"
+    backup(db_file=w.settings.root / "siteplan.db", vault_root=w.settings.vault_dir, out=archive)
+    terminate_contract(w.factory, w.vault, lifecycle_paths(w.settings), contract_id=w.c1.id, disposition="destroy")
+    w.factory.kw["bind"].dispose()
+    rep = restore(
+        archive,
+        db_file=w.settings.root / "siteplan.db",
+        vault_root=w.settings.vault_dir,
+        factory_for=lambda: init_db(w.settings.db_url),
+        vault=w.vault,
+        force=True,
+    )
+    assert rep.unrecoverable == [w.c1.id]
+    factory = init_db(w.settings.db_url)
+    with factory() as db:
+        assert db.scalars(select(Photo).where(Photo.contract_id == w.c1.id)).all() == []
+        assert db.get(Contract, w.c1.id).state == "ended"  # type: ignore[union-attr]
+        assert len(db.scalars(select(Photo).where(Photo.contract_id == w.c2.id)).all()) == len(PHOTOS)
+    assert _scan(w.settings.root, w.c1.ciphertext) == []
+    assert sorted(w.vault.objects(w.c2.id)) == sorted(w.c2.objects)
+
+
+def test_transfer_archive_opens_only_with_the_recipients_key(world: World) -> None:
+    w = world
+    recipient = X25519PrivateKey.generate()
+    pub = recipient.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    signed = terminate_contract(
+        w.factory,
+        w.vault,
+        lifecycle_paths(w.settings),
+        contract_id=w.c2.id,
+        disposition="transfer",
+        recipient_public_pem=pub,
+    )
+    exp = signed["document"]["export"]
+    blob = (lifecycle_paths(w.settings).exports / exp["file"]).read_bytes()
+    assert b"Marie Peeters" not in blob
+    priv = recipient.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    import hashlib
+    import io
+    import json
+
+    z = zipfile.ZipFile(io.BytesIO(decrypt_transfer(priv, blob)))
+    manifest = json.loads(z.read("manifest.json"))
+    for f in manifest["files"]:
+        assert hashlib.sha256(z.read(f["path"])).hexdigest() == f["sha256"]
+    names = z.namelist()
+    assert sum(n.endswith(".jpg") for n in names) >= len(PHOTOS) and "register.json" in names
+    assert any(b"Marie Peeters" in z.read(n) for n in names if n.startswith("subjects/"))
+    other = X25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    with pytest.raises(Exception):  # noqa: B017 - any failure: the wrong key must not open it
+        decrypt_transfer(other, blob)
+
+
+def test_restriction_is_checked_when_processing_starts(world: World) -> None:
+    """Restrict a subject while their job is queued: the job refuses, and nothing is decrypted."""
+    from workers.project_job import run_project_job
+
+    w = world
+    with w.factory.begin() as db:
+        d = db.scalars(select(Design).where(Design.contract_id == w.c2.id)).one()
+        j = Job(
+            tenant_id=w.tenant_id,
+            project_id=w.c2.project_id,
+            state="queued",
+            pipeline_version=PIPELINE_VERSION,
+            inputs={"design_id": d.id, "reference": {"segments": []}, "placement": {}},
+            timings={},
+        )
+        db.add(j)
+        db.flush()
+        job_id = j.id
+    with w.factory.begin() as db:
+        db.get(Subject, w.c2.subject_id).restricted = True  # type: ignore[union-attr]
+    run_project_job(w.settings, w.factory, w.vault, job_id)
+    with w.factory() as db:
+        j2 = db.get(Job, job_id)
+        assert j2 is not None and j2.state == "cancelled" and "restricted" in (j2.error or "")
+    assert not (w.settings.scratch_dir / job_id).exists()
+
+
+def test_subject_export_and_erasure(world: World) -> None:
+    w = world
+    with w.factory.begin() as db:
+        s = db.get(Subject, w.c2.subject_id)
+        assert s is not None
+        z = zipfile.ZipFile(__import__("io").BytesIO(export_subject(db, w.vault, s)))
+        assert b"Marie Peeters" in z.read("subject.json")
+        assert sum(n.endswith(".jpg") for n in z.namelist()) >= len(PHOTOS)
+        erase_subject(db, w.vault, s)
+    with w.factory() as db:
+        assert db.get(Subject, w.c2.subject_id) is None
+        assert db.scalars(select(Photo).where(Photo.project_id == w.c2.project_id)).all() == []
+    assert w.vault.objects(w.c2.id) == []
+    assert sorted(w.vault.objects(w.c1.id)) == sorted(w.c1.objects)
