@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Response
 from sqlalchemy import select
@@ -12,7 +12,8 @@ from api.errors import ERROR_RESPONSES, ApiError, not_found
 from api.routes.common import IDEMPOTENCY_HELP, commit_or_conflict, count, fingerprint, remember, replay, set_location
 from api.schemas import ContractCreate, ContractList, ContractPublic, ContractTerminate, TenantPublic
 from privacy.lifecycle import TerminationError, terminate_contract
-from siteplan.db import Contract, Tenant
+from privacy.register import export_register, verify_entries
+from siteplan.db import Certificate, Contract, Tenant
 from siteplan.paths import lifecycle_paths
 from siteplan.tenancy import create_contract
 
@@ -110,3 +111,28 @@ def post_terminate(
     ct = db.get(Contract, contract_id)
     assert ct is not None
     return _contract(ct)
+
+
+@router.get(
+    "/contracts/{contract_id}/certificate",
+    responses={
+        200: {"description": "the signed destruction certificate (JSON)"},
+        409: ERROR_RESPONSES[401] | {"description": "the contract has not ended"},
+    },
+)
+def get_certificate(contract_id: str, db: DB, _: AdminCaller) -> dict[str, Any]:
+    """The signed destruction certificate of an ended contract (verify: `siteplan certificate verify`)."""
+    if db.get(Contract, contract_id) is None:
+        raise not_found("contract")
+    cert = db.scalars(select(Certificate).where(Certificate.contract_id == contract_id)).first()
+    if cert is None:
+        raise ApiError(409, "not_ready", "the contract has not ended; there is no certificate yet")
+    return dict(cert.document)
+
+
+@router.get("/register", responses={200: {"description": "the register of processing, oldest first"}})
+def get_register(db: DB, c: AdminCaller) -> dict[str, Any]:
+    """The controller's register of processing (P9), with the result of checking its hash chain."""
+    entries = export_register(db, c.tenant_id)
+    check = verify_entries(entries)
+    return {"entries": entries, "chain_ok": check.ok, "head": check.head, "problem": check.problem}

@@ -1,0 +1,53 @@
+"""Contract termination, the certificate and the register through the API."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from api.runner import ingest_photo
+from privacy.lifecycle import verify_certificate
+from tests.api.conftest import Api
+
+PHOTO = Path(__file__).parents[2] / "sample_data" / "photos" / "street_people.jpg"
+TUS = {"Tus-Resumable": "1.0.0"}
+
+
+def test_terminate_destroys_and_certifies(api: Api) -> None:
+    c = api.client
+    t = api.tenant()
+    s = c.post("/v1/subjects", json={"contract_id": t.contract_id, "name": "Jan Janssens"}, headers=t.auth).json()
+    p = c.post(
+        "/v1/projects", json={"contract_id": t.contract_id, "reference": "P", "subject_id": s["id"]}, headers=t.auth
+    ).json()
+    data = PHOTO.read_bytes()
+    loc = c.post(f"/v1/projects/{p['id']}/uploads", headers=t.auth | TUS | {"Upload-Length": str(len(data))}).headers[
+        "Location"
+    ]
+    r = c.patch(
+        loc,
+        content=data,
+        headers=t.auth | TUS | {"Upload-Offset": "0", "Content-Type": "application/offset+octet-stream"},
+    )
+    assert r.status_code == 204
+    photo_id = loc.rsplit("/", 1)[1]
+    ingest_photo(api.svc, photo_id)
+    assert c.get(f"/v1/photos/{photo_id}", headers=t.auth).json()["state"] == "anonymised"
+    assert c.get(f"/v1/contracts/{t.contract_id}/certificate", headers=t.auth).status_code == 409
+
+    r = c.post(f"/v1/contracts/{t.contract_id}/terminate", json={"disposition": "destroy"}, headers=t.auth)
+    assert r.status_code == 200, r.text
+    assert r.json()["state"] == "ended"
+    assert c.get(f"/v1/photos/{photo_id}", headers=t.auth).status_code == 404
+    assert c.get(f"/v1/subjects/{s['id']}", headers=t.auth).status_code == 404
+    # Nothing new can be started under the ended contract.
+    r = c.post("/v1/projects", json={"contract_id": t.contract_id, "reference": "Q"}, headers=t.auth)
+    assert r.status_code == 409 and r.json()["error"]["code"] == "contract_not_active"
+    cert = c.get(f"/v1/contracts/{t.contract_id}/certificate", headers=t.auth).json()
+    assert cert["document"]["destroyed"]["objects"] >= 1
+    assert verify_certificate(cert, vault=api.svc.vault, data_dir=api.svc.settings.root).ok
+    reg = c.get("/v1/register", headers=t.auth).json()
+    assert reg["chain_ok"]
+    actions = [e["action"] for e in reg["entries"]]
+    for a in ("contract_started", "subject_created", "photo_received", "photo_anonymised", "contract_terminated"):
+        assert a in actions
+    assert "Janssens" not in str(reg)  # the register names objects by id, never people
