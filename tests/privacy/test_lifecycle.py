@@ -368,3 +368,55 @@ def test_subject_export_and_erasure(world: World) -> None:
         assert db.scalars(select(Photo).where(Photo.project_id == w.c2.project_id)).all() == []
     assert w.vault.objects(w.c2.id) == []
     assert sorted(w.vault.objects(w.c1.id)) == sorted(w.c1.objects)
+
+
+def test_retention(world: World) -> None:
+    from datetime import date, timedelta
+
+    from privacy.lifecycle import BILLING_RETENTION
+    from siteplan.cli import main
+    from siteplan.db import BillingRecord
+
+    w = world
+    with w.factory.begin() as db:
+        db.add(BillingRecord(tenant_id=w.tenant_id, contract_id=w.c1.id, item="plan"))
+        db.add(
+            BillingRecord(
+                tenant_id=w.tenant_id,
+                contract_id=w.c2.id,
+                item="plan",
+                file_closed_on=date(2010, 1, 1),
+                delete_after=date(2010, 1, 1) + BILLING_RETENTION,
+            )
+        )
+    terminate_contract(w.factory, w.vault, lifecycle_paths(w.settings), contract_id=w.c1.id, disposition="destroy")
+    with w.factory() as db:
+        kept = db.scalars(select(BillingRecord).where(BillingRecord.contract_id == w.c1.id)).one()
+        assert kept.delete_after is not None and kept.delete_after - date.today() >= timedelta(days=7 * 365)
+    import os
+
+    os.environ["SITEPLAN_DATA_DIR"] = str(w.settings.data_dir)
+    try:
+        assert main(["retention"]) == 0
+    finally:
+        del os.environ["SITEPLAN_DATA_DIR"]
+    with w.factory() as db:
+        left = db.scalars(select(BillingRecord)).all()
+        assert [b.contract_id for b in left] == [w.c1.id]  # the 2010 file is past its 7 years
+
+
+def test_incident_helper(world: World) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from privacy.incident import affected_by_object, affected_in_window
+
+    w = world
+    with w.factory() as db:
+        ph = db.scalars(select(Photo).where(Photo.contract_id == w.c1.id)).first()
+        assert ph is not None and ph.object is not None
+        hit = affected_by_object(db, ph.object)
+        assert hit["controllers"] == [w.tenant_id] and hit["subjects"] == [w.c1.subject_id]
+        now = datetime.now(UTC)
+        window = affected_in_window(db, now - timedelta(hours=1), now + timedelta(minutes=1))
+        assert w.tenant_id in window["controllers"]
+        assert {w.c1.subject_id, w.c2.subject_id} <= set(window["subjects"])
