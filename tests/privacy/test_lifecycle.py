@@ -4,6 +4,7 @@ restriction checked at processing time, backups that cannot resurrect a destroye
 
 from __future__ import annotations
 
+import json
 import tarfile
 import zipfile
 from dataclasses import dataclass, field
@@ -420,3 +421,34 @@ def test_incident_helper(world: World) -> None:
         window = affected_in_window(db, now - timedelta(hours=1), now + timedelta(minutes=1))
         assert w.tenant_id in window["controllers"]
         assert {w.c1.subject_id, w.c2.subject_id} <= set(window["subjects"])
+
+
+@pytest.mark.slow
+def test_termination_survives_sigkill(world: World) -> None:
+    """A real kill -9 of `siteplan contract end` at random moments, then a re-run: it finishes,
+    and nothing of the contract is left."""
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    w = world
+    w.factory.kw["bind"].dispose()
+    env = os.environ | {"SITEPLAN_DATA_DIR": str(w.settings.data_dir)}
+    cmd = [str(Path(sys.executable).parent / "siteplan"), "contract", "end", w.c1.id, "--disposition", "destroy"]
+    rng = random.Random(3)
+    for _ in range(3):
+        p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(1.0, 4.0))  # start-up takes ~2 s; the work itself well under one
+        if p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+        p.wait()
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert not w.vault.keys.exists(w.c1.id)
+    assert _scan(w.settings.root, w.c1.plaintext + w.c1.ciphertext) == []
+    cert = json.loads((lifecycle_paths(w.settings).certificates / f"destruction-{w.c1.id}.json").read_text())
+    assert verify_certificate(cert, vault=w.vault, data_dir=w.settings.root).ok
+    assert sorted(cert["document"]["destroyed"]["object_ids"]) == sorted(w.c1.objects)
