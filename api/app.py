@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import errors
-from api.routes import designs, jobs, meta, photos, projects, subjects, tenants
+from api.routes import designs, jobs, meta, metrics, photos, projects, subjects, tenants
 from api.runner import Runner
 from api.services import RateLimiter, Services, TokenCache
 from privacy.vault import FileKeyStore, Vault
@@ -135,6 +135,7 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
         jobs.router,
     ):
         app.include_router(r, prefix="/v1")
+    app.include_router(metrics.router)
     app.add_middleware(BodyLimit, json_bytes=settings.max_json_bytes, upload_bytes=settings.max_upload_bytes + 65536)
     return app
 

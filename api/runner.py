@@ -104,7 +104,11 @@ class Runner:
             )
         with self.svc.factory() as db:
             photos = list(db.scalars(select(Photo.id).where(Photo.state == "quarantined")))
-            jobs = list(db.scalars(select(Job.id).where(Job.state == "queued").order_by(Job.created_at)))
+            # Interactive plan jobs only: batch reprocessing has its own driver (`siteplan reprocess`),
+            # so a batch never queues in front of a designer waiting for a plan.
+            jobs = list(
+                db.scalars(select(Job.id).where(Job.state == "queued", Job.kind == "plan").order_by(Job.created_at))
+            )
         for pid in photos:
             self.submit_ingest(pid)
         for jid in jobs:

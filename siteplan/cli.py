@@ -403,6 +403,31 @@ def cmd_retention(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reprocess(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from workers.project_job import run_project_job
+    from workers.reprocess import driver_lock, run_batch, select_projects
+    from workers.runtime import ray_runtime
+
+    settings, factory, vault = _services()
+    since = datetime.fromisoformat(args.since).replace(tzinfo=UTC) if args.since else None
+    with factory() as db:
+        sel = select_projects(db, version=args.pipeline_version, since=since, tenant=args.tenant)
+    print(json.dumps({"to_process": len(sel.todo), "skipped": dict(sel.skipped), "dry_run": args.dry_run}))
+    if args.dry_run or not sel.todo:
+        return 0
+    try:
+        with driver_lock(settings.root / "reprocess.lock"), ray_runtime(settings):
+            summary = run_batch(
+                factory, sel, lambda job_id: run_project_job(settings, factory, vault, job_id), sole_driver=True
+            )
+    except RuntimeError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    print(json.dumps(summary.to_json(), indent=1))
+    return 0 if summary.failed == 0 else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="siteplan", description="Site photos in, private metric 3D plans out.")
     p.add_argument("--log-level", default=os.environ.get("SITEPLAN_LOG_LEVEL", "WARNING"))
@@ -481,6 +506,13 @@ def build_parser() -> argparse.ArgumentParser:
     inc.add_argument("--since")
     inc.add_argument("--until")
     inc.set_defaults(func=cmd_incident)
+
+    rp = sub.add_parser("reprocess", help="re-run stored projects with a new pipeline version (resumable)")
+    rp.add_argument("--since", help="projects last processed on or after this date (YYYY-MM-DD)")
+    rp.add_argument("--tenant")
+    rp.add_argument("--pipeline-version", default=__import__("siteplan").PIPELINE_VERSION)
+    rp.add_argument("--dry-run", action="store_true", help="show what would run and what is skipped, run nothing")
+    rp.set_defaults(func=cmd_reprocess)
 
     rt = sub.add_parser("retention", help="apply retention: delete billing records past their 7 years")
     rt.set_defaults(func=cmd_retention)

@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     ingest_workers: int = Field(
         default=1, ge=0, description="Photos anonymised at once in the API process (0: leave to workers)."
     )
+    metrics_token: str | None = Field(
+        default=None, description="Bearer token for /metrics; unset: /metrics answers loopback clients only."
+    )
     run_jobs: bool = Field(default=True, description="Run queued plan jobs from the API process.")
 
     @cached_property

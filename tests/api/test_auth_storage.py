@@ -65,3 +65,23 @@ def test_rate_limit_per_token(tmp_path: Path) -> None:
         assert r.json()["error"]["code"] == "rate_limited"
         # Another token is not slowed down by the first one's burst.
         assert client.get("/v1/tenant", headers=b.auth).status_code == 200
+
+
+def test_metrics_in_prometheus_format(tmp_path: Path) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    app = create_app(make_settings(tmp_path, f"sqlite:///{tmp_path / 'm.sqlite'}"), background=False)
+    with TestClient(app) as client:
+        api = Api(client, app.state.services, app)
+        t = api.tenant()
+        pid = client.post("/v1/projects", json={"contract_id": t.contract_id, "reference": "x"}, headers=t.auth).json()
+        client.post(
+            f"/v1/projects/{pid['id']}/uploads", headers=t.auth | {"Tus-Resumable": "1.0.0", "Upload-Length": "10"}
+        )
+        r = client.get("/metrics")
+        assert r.status_code == 200
+        fams = {f.name: f for f in text_string_to_metric_families(r.text)}
+        assert {"siteplan_jobs", "siteplan_queue_depth", "siteplan_photos", "siteplan_stage_seconds"} <= set(fams)
+        uploading = [s.value for s in fams["siteplan_photos"].samples if s.labels.get("state") == "uploading"]
+        assert uploading == [1.0]
+        assert t.id not in r.text  # counts only, no tenant ids
