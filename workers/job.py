@@ -26,6 +26,7 @@ from reconstruct.sfm import SfmConfig
 from siteplan import PIPELINE_VERSION
 from siteplan.db import Contract, Job, Project, Tenant, init_db
 from siteplan.settings import Settings
+from workers.routing import stage_options
 from workers.runtime import ray_runtime
 from workers.tasks import anonymize_task, plan_task, reconstruct_task
 
@@ -87,7 +88,8 @@ def site_and_plan(
     intr = {e["output"]: e["intrinsics"] for e in good}
     try:
         info = ray.get(
-            reconstruct_task.remote(
+            # GPU-capable: PatchMatch dense stereo on a GPU node, SGBM on CPU otherwise.
+            reconstruct_task.options(**stage_options("gpu")).remote(
                 str(photos_out), sorted(intr), intr, reference.model_dump(), str(out), sfm.model_dump()
             )
         )
@@ -106,7 +108,11 @@ def site_and_plan(
     t = time.perf_counter()
     progress("[3/4] plan: place the design, draw the plan, render montages")
     try:
-        plan_result = ray.get(plan_task.remote(str(out), str(design), str(placement), str(out), str(photos_out)))
+        plan_result = ray.get(
+            plan_task.options(**stage_options("gpu")).remote(
+                str(out), str(design), str(placement), str(out), str(photos_out)
+            )
+        )
     except ray.exceptions.RayTaskError as exc:
         cause = exc.cause
         raise fail(f"planning failed: {cause}" if cause else "planning failed") from None
@@ -196,7 +202,7 @@ def run_main_job(settings: Settings, inputs: JobInputs, progress: Progress = pri
         t = time.perf_counter()
         progress(f"[1/4] anonymise: {len(photos)} photos (metadata rebuilt, faces and plates blurred)")
         pol = inputs.policy.model_dump()
-        refs = [anonymize_task.remote(str(p), str(photos_out), pol) for p in photos]
+        refs = [anonymize_task.options(**stage_options("gpu")).remote(str(p), str(photos_out), pol) for p in photos]
         entries: list[dict[str, Any]] = []
         pending = list(refs)
         while pending:

@@ -1,0 +1,121 @@
+"""The worker pool on a simulated multi-node cluster (ray.cluster_utils.Cluster): GPU stages on
+the GPU node, CPU stages on the CPU node, CPU fallback without a GPU node, and a stage that
+survives a killed worker process and a killed node with exactly one result."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from privacy.vault import FileKeyStore
+from siteplan import PIPELINE_VERSION
+from siteplan.db import Job, Project, init_db
+from siteplan.tenancy import create_contract, create_tenant
+from workers.reprocess import result_key
+from workers.routing import CPU_RESOURCE, on_gpu, stage_options
+
+
+@ray.remote
+def where(_: int) -> dict[str, object]:
+    return {"node": ray.get_runtime_context().get_node_id(), "gpu": on_gpu()}
+
+
+@ray.remote(max_retries=3)
+def keyed_stage(db_url: str, job_id: str, project_id: str, out: str, seconds: float, pid_file: str) -> str:
+    """A stage: counts its attempt in the DB, works, then publishes a result named by its inputs."""
+    factory = init_db(db_url)
+    with factory.begin() as db:
+        j = db.get(Job, job_id)
+        assert j is not None
+        j.attempts += 1
+    Path(pid_file).write_text(json.dumps({"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}))
+    time.sleep(seconds)
+    key = result_key(project_id, {"stage": "probe"}, PIPELINE_VERSION)
+    tmp = Path(out) / f".tmp-{key}-{os.getpid()}"
+    tmp.write_text("result")
+    os.replace(tmp, Path(out) / f"{key}.json")
+    return key
+
+
+@pytest.fixture
+def cluster() -> object:
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {CPU_RESOURCE: 1}})
+    yield c
+    ray.shutdown()
+    c.shutdown()
+
+
+@pytest.mark.slow
+def test_gpu_and_cpu_stages_land_on_their_nodes(cluster: Cluster) -> None:
+    gpu_node = cluster.add_node(num_cpus=1, num_gpus=1)
+    ray.init(address=cluster.address)
+    cluster.wait_for_nodes()
+    head = cluster.head_node.node_id
+    gpu = [ray.get(where.options(**stage_options("gpu")).remote(i)) for i in range(3)]
+    cpu = [ray.get(where.options(**stage_options("cpu")).remote(i)) for i in range(3)]
+    assert {g["node"] for g in gpu} == {gpu_node.node_id} and all(g["gpu"] for g in gpu)
+    assert {c["node"] for c in cpu} == {head} and not any(c["gpu"] for c in cpu)
+
+
+@pytest.mark.slow
+def test_without_a_gpu_node_gpu_stages_run_on_cpu(cluster: Cluster) -> None:
+    ray.init(address=cluster.address)
+    r = ray.get(where.options(**stage_options("gpu")).remote(0), timeout=60)
+    assert r["node"] == cluster.head_node.node_id and r["gpu"] is False
+
+
+@pytest.mark.slow
+def test_stage_survives_a_killed_worker_and_a_killed_node(cluster: Cluster, tmp_path: Path) -> None:
+    # Two worker nodes that can run the stage; the head cannot (so the head is never the one killed).
+    nodes = {n.node_id: n for n in (cluster.add_node(num_cpus=1, resources={"probe": 1}) for _ in range(2))}
+    ray.init(address=cluster.address)
+    cluster.wait_for_nodes()
+    db_url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    factory = init_db(db_url)
+    keys = FileKeyStore(tmp_path / "keys")
+    with factory.begin() as db:
+        t = create_tenant(db, keys, label="x")
+        c = create_contract(db, keys, tenant_id=t.id)
+        p = Project(tenant_id=t.id, contract_id=c.id, reference="p")
+        db.add(p)
+        db.flush()
+        j = Job(
+            tenant_id=t.id, project_id=p.id, state="running", pipeline_version=PIPELINE_VERSION, inputs={}, timings={}
+        )
+        db.add(j)
+        db.flush()
+        job_id, project_id = j.id, p.id
+    out = tmp_path / "results"
+    out.mkdir()
+    pid_file = tmp_path / "pid.json"
+
+    def wait_started(previous: int | None) -> dict[str, object]:
+        deadline = time.monotonic() + 120
+        while True:
+            if pid_file.exists():
+                info = json.loads(pid_file.read_text())
+                if info["pid"] != previous:
+                    return info
+            assert time.monotonic() < deadline, "the stage did not (re)start"
+            time.sleep(0.1)
+
+    ref = keyed_stage.options(num_cpus=1, resources={"probe": 1}).remote(
+        db_url, job_id, project_id, str(out), 8.0, str(pid_file)
+    )
+    first = wait_started(None)
+    os.kill(int(first["pid"]), signal.SIGKILL)  # 1. a worker process dies mid-stage
+    second = wait_started(int(first["pid"]))
+    cluster.remove_node(nodes[str(second["node"])], allow_graceful=False)  # 2. its whole node dies mid-stage
+    third = wait_started(int(second["pid"]))
+    assert third["node"] != second["node"]
+    key = ray.get(ref, timeout=180)
+    assert [p.name for p in out.iterdir()] == [f"{key}.json"], "exactly one result"
+    with factory() as db:
+        assert db.get(Job, job_id).attempts == 3  # type: ignore[union-attr]
