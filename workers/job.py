@@ -80,8 +80,14 @@ def site_and_plan(
     progress: Progress,
     stage_done: Callable[[str, float], None],
     fail: Callable[[str], JobFailed],
+    resumed: bool = False,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Stages 2 and 3 on anonymised photos (Ray must be up): the metric site, then the plan."""
+    """Stages 2 and 3 on anonymised photos (Ray must be up): the metric site, then the plan.
+    ``resumed``: ``out`` already holds the site from an earlier attempt; go straight to the plan."""
+    if resumed:
+        info = json.loads((out / "site.json").read_text())
+        progress("[2/4] reconstruct: done in an earlier attempt, resumed from its checkpoint")
+        return info, _plan_stage(out, design, placement, photos_out, progress, stage_done, fail)
     # 2. Metric site.
     t = time.perf_counter()
     progress(f"[2/4] reconstruct: SIFT, matching and mapping on {len(good)} photos, then scale and up")
@@ -104,6 +110,18 @@ def site_and_plan(
         f"(+-{100 * info['scale_sigma_rel']:.2f} %)"
     )
 
+    return info, _plan_stage(out, design, placement, photos_out, progress, stage_done, fail)
+
+
+def _plan_stage(
+    out: Path,
+    design: Path,
+    placement: Path,
+    photos_out: Path,
+    progress: Progress,
+    stage_done: Callable[[str, float], None],
+    fail: Callable[[str], JobFailed],
+) -> dict[str, Any]:
     # 3. Design merge, drawings, montages.
     t = time.perf_counter()
     progress("[3/4] plan: place the design, draw the plan, render montages")
@@ -117,7 +135,7 @@ def site_and_plan(
         cause = exc.cause
         raise fail(f"planning failed: {cause}" if cause else "planning failed") from None
     stage_done("plan", time.perf_counter() - t)
-    return info, plan_result
+    return plan_result
 
 
 SITE_KEYS = (

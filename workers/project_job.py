@@ -109,6 +109,7 @@ def run_project_job(
             if design is None or design.object is None or design.project_id != project.id:
                 raise JobFailed("the design has no file yet; upload it first")
             photo_rows = [(p.id, p.object, p.intrinsics) for p in photos]
+            checkpoint = (job.result or {}).get("checkpoint")
             rejected = db.scalars(
                 select(Photo.id).where(Photo.project_id == project.id, Photo.state == "rejected")
             ).all()
@@ -182,6 +183,13 @@ def run_project_job(
                 assert j is not None
                 j.stage, j.timings = name, dict(timings)
                 j.progress = {"reconstruct": 0.7, "plan": 0.9}.get(name, j.progress)
+            if name == "reconstruct":
+                # Checkpoint the site (sealed in the vault): a retry after a crash resumes at the plan.
+                obj = vault.put(key_id, _tar_dir(out))
+                with factory.begin() as db:
+                    j = db.get(Job, job_id)
+                    assert j is not None
+                    j.result = {**(j.result or {}), "checkpoint": obj.object_id}
 
         def fail(msg: str) -> JobFailed:
             return JobFailed(msg)
@@ -192,6 +200,10 @@ def run_project_job(
             j.stage, j.progress = "reconstruct", 0.1
         out = scratch / "out"
         out.mkdir(parents=True, exist_ok=True)
+        resumed = False
+        if checkpoint and vault.exists(key_id, checkpoint):
+            _untar_dir(vault.read_bytes(key_id, checkpoint), out)
+            resumed = True
         with ray_runtime(settings):
             info, plan_result = site_and_plan(
                 photos_out=photos_out,
@@ -204,6 +216,7 @@ def run_project_job(
                 progress=say,
                 stage_done=stage_done,
                 fail=fail,
+                resumed=resumed,
             )
         timings["total"] = round(time.perf_counter() - t_job, 2)
         report = {
@@ -251,7 +264,11 @@ def run_project_job(
                 ref=job_id,
             )
             db.add(BillingRecord(tenant_id=tenant_id, contract_id=key_id, job_id=job_id, item="plan"))
+            ckpt = (j.result or {}).get("checkpoint") or checkpoint
+            if ckpt:
+                vault.delete(key_id, str(ckpt))  # the outputs are published: the checkpoint goes
             j.result = {
+                "resumed_from_checkpoint": resumed,
                 "placement": plan_result.get("placement"),
                 "scale_source": info.get("scale_source"),
                 "scale_sigma_rel": info.get("scale_sigma_rel"),
@@ -272,3 +289,22 @@ def run_project_job(
             j.state, j.error = "failed", f"internal error ({type(exc).__name__}); the operators were told"
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _tar_dir(d: Path) -> bytes:
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for p in sorted(d.iterdir()):
+            tar.add(p, arcname=p.name)
+    return buf.getvalue()
+
+
+def _untar_dir(data: bytes, d: Path) -> None:
+    import io
+    import tarfile
+
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        tar.extractall(d, filter="data")

@@ -22,7 +22,10 @@ router = APIRouter(tags=["jobs"], responses=ERROR_RESPONSES)
 
 
 def _public(j: Job) -> JobPublic:
-    return JobPublic.model_validate(j, from_attributes=True)
+    out = JobPublic.model_validate(j, from_attributes=True)
+    if out.result and "checkpoint" in out.result:  # internal: the sealed site of a finished stage
+        out.result = {k: v for k, v in out.result.items() if k != "checkpoint"}
+    return out
 
 
 @router.post(
@@ -153,6 +156,25 @@ def cancel_job(job_id: str, db: DB, _: UploadCaller) -> JobPublic:
         raise ApiError(409, "conflict", f"the job is already {j.state}")
     j.state, j.error = "cancelled", "cancelled on request"
     db.commit()
+    return _public(j)
+
+
+@router.post(
+    "/jobs/{job_id}/retry",
+    response_model=JobPublic,
+    responses={409: ERROR_RESPONSES[401] | {"description": "not failed, or the contract ended"}},
+)
+def retry_job(job_id: str, db: DB, svc: ServicesDep, _: UploadCaller) -> JobPublic:
+    """Queue a failed job again (after fixing what its error said); it resumes from its last
+    finished stage when one was checkpointed."""
+    j = _get(db, job_id)
+    if j.state != "failed":
+        raise ApiError(409, "conflict", f"only a failed job can be retried; this one is {j.state}")
+    require_active(db, get_project(db, j.project_id))
+    j.state, j.error = "queued", None
+    db.commit()
+    if svc.runner is not None:
+        svc.runner.submit_job(j.id)  # type: ignore[attr-defined]
     return _public(j)
 
 

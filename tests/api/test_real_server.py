@@ -78,10 +78,10 @@ def test_serve_upload_plan_download(tmp_path: Path) -> None:
             desc.pop("file")
             r = http.post(f"/v1/projects/{pid}/designs", json={"descriptor": desc})
             design_id = r.json()["id"]
+            # First a broken design file: the job will fail at the plan stage, after the site.
+            glb = (SAMPLE / "design" / "gate.glb").read_bytes()
             r = http.put(
-                f"/v1/designs/{design_id}/file",
-                content=(SAMPLE / "design" / "gate.glb").read_bytes(),
-                headers={"Content-Type": "model/gltf-binary"},
+                f"/v1/designs/{design_id}/file", content=glb[:200], headers={"Content-Type": "model/gltf-binary"}
             )
             assert r.status_code == 200, r.text
             # Wait for the server to anonymise every photo.
@@ -109,18 +109,33 @@ def test_serve_upload_plan_download(tmp_path: Path) -> None:
             assert again.json()["id"] == job["id"]
             # Poll with the ETag: unchanged states answer 304 without a body.
             etag, seen_304 = None, False
-            deadline = time.monotonic() + 900
-            while job["state"] in ("queued", "running"):
-                assert time.monotonic() < deadline, job
-                time.sleep(2)
-                r = http.get(f"/v1/jobs/{job['id']}", headers={"If-None-Match": etag} if etag else {})
-                if r.status_code == 304:
-                    seen_304 = True
-                    continue
-                job, etag = r.json(), r.headers["ETag"]
+
+            def follow(job: dict) -> dict:  # type: ignore[type-arg]
+                nonlocal etag, seen_304
+                deadline = time.monotonic() + 900
+                while job["state"] in ("queued", "running"):
+                    assert time.monotonic() < deadline, job
+                    time.sleep(2)
+                    r = http.get(f"/v1/jobs/{job['id']}", headers={"If-None-Match": etag} if etag else {})
+                    if r.status_code == 304:
+                        seen_304 = True
+                        continue
+                    job, etag = r.json(), r.headers["ETag"]
+                return job
+
+            job = follow(job)
+            assert job["state"] == "failed" and "planning failed" in job["error"], job
+            # Fix the design and retry: the job resumes from its checkpointed site.
+            r = http.put(f"/v1/designs/{design_id}/file", content=glb, headers={"Content-Type": "model/gltf-binary"})
+            assert r.status_code == 200, r.text
+            r = http.post(f"/v1/jobs/{job['id']}/retry")
+            assert r.status_code == 200, r.text
+            job = follow(r.json())
             assert job["state"] == "done", (job, (tmp_path / "server.log").read_text()[-3000:])
             assert seen_304
             assert job["result"]["registered_photos"] >= 10
+            assert job["result"]["resumed_from_checkpoint"] is True
+            assert job["attempts"] == 2
             files = {f["name"]: f for f in http.get(f"/v1/jobs/{job['id']}/plan").json()["files"]}
             assert {"plan.glb", "plan.svg", "plan.dxf", "report.html"} <= set(files)
             assert any(n.startswith("montage_") for n in files)
