@@ -26,7 +26,7 @@ from reconstruct.sfm import SfmConfig
 from siteplan import PIPELINE_VERSION
 from siteplan.db import Contract, Job, Project, Tenant, init_db
 from siteplan.settings import Settings
-from workers.routing import stage_options
+from workers.routing import Pool, stage_options
 from workers.runtime import ray_runtime
 from workers.tasks import anonymize_task, plan_task, reconstruct_task
 
@@ -81,13 +81,14 @@ def site_and_plan(
     stage_done: Callable[[str, float], None],
     fail: Callable[[str], JobFailed],
     resumed: bool = False,
+    pool: Pool = "interactive",
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Stages 2 and 3 on anonymised photos (Ray must be up): the metric site, then the plan.
     ``resumed``: ``out`` already holds the site from an earlier attempt; go straight to the plan."""
     if resumed:
         info = json.loads((out / "site.json").read_text())
         progress("[2/4] reconstruct: done in an earlier attempt, resumed from its checkpoint")
-        return info, _plan_stage(out, design, placement, photos_out, progress, stage_done, fail)
+        return info, _plan_stage(out, design, placement, photos_out, progress, stage_done, fail, pool)
     # 2. Metric site.
     t = time.perf_counter()
     progress(f"[2/4] reconstruct: SIFT, matching and mapping on {len(good)} photos, then scale and up")
@@ -95,7 +96,7 @@ def site_and_plan(
     try:
         info = ray.get(
             # GPU-capable: PatchMatch dense stereo on a GPU node, SGBM on CPU otherwise.
-            reconstruct_task.options(**stage_options("gpu")).remote(
+            reconstruct_task.options(**stage_options("gpu", pool=pool)).remote(
                 str(photos_out), sorted(intr), intr, reference.model_dump(), str(out), sfm.model_dump()
             )
         )
@@ -110,7 +111,7 @@ def site_and_plan(
         f"(+-{100 * info['scale_sigma_rel']:.2f} %)"
     )
 
-    return info, _plan_stage(out, design, placement, photos_out, progress, stage_done, fail)
+    return info, _plan_stage(out, design, placement, photos_out, progress, stage_done, fail, pool)
 
 
 def _plan_stage(
@@ -121,13 +122,14 @@ def _plan_stage(
     progress: Progress,
     stage_done: Callable[[str, float], None],
     fail: Callable[[str], JobFailed],
+    pool: Pool = "interactive",
 ) -> dict[str, Any]:
     # 3. Design merge, drawings, montages.
     t = time.perf_counter()
     progress("[3/4] plan: place the design, draw the plan, render montages")
     try:
         plan_result = ray.get(
-            plan_task.options(**stage_options("gpu")).remote(
+            plan_task.options(**stage_options("gpu", pool=pool)).remote(
                 str(out), str(design), str(placement), str(out), str(photos_out)
             )
         )

@@ -30,6 +30,7 @@ from siteplan import PIPELINE_VERSION
 from siteplan.db import BillingRecord, Contract, Design, Job, Photo, PlanFile, Project, Subject
 from siteplan.settings import Settings
 from workers.job import SITE_KEYS, JobFailed, site_and_plan
+from workers.routing import Pool
 from workers.runtime import ray_runtime
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,7 @@ def run_project_job(
                 raise JobFailed("the design has no file yet; upload it first")
             photo_rows = [(p.id, p.object, p.intrinsics) for p in photos]
             checkpoint = (job.result or {}).get("checkpoint")
+            pool: Pool = "batch" if job.kind == "reprocess" else "interactive"
             rejected = db.scalars(
                 select(Photo.id).where(Photo.project_id == project.id, Photo.state == "rejected")
             ).all()
@@ -217,6 +219,7 @@ def run_project_job(
                 stage_done=stage_done,
                 fail=fail,
                 resumed=resumed,
+                pool=pool,
             )
         timings["total"] = round(time.perf_counter() - t_job, 2)
         report = {

@@ -43,6 +43,9 @@ def ray_runtime(settings: Settings) -> Iterator[None]:
     num_cpus = settings.num_cpus or os.cpu_count() or 1
     ray.init(
         num_cpus=num_cpus,
+        # One slot for batch work (workers/routing.py): a batch runs beside interactive jobs at
+        # low priority, never in their CPU slots.
+        resources={"siteplan_batch": 1},
         include_dashboard=False,
         log_to_driver=False,
         configure_logging=False,
