@@ -428,6 +428,58 @@ def cmd_reprocess(args: argparse.Namespace) -> int:
     return 0 if summary.failed == 0 else 1
 
 
+def cmd_subject(args: argparse.Namespace) -> int:
+    """Data-subject rights from the operator's side (the same functions as the API's routes)."""
+    from privacy import register
+    from privacy.rights import erase_subject, export_subject
+    from privacy.subjects import SubjectFields, index_digests, index_key_id, open_subject, seal_subject
+    from siteplan.db import Subject, SubjectToken
+
+    _, factory, vault = _services()
+    with factory.begin() as db:
+        s = db.get(Subject, args.subject)
+        if s is None:
+            raise SystemExit("error: no such subject")
+        tenant, sid = s.tenant_id, s.id
+        categories = ["subject_identity", "subject_contact"]
+        if args.action == "export":
+            out = Path(args.out or f"subject-{sid}.zip")
+            out.write_bytes(export_subject(db, vault, s))
+            result: dict[str, Any] = {"exported": str(out)}
+            categories += ["photos", "derived_media"]
+        elif args.action == "erase":
+            er = erase_subject(db, vault, s)
+            result = {"erased": sid, "projects": er.projects, "objects_shredded": er.objects}
+            categories += ["photos", "derived_media", "site_models"]
+        elif args.action in ("restrict", "lift"):
+            s.restricted = args.action == "restrict"
+            result = {"subject": sid, "restricted": s.restricted}
+        else:  # rectify
+            old = open_subject(vault.keys, s.contract_id, sid, s.name_enc, s.address_enc, s.phone_enc)
+            f = SubjectFields(
+                args.name or old.name,
+                args.address if args.address is not None else old.address,
+                args.phone if args.phone is not None else old.phone,
+            )
+            for k, v in seal_subject(vault.keys, s.contract_id, sid, f).items():
+                setattr(s, k, v)
+            db.query(SubjectToken).filter(SubjectToken.subject_id == sid).delete()
+            for d in index_digests(vault.keys.get(index_key_id(tenant)), f.name, f.address):
+                db.add(SubjectToken(tenant_id=tenant, subject_id=sid, digest=d))
+            result = {"subject": sid, "rectified": True}
+        register.record(
+            db,
+            tenant_id=tenant,
+            actor="operator",
+            action=f"subject_{args.action}",
+            categories=categories,
+            purpose=f"data-subject right: {args.action} (P7)",
+            ref=sid,
+        )
+    print(json.dumps(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="siteplan", description="Site photos in, private metric 3D plans out.")
     p.add_argument("--log-level", default=os.environ.get("SITEPLAN_LOG_LEVEL", "WARNING"))
@@ -506,6 +558,15 @@ def build_parser() -> argparse.ArgumentParser:
     inc.add_argument("--since")
     inc.add_argument("--until")
     inc.set_defaults(func=cmd_incident)
+
+    sj = sub.add_parser("subject", help="data-subject rights: export, rectify, erase, restrict, lift")
+    sj.add_argument("action", choices=["export", "rectify", "erase", "restrict", "lift"])
+    sj.add_argument("subject", help="the subject's id")
+    sj.add_argument("--out", help="export: the zip to write")
+    sj.add_argument("--name")
+    sj.add_argument("--address")
+    sj.add_argument("--phone")
+    sj.set_defaults(func=cmd_subject)
 
     rp = sub.add_parser("reprocess", help="re-run stored projects with a new pipeline version (resumable)")
     rp.add_argument("--since", help="projects last processed on or after this date (YYYY-MM-DD)")

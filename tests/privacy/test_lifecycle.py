@@ -452,3 +452,27 @@ def test_termination_survives_sigkill(world: World) -> None:
     cert = json.loads((lifecycle_paths(w.settings).certificates / f"destruction-{w.c1.id}.json").read_text())
     assert verify_certificate(cert, vault=w.vault, data_dir=w.settings.root).ok
     assert sorted(cert["document"]["destroyed"]["object_ids"]) == sorted(w.c1.objects)
+
+
+def test_subject_rights_from_the_cli(world: World, tmp_path: Path) -> None:
+    import os
+
+    from siteplan.cli import main
+
+    w = world
+    os.environ["SITEPLAN_DATA_DIR"] = str(w.settings.data_dir)
+    try:
+        assert main(["subject", "rectify", w.c2.subject_id, "--name", "Marie Peeters-Claes"]) == 0
+        assert main(["subject", "restrict", w.c2.subject_id]) == 0
+        out = tmp_path / "s.zip"
+        assert main(["subject", "export", w.c2.subject_id, "--out", str(out)]) == 0
+        assert b"Marie Peeters-Claes" in zipfile.ZipFile(out).read("subject.json")
+        assert main(["subject", "erase", w.c2.subject_id]) == 0
+    finally:
+        del os.environ["SITEPLAN_DATA_DIR"]
+    with w.factory() as db:
+        assert db.get(Subject, w.c2.subject_id) is None
+        actions = [e["action"] for e in register.export_register(db, w.tenant_id)]
+        assert {"subject_rectify", "subject_restrict", "subject_export", "subject_erase"} <= set(actions)
+        assert register.verify_register(db, w.tenant_id).ok
+    assert w.vault.objects(w.c2.id) == []
