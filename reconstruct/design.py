@@ -72,13 +72,61 @@ class Design:
         return sum(len(p.faces) for p in self.parts)
 
 
+def _inside(name: str) -> bool:
+    """A relative path that stays inside the design's folder (no scheme, drive, root or '..')."""
+    import posixpath
+
+    if "://" in name or ":" in name or name.startswith(("/", "\\")):
+        return False
+    norm = posixpath.normpath(name.replace("\\", "/"))
+    return not (norm == ".." or norm.startswith("../"))
+
+
 class _FolderResolver(trimesh.resolvers.FilePathResolver):
     """Resolves a design's external files only inside its own folder: no traversal, no URLs."""
 
     def get(self, name: str) -> bytes:
-        if "://" in name or name.startswith(("/", "\\")) or ".." in Path(name).parts or ":" in name:
+        if not _inside(name):
             raise DesignError(f"the design references a file outside its folder ('{Path(name).name}')")
         return bytes(super().get(name))
+
+
+def _check_references(mesh_path: Path) -> None:
+    """Refuse a design whose file names anything outside its folder (path traversal, absolute
+    paths, URLs), before a loader sees it: trimesh skips a material it cannot fetch without
+    telling the resolver's refusal, so the check cannot rely on the resolver alone."""
+    import json
+    import re
+    import xml.etree.ElementTree as ET
+
+    refs: list[str] = []
+    suffix = mesh_path.suffix.lower()
+    try:
+        if suffix == ".obj":
+            text = mesh_path.read_text(errors="replace")
+            mtls = re.findall(r"^\s*mtllib\s+(.+?)\s*$", text, flags=re.M)
+            refs += mtls
+            for m in mtls:
+                mtl = mesh_path.parent / m
+                if _inside(m) and mtl.is_file():
+                    refs += re.findall(
+                        r"^\s*(?:map_\w+|bump|disp|decal|refl)\s+(?:-\S+\s+\S+\s+)*(\S+)\s*$",
+                        mtl.read_text(errors="replace"),
+                        flags=re.M,
+                    )
+        elif suffix == ".gltf":
+            doc = json.loads(mesh_path.read_text())
+            refs += [x["uri"] for k in ("buffers", "images") for x in doc.get(k, []) if "uri" in x]
+            refs = [r for r in refs if not r.startswith("data:")]
+        elif suffix == ".dae":
+            root = ET.parse(mesh_path).getroot()
+            refs += [e.text.strip() for e in root.iter() if e.tag.endswith("init_from") and e.text]
+            refs = [r for r in refs if "." in r or "/" in r]  # image files, not element ids
+    except (OSError, ValueError, ET.ParseError):
+        return  # unreadable here: the loader will say so
+    for r in refs:
+        if not _inside(r):
+            raise DesignError(f"the design references a file outside its folder ('{Path(r).name}')")
 
 
 def _color_of(geom: trimesh.Trimesh) -> tuple[float, float, float, float]:
@@ -138,7 +186,11 @@ def load_design(path: Path) -> Design:
         raise DesignError(f"the design file {mesh_path.name} does not exist")
     warnings: list[str] = []
     try:
-        loaded = trimesh.load(str(mesh_path), force="scene", resolver=_FolderResolver(str(mesh_path.parent)))
+        _check_references(mesh_path)
+        # process=False: trimesh would silently drop non-finite vertices; they are refused below.
+        loaded = trimesh.load(
+            str(mesh_path), force="scene", resolver=_FolderResolver(str(mesh_path.parent)), process=False
+        )
     except DesignError:
         raise
     except Exception as exc:
