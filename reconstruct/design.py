@@ -48,6 +48,7 @@ class Part:
     faces: np.ndarray  # M x 3
     color: tuple[float, float, float, float]
     name: str = ""
+    texture: Any | None = None  # trimesh TextureVisuals (UVs per vertex + material), for plan.glb
 
 
 @dataclass
@@ -129,10 +130,41 @@ def _check_references(mesh_path: Path) -> None:
             raise DesignError(f"the design references a file outside its folder ('{Path(r).name}')")
 
 
+def _textured(geom: trimesh.Trimesh) -> Any | None:
+    """The geometry's texture visual (UVs + a material with an image), kept for plan.glb."""
+    vis: Any = geom.visual
+    uv = getattr(vis, "uv", None)
+    if getattr(vis, "kind", None) != "texture" or uv is None:
+        return None
+    mat = getattr(vis, "material", None)
+    img = getattr(mat, "baseColorTexture", None) or getattr(mat, "image", None)
+    return vis if img is not None and len(uv) == len(geom.vertices) else None
+
+
+def _texture_mean(mat: Any) -> np.ndarray | None:
+    img = getattr(mat, "baseColorTexture", None) or getattr(mat, "image", None)
+    if img is None:
+        return None
+    try:
+        small = np.asarray(img.convert("RGBA").resize((32, 32)), float) / 255.0
+    except Exception:
+        return None
+    return np.asarray(small.reshape(-1, 4).mean(axis=0))
+
+
 def _color_of(geom: trimesh.Trimesh) -> tuple[float, float, float, float]:
+    """One colour per part for the montage renderer: the material's colour, times its texture's
+    mean colour when it has one (plan.glb keeps the texture itself)."""
     vis = geom.visual
     try:
         mat = getattr(vis, "material", None)
+        tex = _texture_mean(mat) if mat is not None else None
+        if tex is not None:
+            base = getattr(mat, "baseColorFactor", None)
+            f = np.ones(4) if base is None else np.asarray(base, float)
+            f = f / 255.0 if f.max() > 1.0 else f
+            c = tex * (f if len(f) == 4 else np.append(f, 1.0))
+            return (float(c[0]), float(c[1]), float(c[2]), float(c[3]))
         if mat is not None:
             base = getattr(mat, "baseColorFactor", None)
             if base is not None:
@@ -235,7 +267,7 @@ def load_design(path: Path) -> Design:
     parts = []
     for name, g in geoms:
         v = (Rf @ ((np.asarray(g.vertices, float) - anchor) * k).T).T
-        parts.append(Part(v, np.asarray(g.faces, np.int64), _color_of(g), name))
+        parts.append(Part(v, np.asarray(g.faces, np.int64), _color_of(g), name, _textured(g)))
     d = Design(desc.name, parts, desc.scalable, warnings)
     for w in warnings:
         log.warning("design: %s", w)

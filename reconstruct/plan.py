@@ -32,7 +32,7 @@ MIN_VISIBLE_SHARE = 0.002  # of the photo's pixels, for a montage to be worth ma
 
 
 def placed_meshes(design: Design, placement: Placement) -> list[Mesh]:
-    return [Mesh(placement.apply(p.vertices), p.faces, p.color) for p in design.parts]
+    return [Mesh(placement.apply(p.vertices), p.faces, p.color, p.texture) for p in design.parts]
 
 
 def push_back(vertices: np.ndarray, centre: np.ndarray, *, metres: float = 0.05, share: float = 0.01) -> np.ndarray:
@@ -72,11 +72,14 @@ def write_glb(site: Site, meshes: list[Mesh], vs: dict[str, View], path: Path) -
         scene.add_geometry(surface, node_name="site_surface", geom_name="site_surface")
     for i, m in enumerate(meshes):
         mesh = trimesh.Trimesh(m.vertices, m.faces, process=False)
-        mesh.visual = trimesh.visual.TextureVisuals(
-            material=trimesh.visual.material.PBRMaterial(
-                baseColorFactor=[int(255 * c) for c in m.color], metallicFactor=0.3, roughnessFactor=0.6
+        if m.texture is not None:  # the design's own material and texture, UVs as imported
+            mesh.visual = trimesh.visual.TextureVisuals(uv=m.texture.uv, material=m.texture.material)
+        else:
+            mesh.visual = trimesh.visual.TextureVisuals(
+                material=trimesh.visual.material.PBRMaterial(
+                    baseColorFactor=[int(255 * c) for c in m.color], metallicFactor=0.3, roughnessFactor=0.6
+                )
             )
-        )
         scene.add_geometry(mesh, node_name=f"design_{i}", geom_name=f"design_{i}")
     for name, v in vs.items():
         s = 0.25

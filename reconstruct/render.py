@@ -84,6 +84,7 @@ class Mesh:
     vertices: np.ndarray  # N x 3 world
     faces: np.ndarray  # M x 3
     color: tuple[float, float, float, float]
+    texture: Any | None = None  # the design's texture visual, carried to plan.glb (not rendered)
 
 
 def _flat(meshes: list[Mesh]) -> np.ndarray:

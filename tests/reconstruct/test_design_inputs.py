@@ -132,3 +132,30 @@ def test_a_placement_point_outside_the_photo_is_refused(site_dir) -> None:  # no
     (root / "out.json").write_text(json.dumps({"image": "0002.jpg", "ground_points": [[-500, 10], [99999, 20]]}))
     with pytest.raises(PlacementError):
         plan(root / "run", GATE, root / "out.json", root / "out")
+
+
+def test_obj_with_mtl_and_texture_keeps_its_texture_in_the_plan(site_dir, tmp_path: Path) -> None:  # noqa: F811
+    """An OBJ + MTL + texture: the montage uses the texture's colour, plan.glb carries the texture."""
+    from PIL import Image
+
+    d = tmp_path / "textured"
+    d.mkdir()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(d / "red.png")  # a red gate
+    (d / "gate.mtl").write_text("newmtl paint\nKd 1 1 1\nmap_Kd red.png\n")
+    box = trimesh.creation.box(extents=GATE_MM)
+    box.apply_translation((0, 0, GATE_MM[2] / 2))
+    lines = ["mtllib gate.mtl", "usemtl paint"]
+    lines += [f"v {x} {y} {z}" for x, y, z in box.vertices]
+    lines += [f"vt {u} {v}" for u, v in np.random.default_rng(0).uniform(0, 1, (len(box.vertices), 2))]
+    lines += [f"f {a + 1}/{a + 1} {b + 1}/{b + 1} {c + 1}/{c + 1}" for a, b, c in box.faces]
+    (d / "gate.obj").write_text("\n".join(lines) + "\n")
+    (d / "gate.json").write_text(json.dumps({"file": "gate.obj", "units": "mm", "up": "+Z", "front": "-Y"}))
+    design = load_design(d / "gate.json")
+    r, g, b, _ = design.parts[0].color
+    assert r > 0.6 and g < 0.25 and b < 0.25, design.parts[0].color
+    assert design.parts[0].texture is not None
+    root, _ = site_dir
+    plan(root / "run", d / "gate.json", root / "placement.json", root / "out")
+    scene = trimesh.load(root / "out" / "plan.glb", force="scene")
+    mats = [g.visual.material for n, g in scene.geometry.items() if n.startswith("design")]
+    assert any(getattr(m, "baseColorTexture", None) is not None for m in mats)
