@@ -87,6 +87,10 @@ def test_measure_answers_exactly_and_refuses_what_it_cannot(tmp_path: Path) -> N
     # Scale (0.2 %) and a 1 px click at ~9 m range with f = 1100 px on each endpoint.
     click = 9.0 / 1100.0
     assert truth * 0.002 < res[0]["sigma_m"] < np.hypot(truth * 0.002, 4 * click)
+    # The bundle adjustment's covariance (poses carried in) is one of the terms, and it is finite.
+    parts = res[0]["sigma_parts_m"]
+    assert parts["pose"] is not None and 0 < parts["pose"] < res[0]["sigma_m"]
+    assert res[0]["sigma_m"] == pytest.approx(np.sqrt(sum(v**2 for v in parts.values())), abs=2e-4)
     assert res[1]["length_m"] is None and res[1]["reason"]
     assert res[2]["length_m"] is None and "not registered" in res[2]["reason"]
 
