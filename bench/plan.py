@@ -127,9 +127,11 @@ def main() -> None:
     print(json.dumps({"montage_12mp_200k_triangles_one_core": a, "plan_20_photos": b}, indent=1, default=str))
     if a["error"] is None:
         r = a["result"]
-        print(f"\nmontage, 12 MP, {r['triangles']:,} triangles, one core: {r['seconds']:.2f} s (target 2 s): decode"
-              f" {r['decode_s']} + render/composite {r['render_composite_s']} + encode {r['encode_s']};"
-              f" peak RSS {a['peak_rss_mb']:.0f} MB")
+        print(
+            f"\nmontage, 12 MP, {r['triangles']:,} triangles, one core: {r['seconds']:.2f} s (target 2 s): decode"
+            f" {r['decode_s']} + render/composite {r['render_composite_s']} + encode {r['encode_s']};"
+            f" peak RSS {a['peak_rss_mb']:.0f} MB"
+        )
     if b["error"] is None:
         print(f"plan, 20 photos: {b['result']['seconds']:.1f} s (target 30 s), peak RSS {b['peak_rss_mb']:.0f} MB")
 

@@ -7,9 +7,9 @@
 2. Batch throughput: 200 small projects (one photo each through the privacy gate, the cheapest
    real stage) with a pool of 1 and of 2 worker processes; the ratio shows the scaling.
 3. Interactive latency: one interactive job (the sample photos) on an idle pool, then while a
-   batch of small projects runs. Batch tasks run in their own worker processes at the lowest
-   CPU priority (`workers.routing.batch_options`), so they yield the cores to interactive
-   work at once. Target: at most +25 %.
+   batch of small projects runs, routed as the service routes batch stages
+   (`workers.routing.stage_options(pool="batch")`: one `siteplan_batch` slot, no CPU slot).
+   Target: at most +25 %.
 
 Run: .venv/bin/python bench/pool.py [--projects 200]
 """
@@ -42,9 +42,6 @@ def gate(src: str, out_dir: str) -> float:
     """The privacy stage on one photo; returns the seconds spent inside the task."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from privacy.anonymize import anonymize_file
-    from workers.routing import enter_pool
-
-    enter_pool()
 
     t = time.perf_counter()
     e = anonymize_file(Path(src), Path(out_dir))
@@ -118,7 +115,7 @@ def main() -> None:
         start(2, tmp)
         ray.get([gate.remote(str(SMALL), str(out)) for _ in range(2)])
         idle = min(interactive_job(out) for _ in range(2))
-        # The batch pool as the service routes it: one slot, no claim on the interactive CPUs, nice 19.
+        # The batch pool as the service routes it: one slot, no claim on the interactive CPUs.
         batch = stage_options("cpu", pool="batch")
         batch_refs: list[Any] = [gate.options(**batch).remote(str(SMALL), str(out)) for _ in range(a.projects)]
         time.sleep(1.0)
@@ -131,7 +128,7 @@ def main() -> None:
             f"3. interactive job ({len(PHOTOS)} photos): idle {idle:.2f} s, during a batch {busy:.2f} s,"
             f" +{100 * (busy / idle - 1):.0f} % (target <= +25 %)"
         )
-        print("   (batch workers: their own processes, one slot, SCHED_IDLE; interactive tasks keep both CPU slots)")
+        print("   (batch stages: one siteplan_batch slot and no CPU slot; interactive tasks keep both CPU slots)")
     finally:
         if ray.is_initialized():
             ray.shutdown()

@@ -18,9 +18,6 @@ def anonymize_task(src: str, out_dir: str, policy: dict[str, Any]) -> dict[str, 
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from privacy.anonymize import AnonymizationPolicy, anonymize_file
-    from workers.routing import enter_pool
-
-    enter_pool()
 
     return anonymize_file(Path(src), Path(out_dir), AnonymizationPolicy.model_validate(policy))
 
@@ -37,9 +34,6 @@ def reconstruct_task(
     import pycolmap
 
     from reconstruct.reference import ScaleReference
-    from workers.routing import enter_pool
-
-    enter_pool()
     from reconstruct.sfm import SfmConfig
     from reconstruct.site import reconstruct
 
@@ -58,7 +52,5 @@ def reconstruct_task(
 @ray.remote(num_cpus=1, max_retries=1)
 def plan_task(run_dir: str, design: str, placement: str, out_dir: str, images_dir: str) -> dict[str, Any]:
     from reconstruct.plan import plan
-    from workers.routing import enter_pool
 
-    enter_pool()
     return plan(Path(run_dir), Path(design), Path(placement), Path(out_dir), images_dir=Path(images_dir))
