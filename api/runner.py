@@ -18,7 +18,8 @@ from privacy import register
 from privacy.anonymize import AnonymizationPolicy
 from privacy.ingest import ingest
 from privacy.vault import VaultError
-from siteplan.db import Contract, Job, Photo, Project, Subject
+from siteplan.consent import consent_problem
+from siteplan.db import Job, Photo, Project
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +41,7 @@ def ingest_photo(svc: Services, photo_id: str) -> None:
             return
         p = db.get(Photo, photo_id)
         assert p is not None
-        contract = db.get(Contract, p.contract_id)
-        project = db.get(Project, p.project_id)
-        subject = db.get(Subject, project.subject_id) if project is not None and project.subject_id else None
-        if contract is None or contract.state != "active" or (subject is not None and subject.restricted):
+        if consent_problem(db, db.get(Project, p.project_id)):
             # Checked when the work starts: an ended contract or a restricted client's photo is
             # not processed; it stays sealed in quarantine.
             p.state = "quarantined"

@@ -47,11 +47,6 @@ def tree_rss_mb(pid: int) -> float:
     return total / 2**20
 
 
-def cpu_s(pid: int) -> float:
-    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def server_cpu(pid: int) -> float:
     """CPU seconds of the server and its worker processes."""
     import psutil

@@ -18,11 +18,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import delete, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from privacy.rights import delete_contract_rows
 from privacy.vault import Vault
-from siteplan.db import Contract, Design, Job, Photo, PlanFile, Project, Subject, SubjectToken
+from siteplan.db import Contract
 
 log = logging.getLogger(__name__)
 FORMAT = "siteplan.backup/v1"
@@ -101,16 +102,7 @@ def restore(
             if c.state == "ended" or vault.keys.exists(c.id):
                 continue
             gone.append(c.id)
-            projects = select(Project.id).where(Project.contract_id == c.id)
-            jobs = select(Job.id).where(Job.project_id.in_(projects))
-            subjects = select(Subject.id).where(Subject.contract_id == c.id)
-            db.execute(delete(PlanFile).where(PlanFile.contract_id == c.id))
-            db.execute(delete(Job).where(Job.id.in_(jobs)))
-            db.execute(delete(Photo).where(Photo.contract_id == c.id))
-            db.execute(delete(Design).where(Design.contract_id == c.id))
-            db.execute(delete(Project).where(Project.contract_id == c.id))
-            db.execute(delete(SubjectToken).where(SubjectToken.subject_id.in_(subjects)))
-            db.execute(delete(Subject).where(Subject.contract_id == c.id))
+            delete_contract_rows(db, c.id)
             c.state = "ended"
             vault.drop_container(c.id)
         n = len(contracts)

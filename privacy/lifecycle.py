@@ -39,10 +39,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from sqlalchemy import delete, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from privacy import register, signing
+from privacy.rights import delete_contract_rows
 from privacy.subjects import open_subject
 from privacy.vault import Vault, shred_file
 from siteplan.db import (
@@ -55,7 +56,6 @@ from siteplan.db import (
     PlanFile,
     Project,
     Subject,
-    SubjectToken,
 )
 
 log = logging.getLogger(__name__)
@@ -294,21 +294,8 @@ def terminate_contract(
 
     # 4. rows
     if "rows" not in _state(factory, contract_id)["steps"]:
-        counts: dict[str, int] = {}
         with factory.begin() as db:
-            project_ids = list(db.scalars(select(Project.id).where(Project.contract_id == contract_id)))
-            jobs = list(db.scalars(select(Job.id).where(Job.project_id.in_(project_ids))))
-            subjects = list(db.scalars(select(Subject.id).where(Subject.contract_id == contract_id)))
-            for name, stmt in (
-                ("plan_files", delete(PlanFile).where(PlanFile.contract_id == contract_id)),
-                ("jobs", delete(Job).where(Job.id.in_(jobs))),
-                ("photos", delete(Photo).where(Photo.contract_id == contract_id)),
-                ("designs", delete(Design).where(Design.contract_id == contract_id)),
-                ("projects", delete(Project).where(Project.contract_id == contract_id)),
-                ("subject_index", delete(SubjectToken).where(SubjectToken.subject_id.in_(subjects))),
-                ("subjects", delete(Subject).where(Subject.contract_id == contract_id)),
-            ):
-                counts[name] = db.execute(stmt).rowcount or 0  # type: ignore[attr-defined]
+            counts = delete_contract_rows(db, contract_id)
         _done(factory, contract_id, "rows", rows=counts)
     hook("rows")
 

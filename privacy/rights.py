@@ -60,6 +60,35 @@ def export_subject(db: Session, vault: Vault, subject: Subject) -> bytes:
     return buf.getvalue()
 
 
+def delete_project_rows(db: Session, project_ids: list[str]) -> dict[str, int]:
+    """Delete these projects and every row that hangs off them (plan files, jobs, photos,
+    designs). Objects in the vault are the caller's to shred. Returns the counts per table."""
+    jobs = select(Job.id).where(Job.project_id.in_(project_ids))
+    counts: dict[str, int] = {}
+    for name, stmt in (
+        ("plan_files", delete(PlanFile).where(PlanFile.job_id.in_(jobs))),
+        ("jobs", delete(Job).where(Job.project_id.in_(project_ids))),
+        ("photos", delete(Photo).where(Photo.project_id.in_(project_ids))),
+        ("designs", delete(Design).where(Design.project_id.in_(project_ids))),
+        ("projects", delete(Project).where(Project.id.in_(project_ids))),
+    ):
+        counts[name] = db.execute(stmt).rowcount or 0  # type: ignore[attr-defined]
+    return counts
+
+
+def delete_contract_rows(db: Session, contract_id: str) -> dict[str, int]:
+    """Every row of one contract's personal data: its projects (as above) and its subjects."""
+    project_ids = list(db.scalars(select(Project.id).where(Project.contract_id == contract_id)))
+    counts = delete_project_rows(db, project_ids)
+    subjects = select(Subject.id).where(Subject.contract_id == contract_id)
+    for name, stmt in (
+        ("subject_index", delete(SubjectToken).where(SubjectToken.subject_id.in_(subjects))),
+        ("subjects", delete(Subject).where(Subject.contract_id == contract_id)),
+    ):
+        counts[name] = db.execute(stmt).rowcount or 0  # type: ignore[attr-defined]
+    return counts
+
+
 @dataclass(frozen=True)
 class Erasure:
     projects: int
@@ -83,11 +112,7 @@ def erase_subject(db: Session, vault: Vault, subject: Subject) -> Erasure:
     for d in db.scalars(select(Design).where(Design.project_id.in_(projects))).all():
         objects += [d.object] if d.object else []
     objects += list(db.scalars(select(PlanFile.object).where(PlanFile.job_id.in_(jobs))))
-    db.execute(delete(PlanFile).where(PlanFile.job_id.in_(jobs)))
-    db.execute(delete(Job).where(Job.id.in_(jobs)))
-    db.execute(delete(Photo).where(Photo.project_id.in_(projects)))
-    db.execute(delete(Design).where(Design.project_id.in_(projects)))
-    db.execute(delete(Project).where(Project.id.in_(projects)))
+    delete_project_rows(db, projects)
     db.execute(delete(SubjectToken).where(SubjectToken.subject_id == subject.id))
     db.delete(subject)
     db.flush()

@@ -16,7 +16,11 @@ import re
 import unicodedata
 from dataclasses import dataclass
 
+from sqlalchemy import delete
+from sqlalchemy.orm import Session
+
 from privacy.vault import KeyStore, open_field, seal_field
+from siteplan.db import Subject, SubjectToken
 
 MIN_PREFIX = 3
 MAX_WORD = 32
@@ -82,3 +86,16 @@ def open_subject(
     return SubjectFields(
         name=unseal("name", name_enc) or "", address=unseal("address", address_enc), phone=unseal("phone", phone_enc)
     )
+
+
+def write_fields(db: Session, keys: KeyStore, subject: Subject, f: SubjectFields) -> None:
+    """Seal a subject's fields onto its row and rebuild its blind-index digests (create and rectify)."""
+    for k, v in seal_subject(keys, subject.contract_id, subject.id, f).items():
+        setattr(subject, k, v)
+    db.execute(delete(SubjectToken).where(SubjectToken.subject_id == subject.id))
+    for d in sorted(index_digests(keys.get(index_key_id(subject.tenant_id)), f.name, f.address)):
+        db.add(SubjectToken(tenant_id=subject.tenant_id, subject_id=subject.id, digest=d))
+
+
+def read_fields(keys: KeyStore, subject: Subject) -> SubjectFields:
+    return open_subject(keys, subject.contract_id, subject.id, subject.name_enc, subject.address_enc, subject.phone_enc)

@@ -432,8 +432,8 @@ def cmd_subject(args: argparse.Namespace) -> int:
     """Data-subject rights from the operator's side (the same functions as the API's routes)."""
     from privacy import register
     from privacy.rights import erase_subject, export_subject
-    from privacy.subjects import SubjectFields, index_digests, index_key_id, open_subject, seal_subject
-    from siteplan.db import Subject, SubjectToken
+    from privacy.subjects import SubjectFields, read_fields, write_fields
+    from siteplan.db import Subject
 
     _, factory, vault = _services()
     with factory.begin() as db:
@@ -455,17 +455,13 @@ def cmd_subject(args: argparse.Namespace) -> int:
             s.restricted = args.action == "restrict"
             result = {"subject": sid, "restricted": s.restricted}
         else:  # rectify
-            old = open_subject(vault.keys, s.contract_id, sid, s.name_enc, s.address_enc, s.phone_enc)
+            old = read_fields(vault.keys, s)
             f = SubjectFields(
                 args.name or old.name,
                 args.address if args.address is not None else old.address,
                 args.phone if args.phone is not None else old.phone,
             )
-            for k, v in seal_subject(vault.keys, s.contract_id, sid, f).items():
-                setattr(s, k, v)
-            db.query(SubjectToken).filter(SubjectToken.subject_id == sid).delete()
-            for d in index_digests(vault.keys.get(index_key_id(tenant)), f.name, f.address):
-                db.add(SubjectToken(tenant_id=tenant, subject_id=sid, digest=d))
+            write_fields(db, vault.keys, s, f)
             result = {"subject": sid, "rectified": True}
         register.record(
             db,

@@ -27,7 +27,8 @@ from reconstruct.reference import ScaleReference, check_reference
 from reconstruct.report import write_report_html
 from reconstruct.sfm import SfmConfig
 from siteplan import PIPELINE_VERSION
-from siteplan.db import BillingRecord, Contract, Design, Job, Photo, PlanFile, Project, Subject
+from siteplan.consent import MESSAGES, consent_problem
+from siteplan.db import BillingRecord, Design, Job, Photo, PlanFile, Project
 from siteplan.settings import Settings
 from workers.job import SITE_KEYS, JobFailed, site_and_plan
 from workers.routing import Pool
@@ -56,13 +57,9 @@ def check_consent(db: Session, job: Job) -> Project:
     project = db.get(Project, job.project_id)
     if project is None:
         raise JobRefused("the project no longer exists")
-    contract = db.get(Contract, project.contract_id)
-    if contract is None or contract.state != "active":
-        raise JobRefused("the contract is not active; nothing may be processed under it")
-    if project.subject_id is not None:
-        subj = db.get(Subject, project.subject_id)
-        if subj is not None and subj.restricted:
-            raise JobRefused("processing of this client's data is restricted")
+    reason = consent_problem(db, project)
+    if reason:
+        raise JobRefused(MESSAGES[reason])
     return project
 
 

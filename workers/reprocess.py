@@ -31,7 +31,8 @@ from typing import Any, TextIO
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from siteplan.db import Contract, Job, Project, Subject
+from siteplan.consent import consent_problem
+from siteplan.db import Job, Project
 
 log = logging.getLogger(__name__)
 
@@ -41,17 +42,6 @@ class Selection:
     version: str
     todo: list[tuple[str, str]] = field(default_factory=list)  # (project id, source job id)
     skipped: Counter[str] = field(default_factory=Counter)
-
-
-def consent_problem(db: Session, project: Project) -> str | None:
-    c = db.get(Contract, project.contract_id)
-    if c is None or c.state != "active":
-        return "contract not active"
-    if project.subject_id is not None:
-        s = db.get(Subject, project.subject_id)
-        if s is not None and s.restricted:
-            return "client restricted"
-    return None
 
 
 def select_projects(

@@ -16,7 +16,8 @@ from api.routes.projects import get_project, require_active
 from api.schemas import JobCreate, JobList, JobPublic, PlanFilePublic, PlanPublic
 from privacy import register
 from siteplan import PIPELINE_VERSION
-from siteplan.db import Design, Job, Photo, PlanFile, Subject
+from siteplan.consent import CLIENT_RESTRICTED, MESSAGES, consent_problem
+from siteplan.db import Design, Job, Photo, PlanFile
 
 router = APIRouter(tags=["jobs"], responses=ERROR_RESPONSES)
 
@@ -50,10 +51,8 @@ def post_job(
         j = db.get(Job, rec.body["id"])
         return _public(j) if j is not None else JobPublic.model_validate(rec.body)
     require_active(db, project)
-    if project.subject_id is not None:
-        s = db.get(Subject, project.subject_id)
-        if s is not None and s.restricted:
-            raise ApiError(409, "subject_restricted", "processing of this client's data is restricted")
+    if consent_problem(db, project) == CLIENT_RESTRICTED:
+        raise ApiError(409, "subject_restricted", MESSAGES[CLIENT_RESTRICTED])
     d = db.get(Design, body.design_id)
     if d is None or d.project_id != project.id:
         raise ApiError(422, "invalid", "no such design in this project", field="design_id")

@@ -6,30 +6,22 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session
 
-from api.deps import DB, ReadCaller, ServicesDep, UploadCaller
+from api.deps import DB, Caller, ReadCaller, ServicesDep, UploadCaller
 from api.errors import ERROR_RESPONSES, ApiError, not_found
 from api.routes.common import IDEMPOTENCY_HELP, commit_or_conflict, count, fingerprint, remember, replay, set_location
 from api.schemas import SubjectCreate, SubjectList, SubjectPublic, SubjectUpdate
 from api.services import Services
 from privacy import register
 from privacy.rights import erase_subject, export_subject
-from privacy.subjects import (
-    SubjectFields,
-    index_digests,
-    index_key_id,
-    open_subject,
-    query_digests,
-    seal_subject,
-)
+from privacy.subjects import SubjectFields, index_key_id, query_digests, read_fields, write_fields
 from siteplan.db import Contract, Subject, SubjectToken
 
 router = APIRouter(prefix="/subjects", tags=["subjects"], responses=ERROR_RESPONSES)
 
 
 def _public(svc: Services, s: Subject) -> SubjectPublic:
-    f = open_subject(svc.vault.keys, s.contract_id, s.id, s.name_enc, s.address_enc, s.phone_enc)
+    f = read_fields(svc.vault.keys, s)
     return SubjectPublic(
         id=s.id,
         contract_id=s.contract_id,
@@ -39,13 +31,6 @@ def _public(svc: Services, s: Subject) -> SubjectPublic:
         restricted=s.restricted,
         created_at=s.created_at,
     )
-
-
-def _reindex(db: Session, svc: Services, s: Subject, f: SubjectFields) -> None:
-    db.query(SubjectToken).filter(SubjectToken.subject_id == s.id).delete()
-    key = svc.vault.keys.get(index_key_id(s.tenant_id))
-    for d in sorted(index_digests(key, f.name, f.address)):
-        db.add(SubjectToken(tenant_id=s.tenant_id, subject_id=s.id, digest=d))
 
 
 def _active_contract(db: DB, contract_id: str) -> Contract:
@@ -75,9 +60,7 @@ def post_subject(
     db.add(s)
     db.flush()
     f = SubjectFields(body.name, body.address, body.phone)
-    for k, v in seal_subject(svc.vault.keys, s.contract_id, s.id, f).items():
-        setattr(s, k, v)
-    _reindex(db, svc, s, f)
+    write_fields(db, svc.vault.keys, s, f)
     register.record(
         db,
         tenant_id=c.tenant_id,
@@ -140,16 +123,14 @@ def get_subject(subject_id: str, db: DB, svc: ServicesDep, _: ReadCaller) -> Sub
 def patch_subject(subject_id: str, body: SubjectUpdate, db: DB, svc: ServicesDep, c: UploadCaller) -> SubjectPublic:
     """Rectify a subject's data (P7)."""
     s = _get(db, subject_id)
-    old = open_subject(svc.vault.keys, s.contract_id, s.id, s.name_enc, s.address_enc, s.phone_enc)
+    old = read_fields(svc.vault.keys, s)
     given = body.model_dump(exclude_unset=True)
     f = SubjectFields(
         name=given.get("name") or old.name,
         address=given.get("address", old.address),
         phone=given.get("phone", old.phone),
     )
-    for k, v in seal_subject(svc.vault.keys, s.contract_id, s.id, f).items():
-        setattr(s, k, v)
-    _reindex(db, svc, s, f)
+    write_fields(db, svc.vault.keys, s, f)
     register.record(
         db,
         tenant_id=c.tenant_id,
@@ -166,32 +147,24 @@ def patch_subject(subject_id: str, body: SubjectUpdate, db: DB, svc: ServicesDep
 @router.post("/{subject_id}/restrict", response_model=SubjectPublic)
 def restrict_subject(subject_id: str, db: DB, svc: ServicesDep, c: UploadCaller) -> SubjectPublic:
     """Restrict processing (P7): every job refuses this subject's media from now on."""
-    s = _get(db, subject_id)
-    s.restricted = True
-    register.record(
-        db,
-        tenant_id=c.tenant_id,
-        actor=c.token_id,
-        action="subject_restricted",
-        categories=["photos", "derived_media"],
-        purpose="restriction of processing (P7)",
-        ref=s.id,
-    )
-    db.commit()
-    return _public(svc, s)
+    return _set_restricted(db, svc, c, subject_id, True)
 
 
 @router.post("/{subject_id}/lift-restriction", response_model=SubjectPublic)
 def lift_restriction(subject_id: str, db: DB, svc: ServicesDep, c: UploadCaller) -> SubjectPublic:
+    return _set_restricted(db, svc, c, subject_id, False)
+
+
+def _set_restricted(db: DB, svc: Services, c: Caller, subject_id: str, restricted: bool) -> SubjectPublic:
     s = _get(db, subject_id)
-    s.restricted = False
+    s.restricted = restricted
     register.record(
         db,
         tenant_id=c.tenant_id,
         actor=c.token_id,
-        action="subject_restriction_lifted",
+        action="subject_restricted" if restricted else "subject_restriction_lifted",
         categories=["photos", "derived_media"],
-        purpose="restriction lifted (P7)",
+        purpose="restriction of processing (P7)" if restricted else "restriction lifted (P7)",
         ref=s.id,
     )
     db.commit()

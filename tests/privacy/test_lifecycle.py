@@ -22,10 +22,10 @@ from privacy.backup import backup, restore
 from privacy.ingest import ingest
 from privacy.lifecycle import STEPS, decrypt_transfer, terminate_contract, verify_certificate
 from privacy.rights import erase_subject, export_subject
-from privacy.subjects import SubjectFields, index_digests, index_key_id, open_subject, seal_subject
+from privacy.subjects import SubjectFields, open_subject, write_fields
 from privacy.vault import FileKeyStore, KeyDestroyed, UploadStaging, Vault
 from siteplan import PIPELINE_VERSION
-from siteplan.db import Contract, Design, Job, Photo, PlanFile, Project, RegisterEntry, Subject, SubjectToken, init_db
+from siteplan.db import Contract, Design, Job, Photo, PlanFile, Project, RegisterEntry, Subject, init_db
 from siteplan.paths import lifecycle_paths
 from siteplan.settings import Settings
 from siteplan.tenancy import create_contract, create_tenant
@@ -66,10 +66,7 @@ def _fill(db: Session, vault: Vault, tenant_id: str, cd: ContractData, settings:
     db.add(s)
     db.flush()
     f = SubjectFields(cd.name, "Kerkstraat 12, 9000 Gent", "+32 470 12 34 56")
-    for k, v in seal_subject(keys, cd.id, s.id, f).items():
-        setattr(s, k, v)
-    for d in index_digests(keys.get(index_key_id(tenant_id)), f.name, f.address):
-        db.add(SubjectToken(tenant_id=tenant_id, subject_id=s.id, digest=d))
+    write_fields(db, keys, s, f)
     p = Project(tenant_id=tenant_id, contract_id=cd.id, subject_id=s.id, reference="P")
     db.add(p)
     db.flush()
@@ -247,23 +244,29 @@ def test_tampered_certificate_and_register_fail(world: World) -> None:
     )
     forged = {**signed, "document": {**signed["document"], "disposition": "return"}}
     assert not verify_certificate(forged).signature_ok
+
+    def entry(db: Session, seq: int) -> RegisterEntry:
+        q = select(RegisterEntry).where(RegisterEntry.tenant_id == w.tenant_id, RegisterEntry.seq == seq)
+        return db.scalars(q).one()
+
+    # An edited entry is found ...
     with w.factory.begin() as db:
         assert register.verify_register(db, w.tenant_id).ok
-        e = db.scalars(
-            select(RegisterEntry).where(RegisterEntry.tenant_id == w.tenant_id, RegisterEntry.seq == 2)
-        ).one()
-        e.purpose = "something else"
+        original = entry(db, 2).purpose
+        entry(db, 2).purpose = "something else"
     with w.factory() as db:
         r = register.verify_register(db, w.tenant_id)
-        assert not r.ok and "entry 2" in (r.problem or "")
+        assert not r.ok and "entry 2 was altered" in (r.problem or "")
+    # ... and, with the edit undone (the chain is whole again), so is a removed one.
     with w.factory.begin() as db:
-        e = db.scalars(
-            select(RegisterEntry).where(RegisterEntry.tenant_id == w.tenant_id, RegisterEntry.seq == 2)
-        ).one()
-        e.purpose = register.export_register(db, w.tenant_id)[1]["purpose"]  # no-op: still altered above
-        db.delete(db.scalars(select(RegisterEntry).where(RegisterEntry.seq == 3)).one())
+        entry(db, 2).purpose = original
     with w.factory() as db:
-        assert not register.verify_register(db, w.tenant_id).ok
+        assert register.verify_register(db, w.tenant_id).ok
+    with w.factory.begin() as db:
+        db.delete(entry(db, 3))
+    with w.factory() as db:
+        r = register.verify_register(db, w.tenant_id)
+        assert not r.ok and "entry 3 is missing" in (r.problem or "")
 
 
 def test_backup_restore_does_not_resurrect_an_ended_contract(world: World, tmp_path: Path) -> None:

@@ -72,7 +72,11 @@ def test_consent_checked_between_selection_and_processing(tmp_path: Path) -> Non
         j = db.scalars(select(Job).where(Job.project_id == restricted_project, Job.pipeline_version == "v2")).one()
         assert j.state == "cancelled"
         # Then the contract ends: a new selection skips everything, and nothing runs.
-        db.get(Contract, j.tenant_id and db.get(Project, restricted_project).contract_id).state = "ended"  # type: ignore[union-attr]
+        project = db.get(Project, restricted_project)
+        assert project is not None
+        contract = db.get(Contract, project.contract_id)
+        assert contract is not None
+        contract.state = "ended"
         db.commit()
         sel2 = select_projects(db, version="v3")
     assert sel2.todo == [] and sel2.skipped["contract not active"] == 6
