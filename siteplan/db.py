@@ -166,6 +166,9 @@ class Job(TenantScoped, Base):
     stage: Mapped[str | None] = mapped_column(String(32), nullable=True)
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Attempts per stage task, as the tasks themselves recorded them (a Ray retry after a killed
+    # worker or node shows here as 2, 3...): {"anonymise": 13, "reconstruct": 2, "plan": 1}.
+    stage_attempts: Mapped[dict[str, int]] = mapped_column(JSON, default=dict)
     pipeline_version: Mapped[str] = mapped_column(String(32))
     inputs: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)

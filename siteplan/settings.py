@@ -14,8 +14,9 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-# A unix socket path may be at most 107 bytes; Ray puts its sockets under its temp dir.
-_MAX_RAY_DIR = 60
+# A unix socket path may be at most 107 bytes; Ray puts its sockets under its temp dir, at
+# /session_<date>_<time>_<usec>_<pid>/sockets/plasma_store: 64 bytes more with a 5-digit pid.
+_MAX_RAY_DIR = 40
 
 
 class Settings(BaseSettings):

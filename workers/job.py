@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from siteplan.db import Contract, Job, Project, Tenant, init_db
 from siteplan.settings import Settings
 from workers.routing import Pool, stage_options
 from workers.runtime import ray_runtime
-from workers.tasks import anonymize_task, plan_task, reconstruct_task
+from workers.tasks import anonymize_task, count_attempts, plan_task, reconstruct_task
 
 log = logging.getLogger(__name__)
 
@@ -82,13 +83,16 @@ def site_and_plan(
     fail: Callable[[str], JobFailed],
     resumed: bool = False,
     pool: Pool = "interactive",
+    attempts_dir: Path | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Stages 2 and 3 on anonymised photos (Ray must be up): the metric site, then the plan.
-    ``resumed``: ``out`` already holds the site from an earlier attempt; go straight to the plan."""
+    ``resumed``: ``out`` already holds the site from an earlier attempt; go straight to the plan.
+    ``attempts_dir``: where each stage task marks its attempts (``workers.tasks.count_attempts``)."""
+    att = str(attempts_dir) if attempts_dir else None
     if resumed:
         info = json.loads((out / "site.json").read_text())
         progress("[2/4] reconstruct: done in an earlier attempt, resumed from its checkpoint")
-        return info, _plan_stage(out, design, placement, photos_out, progress, stage_done, fail, pool)
+        return info, _plan_stage(out, design, placement, photos_out, progress, stage_done, fail, pool, att)
     # 2. Metric site.
     t = time.perf_counter()
     progress(f"[2/4] reconstruct: SIFT, matching and mapping on {len(good)} photos, then scale and up")
@@ -97,7 +101,7 @@ def site_and_plan(
         info = ray.get(
             # GPU-capable: PatchMatch dense stereo on a GPU node, SGBM on CPU otherwise.
             reconstruct_task.options(**stage_options("gpu", pool=pool)).remote(
-                str(photos_out), sorted(intr), intr, reference.model_dump(), str(out), sfm.model_dump()
+                str(photos_out), sorted(intr), intr, reference.model_dump(), str(out), sfm.model_dump(), att
             )
         )
     except ray.exceptions.RayTaskError as exc:
@@ -111,7 +115,7 @@ def site_and_plan(
         f"(+-{100 * info['scale_sigma_rel']:.2f} %)"
     )
 
-    return info, _plan_stage(out, design, placement, photos_out, progress, stage_done, fail, pool)
+    return info, _plan_stage(out, design, placement, photos_out, progress, stage_done, fail, pool, att)
 
 
 def _plan_stage(
@@ -123,6 +127,7 @@ def _plan_stage(
     stage_done: Callable[[str, float], None],
     fail: Callable[[str], JobFailed],
     pool: Pool = "interactive",
+    attempts_dir: str | None = None,
 ) -> dict[str, Any]:
     # 3. Design merge, drawings, montages.
     t = time.perf_counter()
@@ -130,7 +135,7 @@ def _plan_stage(
     try:
         plan_result = ray.get(
             plan_task.options(**stage_options("gpu", pool=pool)).remote(
-                str(out), str(design), str(placement), str(out), str(photos_out)
+                str(out), str(design), str(placement), str(out), str(photos_out), attempts_dir
             )
         )
     except ray.exceptions.RayTaskError as exc:
@@ -199,6 +204,8 @@ def run_main_job(settings: Settings, inputs: JobInputs, progress: Progress = pri
     progress(f"job {job_id[:8]} for tenant {tenant_id[:8]}, project {project_id[:8]}")
 
     timings: dict[str, float] = {}
+    attempts_dir = out / ".attempts"  # removed when the job ends
+    shutil.rmtree(attempts_dir, ignore_errors=True)
 
     def stage_done(name: str, seconds: float) -> None:
         timings[name] = round(seconds, 2)
@@ -207,12 +214,15 @@ def run_main_job(settings: Settings, inputs: JobInputs, progress: Progress = pri
             assert j is not None
             j.stage = name
             j.timings = dict(timings)
+            j.stage_attempts = count_attempts(attempts_dir)
 
     def fail(msg: str) -> JobFailed:
         with Session.begin() as db:
             j = db.get(Job, job_id)
             assert j is not None
             j.state, j.error = "failed", msg
+            j.stage_attempts = count_attempts(attempts_dir)
+        shutil.rmtree(attempts_dir, ignore_errors=True)
         return JobFailed(msg)
 
     photos_out = out / "photos"
@@ -222,7 +232,10 @@ def run_main_job(settings: Settings, inputs: JobInputs, progress: Progress = pri
         t = time.perf_counter()
         progress(f"[1/4] anonymise: {len(photos)} photos (metadata rebuilt, faces and plates blurred)")
         pol = inputs.policy.model_dump()
-        refs = [anonymize_task.options(**stage_options("gpu")).remote(str(p), str(photos_out), pol) for p in photos]
+        refs = [
+            anonymize_task.options(**stage_options("gpu")).remote(str(p), str(photos_out), pol, str(attempts_dir))
+            for p in photos
+        ]
         entries: list[dict[str, Any]] = []
         pending = list(refs)
         while pending:
@@ -253,6 +266,7 @@ def run_main_job(settings: Settings, inputs: JobInputs, progress: Progress = pri
             progress=progress,
             stage_done=stage_done,
             fail=fail,
+            attempts_dir=attempts_dir,
         )
 
     # 4. Report.
@@ -281,4 +295,6 @@ def run_main_job(settings: Settings, inputs: JobInputs, progress: Progress = pri
         j = db.get(Job, job_id)
         assert j is not None
         j.state, j.stage, j.timings = "done", "report", dict(timings)
+        j.stage_attempts = count_attempts(attempts_dir)
+    shutil.rmtree(attempts_dir, ignore_errors=True)
     return report

@@ -33,6 +33,7 @@ from siteplan.settings import Settings
 from workers.job import SITE_KEYS, JobFailed, site_and_plan
 from workers.routing import Pool
 from workers.runtime import ray_runtime
+from workers.tasks import count_attempts
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +183,8 @@ def run_project_job(
                 assert j is not None
                 j.stage, j.timings = name, dict(timings)
                 j.progress = {"reconstruct": 0.7, "plan": 0.9}.get(name, j.progress)
+                j.stage_attempts = _add_attempts(j.stage_attempts, count_attempts(attempts_dir))
+                shutil.rmtree(attempts_dir, ignore_errors=True)  # counted once
             if name == "reconstruct":
                 # Checkpoint the site (sealed in the vault): a retry after a crash resumes at the plan.
                 obj = vault.put(key_id, _tar_dir(out))
@@ -199,6 +202,7 @@ def run_project_job(
             j.stage, j.progress = "reconstruct", 0.1
         out = scratch / "out"
         out.mkdir(parents=True, exist_ok=True)
+        attempts_dir = scratch / "attempts"
         resumed = False
         if checkpoint and vault.exists(key_id, checkpoint):
             _untar_dir(vault.read_bytes(key_id, checkpoint), out)
@@ -217,6 +221,7 @@ def run_project_job(
                 fail=fail,
                 resumed=resumed,
                 pool=pool,
+                attempts_dir=attempts_dir,
             )
         timings["total"] = round(time.perf_counter() - t_job, 2)
         report = {
@@ -289,6 +294,14 @@ def run_project_job(
             j.state, j.error = "failed", f"internal error ({type(exc).__name__}); the operators were told"
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _add_attempts(before: dict[str, int] | None, now: dict[str, int]) -> dict[str, int]:
+    """Stage attempts across job attempts: a job resumed after a crash adds to the first run's."""
+    total = dict(before or {})
+    for k, v in now.items():
+        total[k] = total.get(k, 0) + v
+    return total
 
 
 def _tar_dir(d: Path) -> bytes:

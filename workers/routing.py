@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Literal
 
 import ray
@@ -27,16 +28,19 @@ def stage_options(
     """``.options(**stage_options(...))`` for a stage task, from what the cluster has right now.
 
     Batch work (``pool="batch"``) takes a ``siteplan_batch`` slot instead of CPUs where the
-    cluster declares slots: it never holds a CPU slot a designer's job is waiting for, and at
-    most one batch stage per slot runs at a time (bench/pool.py: +5 % on an interactive job).
-    (Giving batch stages their own low-priority worker processes through a runtime env was
-    measured worse: +208 %, see docs/workers.md.)"""
+    cluster declares slots, and runs in worker processes of its own at the idle CPU class: it
+    never holds a CPU slot, nor a worker process, a designer's job is waiting for.
+
+    Why its own processes: Ray's workers are generic, so without a distinct runtime env a 0-CPU
+    batch task is leased one of the interactive job's workers, and the designer's tasks then
+    queue behind batch tasks in that process (bench/pool.py measured +265 % on an interactive
+    job that way; +4 % with the batch in its own idle-class workers)."""
     have = ray.cluster_resources()
     if pool == "batch" and have.get(BATCH_RESOURCE, 0) > 0:
         batch: dict[str, Any] = {"num_cpus": 0, "resources": {BATCH_RESOURCE: 1}}
         if kind == "gpu" and have.get("GPU", 0) >= 1:
             batch["num_gpus"] = 1
-        return batch
+        return batch_options(batch)
     opts: dict[str, Any] = {"num_cpus": num_cpus}
     if memory_mb:
         opts["memory"] = memory_mb * 2**20
@@ -45,9 +49,47 @@ def stage_options(
         return opts
     if have.get(CPU_RESOURCE, 0) > 0:
         opts["resources"] = {CPU_RESOURCE: 1}
-    return opts
+    return batch_options(opts) if pool == "batch" else opts
 
 
 def on_gpu() -> bool:
     """Inside a task: was a GPU assigned to it? (Stages pick the CUDA provider or PatchMatch then.)"""
     return bool(ray.get_gpu_ids())
+
+
+BATCH_ENV = "SITEPLAN_POOL"
+
+
+def batch_options(opts: dict[str, Any]) -> dict[str, Any]:
+    """Mark a stage task as batch work: it runs in worker processes of its own (a distinct
+    runtime env, so Ray never reuses them for interactive work) that lower their CPU priority
+    (:func:`enter_pool`). A running batch then yields the cores to a designer's job at once."""
+    env = dict(opts.get("runtime_env") or {})
+    env["env_vars"] = {**env.get("env_vars", {}), BATCH_ENV: "batch"}
+    return {**opts, "runtime_env": env}
+
+
+def enter_pool() -> None:
+    """First line of every stage task: a batch worker drops to the idle CPU class, so it runs only
+    on cycles interactive work leaves. (Ray already starts every worker at nice 15, so nice alone
+    would leave a batch a third of a core against a designer's job: bench/pool.py measured +39 %
+    at equal priority, +4 % in the idle class.)
+
+    Linux schedules threads, and a thread pool (onnxruntime's, OpenCV's) started by an earlier
+    task does not inherit a later change, so every thread of the process is moved, on each call
+    (cheap: a handful of syscalls)."""
+    import os
+
+    if os.environ.get(BATCH_ENV) != "batch":
+        return
+    if os.getpriority(os.PRIO_PROCESS, 0) < 19:
+        os.nice(19 - os.getpriority(os.PRIO_PROCESS, 0))
+    if not (hasattr(os, "sched_setscheduler") and hasattr(os, "SCHED_IDLE")):
+        return
+    try:
+        tids = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        tids = [0]
+    for tid in tids:
+        with contextlib.suppress(OSError):  # a thread that has just exited
+            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))

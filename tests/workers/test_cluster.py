@@ -4,6 +4,7 @@ survives a killed worker process and a killed node with exactly one result."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -19,7 +20,7 @@ from siteplan import PIPELINE_VERSION
 from siteplan.db import Job, Project, init_db
 from siteplan.tenancy import create_contract, create_tenant
 from workers.reprocess import result_key
-from workers.routing import CPU_RESOURCE, on_gpu, stage_options
+from workers.routing import BATCH_RESOURCE, CPU_RESOURCE, on_gpu, stage_options
 
 
 @ray.remote
@@ -119,3 +120,44 @@ def test_stage_survives_a_killed_worker_and_a_killed_node(cluster: Cluster, tmp_
     assert [p.name for p in out.iterdir()] == [f"{key}.json"], "exactly one result"
     with factory() as db:
         assert db.get(Job, job_id).attempts == 3  # type: ignore[union-attr]
+
+
+@ray.remote
+def sched_probe() -> dict[str, object]:
+    """What a stage task sees of its own process: pid, CPU class of every thread."""
+    from workers.routing import enter_pool
+
+    enter_pool()
+    policies = set()
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(OSError):
+            policies.add(os.sched_getscheduler(int(tid)))
+    return {"pid": os.getpid(), "policies": sorted(policies)}
+
+
+@pytest.mark.slow
+def test_batch_stages_run_in_their_own_idle_class_workers() -> None:
+    """A batch stage never runs in (and never slows) a process that serves a designer's job:
+    it gets worker processes of its own, every thread in the idle CPU class."""
+    ray.init(num_cpus=2, resources={BATCH_RESOURCE: 1}, include_dashboard=False, log_to_driver=False)
+    try:
+        inter = ray.get([sched_probe.options(**stage_options("cpu")).remote() for _ in range(6)])
+        batch = ray.get([sched_probe.options(**stage_options("cpu", pool="batch")).remote() for _ in range(6)])
+        inter += ray.get([sched_probe.options(**stage_options("cpu")).remote() for _ in range(6)])
+    finally:
+        ray.shutdown()
+    assert {p["pid"] for p in inter}.isdisjoint({p["pid"] for p in batch})
+    assert all(p["policies"] == [os.SCHED_IDLE] for p in batch)
+    assert all(os.SCHED_IDLE not in p["policies"] for p in inter)
+
+
+@pytest.mark.parametrize("depth", [1, 8, 30])
+def test_ray_dir_leaves_room_for_rays_socket_paths(tmp_path: Path, depth: int) -> None:
+    """Ray's sockets live at <ray dir>/session_<date>_<time>_<usec>_<pid>/sockets/plasma_store
+    and a socket path may not exceed 107 bytes, whatever the data dir's path."""
+    from siteplan.settings import Settings
+
+    root = tmp_path.joinpath(*["d" * 9] * depth)
+    ray_dir = Settings(data_dir=root).ray_dir
+    worst = f"{ray_dir}/session_2026-12-01_13-55-42_797116_4194304/sockets/plasma_store"
+    assert len(worst.encode()) <= 107
