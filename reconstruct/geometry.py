@@ -178,3 +178,50 @@ def lift_pixel(
     f = float(view.K[0, 0])
     sig_click = click_px * s / f / max(abs(cos), 0.3)
     return Lifted(X, math.hypot(sig_along_ray, sig_click), None, int(plane.support))
+
+
+class SurfaceLifter:
+    """Lift pixels onto the dense surface (``RUN_DIR/surface.ply``) by casting their rays at the
+    mesh: the first hit is the visible surface point, occlusions included. Used where the sparse
+    neighbourhood of a pixel is too thin for :func:`lift_pixel` (plain walls, ground, edges of the
+    model). sigma: the mesh's local departure from a plane around the hit (its noise) over the
+    incidence angle, plus the click term as in :func:`lift_pixel`."""
+
+    def __init__(self, vertices: np.ndarray, triangles: np.ndarray) -> None:
+        import open3d as o3d
+
+        self.vertices = np.asarray(vertices, np.float64)
+        self.scene = o3d.t.geometry.RaycastingScene()
+        self.scene.add_triangles(
+            o3d.core.Tensor.from_numpy(self.vertices.astype(np.float32)),
+            o3d.core.Tensor.from_numpy(np.ascontiguousarray(triangles, np.uint32)),
+        )
+        self.kd = o3d.geometry.KDTreeFlann(self.vertices.T.copy())
+        edges = self.vertices[np.asarray(triangles)[:, :2]]
+        self.edge = float(np.median(np.linalg.norm(edges[:, 0] - edges[:, 1], axis=1))) if len(edges) else 0.0
+
+    def lift(self, view: View, uv: tuple[float, float], *, click_px: float = 1.0) -> Lifted:
+        import open3d as o3d
+
+        u, v = uv
+        if not (0 <= u <= view.width and 0 <= v <= view.height):
+            return Lifted(None, math.inf, "the point lies outside its photo")
+        C, d = view.ray(uv)
+        rays = o3d.core.Tensor.from_numpy(np.hstack([C, d])[None, :].astype(np.float32))
+        hit = self.scene.cast_rays(rays)
+        s = float(hit["t_hit"].numpy()[0])
+        if not math.isfinite(s):
+            return Lifted(None, math.inf, "the dense surface does not reach this point")
+        X = C + s * d
+        # The local surface: mesh vertices within a few cells of the hit.
+        radius = max(4.0 * self.edge, 0.01 * s)
+        k, idx, _ = self.kd.search_radius_vector_3d(X, radius)
+        if k < 6:
+            return Lifted(None, math.inf, "the dense surface is too sparse here")
+        plane, _ = fit_plane(self.vertices[np.asarray(idx)])
+        cos = abs(float(plane.n @ d))
+        if cos < 0.08:
+            return Lifted(None, math.inf, "the surface here is seen edge-on")
+        sig_along_ray = math.hypot(plane.rms, 0.5 * self.edge / math.sqrt(12)) / cos
+        sig_click = click_px * s / float(view.K[0, 0]) / max(cos, 0.3)
+        return Lifted(X, math.hypot(sig_along_ray, sig_click), None, int(k))

@@ -1,6 +1,8 @@
 """``siteplan measure``: lengths of pixel segments on the metric site, each with a 1-sigma.
 
-Both endpoints are lifted onto the local surface in their photo (see ``geometry.lift_pixel``).
+Both endpoints are lifted onto the local surface in their photo: a plane fitted to the sparse
+points seen around the pixel (``geometry.lift_pixel``), and where those are too few, the pixel's
+ray cast at the dense surface (``geometry.SurfaceLifter``); each endpoint reports which.
 sigma combines, in quadrature: the scale's relative uncertainty, both endpoint lifts (local plane
 fit), and the pose/structure uncertainty of bundle adjustment at each endpoint (the median
 covariance of the 3D points around it, from ``pycolmap.estimate_ba_covariance``, which carries
@@ -16,52 +18,14 @@ import math
 from typing import Any
 
 import numpy as np
-import pycolmap
 
-from reconstruct.geometry import lift_pixel, observations, views
+from reconstruct.covariance import endpoint_sigma, ids_and_pixels, point_sigmas
+from reconstruct.dense import load_surface
+from reconstruct.geometry import Lifted, SurfaceLifter, lift_pixel, observations, views
 from reconstruct.reference import Segment
 from reconstruct.site import Site
 
 log = logging.getLogger(__name__)
-_NEIGHBOURS = 12  # 3D points around an endpoint whose covariance speaks for it
-
-
-def point_sigmas(rec: pycolmap.Reconstruction) -> dict[int, float] | None:
-    """1-sigma position uncertainty (metres) of every 3D point after bundle adjustment, with the
-    poses' covariance carried in; None when the estimate fails (the term is then left out)."""
-    try:
-        config = pycolmap.BundleAdjustmentConfig()
-        for i in rec.reg_image_ids():
-            config.add_image(i)
-        ba = pycolmap.create_default_ceres_bundle_adjuster(pycolmap.BundleAdjustmentOptions(), config, rec)
-        cov = pycolmap.estimate_ba_covariance(pycolmap.BACovarianceOptions(), rec, ba)
-    except Exception as exc:  # a library failure must not stop a measurement
-        log.warning("pose covariance not available (%s)", type(exc).__name__)
-        return None
-    if cov is None:
-        return None
-    out: dict[int, float] = {}
-    for pid in rec.points3D:
-        c = cov.get_point_cov(pid)
-        if c is not None:
-            out[int(pid)] = float(math.sqrt(max(0.0, float(np.trace(np.asarray(c)))) / 3.0))
-    return out
-
-
-def _ids_and_pixels(rec: pycolmap.Reconstruction, name: str) -> tuple[np.ndarray, np.ndarray]:
-    img = rec.find_image_with_name(name)
-    if img is None:
-        return np.zeros((0, 2)), np.zeros(0, np.int64)
-    pts = [(p.xy, p.point3D_id) for p in img.points2D if p.has_point3D()]
-    return np.asarray([q for q, _ in pts], float).reshape(-1, 2), np.asarray([i for _, i in pts], np.int64)
-
-
-def _pose_sigma(uv: tuple[float, float], pix: np.ndarray, ids: np.ndarray, sig: dict[int, float]) -> float:
-    if not len(pix):
-        return 0.0
-    near = np.argsort(np.linalg.norm(pix - np.asarray(uv, float), axis=1))[:_NEIGHBOURS]
-    vals = [sig[int(ids[k])] for k in near if int(ids[k]) in sig]
-    return float(np.median(vals)) if vals else 0.0
 
 
 def measure(site: Site, segments: list[Segment]) -> list[dict[str, Any]]:
@@ -69,7 +33,24 @@ def measure(site: Site, segments: list[Segment]) -> list[dict[str, Any]]:
     scale_rel = float(site.info.get("scale_sigma_rel", 0.0))
     sig = point_sigmas(site.reconstruction) if segments else None
     cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    surface: SurfaceLifter | bool | None = None  # loaded on first need; False: there is none
     out: list[dict[str, Any]] = []
+
+    def lift_endpoint(image: str, uv: tuple[float, float]) -> tuple[Lifted, str]:
+        nonlocal surface
+        ouv, oxyz = cache[image]
+        got = lift_pixel(vs[image], uv, ouv, oxyz)
+        if got.xyz is not None or got.reason == "the point lies outside its photo":
+            return got, "plane"
+        if surface is None:
+            mesh = load_surface(site.run_dir / "surface.ply")
+            surface = SurfaceLifter(*mesh) if mesh is not None else False
+        if surface is False:
+            return got, "plane"
+        assert isinstance(surface, SurfaceLifter)
+        dense = surface.lift(vs[image], uv)
+        return (dense, "surface") if dense.xyz is not None else (got, "plane")
+
     for seg in segments:
         item: dict[str, Any] = seg.model_dump(exclude={"length_m"})
         item["a"], item["b"] = list(seg.a), list(seg.b)
@@ -79,9 +60,8 @@ def measure(site: Site, segments: list[Segment]) -> list[dict[str, Any]]:
             continue
         if seg.image not in cache:
             cache[seg.image] = observations(site.reconstruction, seg.image)
-        ouv, oxyz = cache[seg.image]
-        la = lift_pixel(vs[seg.image], seg.a, ouv, oxyz)
-        lb = lift_pixel(vs[seg.image], seg.b, ouv, oxyz)
+        la, how_a = lift_endpoint(seg.image, seg.a)
+        lb, how_b = lift_endpoint(seg.image, seg.b)
         if la.xyz is None or lb.xyz is None:
             which = "a" if la.xyz is None else "b"
             reason = la.reason if la.xyz is None else lb.reason
@@ -91,13 +71,14 @@ def measure(site: Site, segments: list[Segment]) -> list[dict[str, Any]]:
         length = float(np.linalg.norm(la.xyz - lb.xyz))
         pose = 0.0
         if sig is not None:
-            pix, ids = _ids_and_pixels(site.reconstruction, seg.image)
-            pose = math.hypot(_pose_sigma(seg.a, pix, ids, sig), _pose_sigma(seg.b, pix, ids, sig))
+            pix, ids = ids_and_pixels(site.reconstruction, seg.image)
+            pose = math.hypot(endpoint_sigma(seg.a, pix, ids, sig), endpoint_sigma(seg.b, pix, ids, sig))
         lift = math.hypot(la.sigma, lb.sigma)
         sigma = math.sqrt((length * scale_rel) ** 2 + lift**2 + pose**2)
         item.update(
             length_m=round(length, 4),
             sigma_m=round(sigma, 4),
+            lifted_on={"a": how_a, "b": how_b},
             sigma_parts_m={
                 "scale": round(length * scale_rel, 4),
                 "lift": round(lift, 4),

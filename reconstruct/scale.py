@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pycolmap
 
+from reconstruct.covariance import endpoint_sigma, ids_and_pixels, point_sigmas
 from reconstruct.errors import ScaleReferenceError
 from reconstruct.geometry import lift_pixel, observations, views
 from reconstruct.markers import detect_all, marker_scale
@@ -62,6 +63,7 @@ def estimate_scale(
             else:
                 item.update(used=True, scale=ms.scale, sigma_rel=ms.sigma_rel)
             items.append(item)
+    cov: dict[int, float] | None = None  # computed once, when a segment needs it
     for i, seg in enumerate(ref.segments):
         item = {"kind": "segment", "index": i, "image": seg.image, "length_m": seg.length_m}
         if seg.image not in vs:
@@ -80,8 +82,15 @@ def estimate_scale(
         model_len = float(np.linalg.norm(la.xyz - lb.xyz))
         assert seg.length_m is not None
         s = seg.length_m / model_len
-        rel = math.hypot(la.sigma, lb.sigma) / model_len
-        item.update(used=True, scale=s, sigma_rel=rel, model_length=model_len)
+        # The endpoints' lifts, and the bundle adjustment's pose/structure uncertainty there.
+        if cov is None:
+            cov = point_sigmas(rec) or {}
+        pix, ids = ids_and_pixels(rec, seg.image)
+        pose = math.hypot(endpoint_sigma(seg.a, pix, ids, cov), endpoint_sigma(seg.b, pix, ids, cov))
+        rel = math.hypot(la.sigma, lb.sigma, pose) / model_len
+        item.update(
+            used=True, scale=s, sigma_rel=rel, model_length=model_len, pose_sigma_rel=round(pose / model_len, 6)
+        )
         items.append(item)
     used = [it for it in items if it.get("used")]
     if not used:

@@ -7,7 +7,15 @@ Choices (recorded in ``SfmResult.choices`` and then in site.json):
   with a wide overlap for larger ones, since phone photos of a site are taken walking along it;
 - cameras: photos that share a size and a focal-length prior share one camera (fewer unknowns,
   better-conditioned bundle adjustment); the prior comes from the privacy gate's sidecar;
-- mapper: incremental (robust on the 5-60 photos a designer takes).
+- mapper: incremental for the 5-60 photos a designer takes (as fast as global mapping there),
+  GLOMAP's global mapping from ``global_from`` photos; either falls back to the other when it
+  places fewer than half the photos (bench/scaling.py: on opensfm-lund incremental placed 2 of
+  29, global all 29);
+- vocabulary-tree matching is not offered: COLMAP downloads its tree at run time, and nothing
+  may be downloaded here; sequential matching covers larger sets.
+
+Degenerate sets are refused with the reason: photos that do not overlap, and photos that overlap
+without parallax (taken from one spot), both before and after mapping.
 """
 
 from __future__ import annotations
@@ -17,8 +25,9 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import numpy as np
 import pycolmap
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -36,7 +45,17 @@ class SfmConfig(BaseModel):
     sequential_overlap: int = Field(default=12, ge=2, description="Neighbours matched in sequential mode.")
     num_threads: int = Field(default=-1, description="Threads for extraction, matching and mapping; -1 = all.")
     min_photos: int = Field(default=3, ge=2, description="Fewer registered photos than this is an error.")
+    min_baseline_ratio: float = Field(
+        default=0.02,
+        gt=0,
+        description="Camera positions must spread over at least this share of the scene's distance "
+        "(below it the photos were taken from one spot: no depth can be measured).",
+    )
     seed: int = Field(default=0, description="Random seed for RANSAC and mapping, for repeatable runs.")
+    mapper: Literal["auto", "incremental", "global"] = Field(
+        default="auto", description="auto: incremental below `global_from` photos, global (GLOMAP) from there."
+    )
+    global_from: int = Field(default=100, ge=3, description="Photos from which `auto` maps globally.")
 
 
 @dataclass
@@ -132,18 +151,15 @@ def run_sfm(
     timings["match_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    opts = pycolmap.IncrementalPipelineOptions()
-    opts.num_threads = cfg.num_threads
-    opts.random_seed = cfg.seed
-    opts.min_model_size = cfg.min_photos
-    models = pycolmap.incremental_mapping(db_path, image_dir, work_dir / "sparse", options=opts)
+    models, choices["mapper"] = _map(db_path, image_dir, work_dir, len(names), cfg)
     timings["map_s"] = time.perf_counter() - t0
-    choices["mapper"] = {"mode": "incremental", "models": len(models)}
     if not models:
-        raise ReconstructionError(
-            "the photos could not be put together: too little overlap between them, or all taken from one spot"
-        )
+        raise ReconstructionError(_why_no_model(db_path, len(names)))
     rec = max(models.values(), key=lambda r: r.num_reg_images())
+    if rec.num_points3D() < 10 * rec.num_reg_images():
+        # A handful of points holding many cameras: a model in name only.
+        raise ReconstructionError(_why_no_model(db_path, len(names)))
+    _check_baseline(rec, cfg.min_baseline_ratio)
     registered = sorted(img.name for img in rec.images.values() if img.has_pose)
     if len(registered) < cfg.min_photos:
         raise ReconstructionError(
@@ -152,3 +168,104 @@ def run_sfm(
     unregistered = sorted(set(names) - set(registered))
     log.info("sparse model: %d of %d photos registered, %d points", len(registered), len(names), rec.num_points3D())
     return SfmResult(rec, registered, unregistered, choices, timings)
+
+
+def _map(
+    db_path: Path, image_dir: Path, work_dir: Path, n: int, cfg: SfmConfig
+) -> tuple[dict[int, pycolmap.Reconstruction], dict[str, Any]]:
+    """Incremental or global (GLOMAP) mapping, chosen per input, with the other as a fallback when
+    the first places fewer than half the photos. bench/scaling.py: both take about the same time
+    up to 60 photos and incremental grows about as n^3 beyond; on opensfm-lund (29 photos)
+    incremental mapping placed only 2 photos where global mapping placed all 29."""
+    first = cfg.mapper
+    why = f"set to {first}"
+    if first == "auto":
+        first = "global" if n >= cfg.global_from else "incremental"
+        why = f"{n} photos {'>=' if first == 'global' else '<'} {cfg.global_from}"
+    second = "incremental" if first == "global" else "global"
+    enough = max(cfg.min_photos, (n + 1) // 2)
+    models = _run_mapper(first, db_path, image_dir, work_dir, cfg)
+    placed = max((r.num_reg_images() for r in models.values()), default=0)
+    if placed >= enough:
+        return models, {"mode": first, "why": why, "models": len(models)}
+    if _one_spot(db_path, n):
+        # Global positioning happily places cameras that only turned (a wrong model): never try it.
+        return models, {"mode": first, "why": why + "; the photos show no parallax", "models": len(models)}
+    log.warning("%s mapping placed %d of %d photos; trying %s mapping", first, placed, n, second)
+    other = _run_mapper(second, db_path, image_dir, work_dir, cfg)
+    placed2 = max((r.num_reg_images() for r in other.values()), default=0)
+    if placed2 > placed:
+        why += f"; {first} mapping placed only {placed} of {n}, {second} mapping {placed2}"
+        return other, {"mode": second, "why": why, "models": len(other)}
+    why += f"; {second} mapping placed no more ({placed2})"
+    return models, {"mode": first, "why": why, "models": len(models)}
+
+
+def _run_mapper(
+    mode: str, db_path: Path, image_dir: Path, work_dir: Path, cfg: SfmConfig
+) -> dict[int, pycolmap.Reconstruction]:
+    if mode == "global":
+        gopts = pycolmap.GlobalPipelineOptions()
+        gopts.num_threads = cfg.num_threads
+        gopts.random_seed = cfg.seed
+        gopts.min_model_size = cfg.min_photos
+        return dict(pycolmap.global_mapping(db_path, image_dir, work_dir / "sparse-global", options=gopts))
+    iopts = pycolmap.IncrementalPipelineOptions()
+    iopts.num_threads = cfg.num_threads
+    iopts.random_seed = cfg.seed
+    iopts.min_model_size = cfg.min_photos
+    return dict(pycolmap.incremental_mapping(db_path, image_dir, work_dir / "sparse", options=iopts))
+
+
+# Pairs whose motion is a homography: a pure rotation (or a flat scene, which COLMAP cannot tell
+# apart from two views alone).
+_ROTATION_LIKE = {
+    pycolmap.TwoViewGeometryConfiguration.PANORAMIC,
+    pycolmap.TwoViewGeometryConfiguration.PLANAR_OR_PANORAMIC,
+}
+ONE_SPOT = (
+    "the photos overlap but show no depth: they seem to be taken from one spot, the camera turned but "
+    "not moved. Take the photos while walking along the site, a step or more between them"
+)
+
+
+def _pair_stats(db_path: Path) -> tuple[int, int]:
+    """(pairs that overlap enough, how many of them a pure rotation explains)."""
+    db = pycolmap.Database.open(str(db_path))
+    try:
+        _, geoms = db.read_two_view_geometries()
+    finally:
+        db.close()
+    verified = [g for g in geoms if len(g.inlier_matches) >= 30]
+    return len(verified), sum(g.config in _ROTATION_LIKE for g in verified)
+
+
+def _one_spot(db_path: Path, n_photos: int) -> bool:
+    verified, rotation_like = _pair_stats(db_path)
+    pairs = n_photos * (n_photos - 1) // 2
+    return verified >= max(1, pairs // 4) and rotation_like >= 0.8 * verified
+
+
+def _why_no_model(db_path: Path, n_photos: int) -> str:
+    """Why mapping found no (usable) model: the photos do not overlap, or overlap without parallax."""
+    if _one_spot(db_path, n_photos):
+        return ONE_SPOT
+    verified, _ = _pair_stats(db_path)
+    pairs = n_photos * (n_photos - 1) // 2
+    return (
+        f"the photos could not be put together: only {verified} of {pairs} photo pairs overlap "
+        "enough. Take overlapping photos (each part of the site in at least two of them)"
+    )
+
+
+def _check_baseline(rec: pycolmap.Reconstruction, min_ratio: float = 0.02) -> None:
+    """A model whose cameras all sit in one spot has no metric depth, whatever the mapper says:
+    refuse it rather than measure on it."""
+    centres = np.array([im.projection_center() for im in rec.images.values() if im.has_pose])
+    pts = np.array([p.xyz for p in rec.points3D.values()])
+    if len(centres) < 2 or len(pts) == 0:
+        return
+    spread = float(np.max(np.linalg.norm(centres - centres.mean(axis=0), axis=1)))
+    depth = float(np.median(np.linalg.norm(pts - centres.mean(axis=0), axis=1)))
+    if depth > 0 and spread < min_ratio * depth:
+        raise ReconstructionError(ONE_SPOT)

@@ -105,3 +105,46 @@ def test_reference_errors_name_the_problem(tmp_path: Path) -> None:
     (tmp_path / "r.json").write_text('{"segments": [{"image": "a.jpg", "a": [0, 0]}]}')
     with pytest.raises(ScaleReferenceError, match="invalid"):
         load_reference(tmp_path / "r.json")
+
+
+def test_measure_falls_back_to_the_dense_surface_where_sparse_points_are_missing(tmp_path: Path) -> None:
+    """A wall patch with no sparse points around the endpoint: the plane fit cannot answer, the ray
+    cast at the dense surface can, and exactly (the surface here is the true wall and ground)."""
+    import open3d as o3d
+
+    sc = make_scene(scale=1.0)
+    A, B = np.array([-2.5, 5.0, 1.5]), np.array([2.5, 5.0, 2.2])
+    # Points in the model frame near A (in truth: within 1.2 m) are removed from the sparse model.
+    A_m = sc.to_model(A[None])[0]
+    gone = [pid for pid, p in sc.rec.points3D.items() if np.linalg.norm(p.xyz - A_m) < 1.2]
+    assert gone
+    for pid in gone:
+        sc.rec.delete_point3D(pid)
+    # The dense surface, in the model frame: the ground and the wall as two fine grids.
+    verts, tris = [], []
+    for corners in (
+        [(-6, -2, 0), (6, -2, 0), (6, 5, 0), (-6, 5, 0)],
+        [(-6, 5, 0), (6, 5, 0), (6, 5, 3.5), (-6, 5, 3.5)],
+    ):
+        c = np.array(corners, float)
+        n = 40
+        uu, vv = np.meshgrid(np.linspace(0, 1, n), np.linspace(0, 1, n))
+        P = c[0] + uu[..., None] * (c[1] - c[0]) + vv[..., None] * (c[3] - c[0])
+        base = sum(len(v) for v in verts)
+        verts.append(sc.to_model(P.reshape(-1, 3)))
+        for i in range(n - 1):
+            for j in range(n - 1):
+                k = base + i * n + j
+                tris += [[k, k + 1, k + n], [k + 1, k + n + 1, k + n]]
+    mesh = o3d.geometry.TriangleMesh(
+        o3d.utility.Vector3dVector(np.vstack(verts)), o3d.utility.Vector3iVector(np.array(tris))
+    )
+    site = Site(tmp_path, sc.rec, {"scale_sigma_rel": 0.002})
+    seg = [Segment(image="0004.jpg", a=sc.pixel(4, A), b=sc.pixel(4, B))]
+    # Without a surface: no answer, with the reason.
+    assert measure(site, seg)[0]["length_m"] is None
+    o3d.io.write_triangle_mesh(str(tmp_path / "surface.ply"), mesh)
+    res = measure(site, seg)[0]
+    assert res["lifted_on"] == {"a": "surface", "b": "plane"}
+    assert res["length_m"] == pytest.approx(float(np.linalg.norm(A - B)), abs=2e-3)
+    assert 0 < res["sigma_parts_m"]["lift"] < 0.05

@@ -1,0 +1,94 @@
+"""Degenerate photo sets get a clear error, never a wrong model: all photos from one spot (pure
+rotation), photos that do not overlap, and a model whose cameras all sit in one place."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pycolmap
+import pytest
+
+from reconstruct.errors import ReconstructionError
+from reconstruct.sfm import ONE_SPOT, SfmConfig, _check_baseline, run_sfm
+from tests.conftest import SHARED
+
+FOUNTAIN = SHARED / "data" / "sfm" / "strecha-fountain-P11" / "images"
+
+
+def _rotations_of_one_photo(out: Path) -> dict[str, dict[str, float]]:
+    """Six views of a real photo from one centre: the image warped by K R K^-1 for a turning camera."""
+    src = cv2.imread(str(FOUNTAIN / "0005.jpg"))
+    src = cv2.resize(src, (1536, 1024), interpolation=cv2.INTER_AREA)
+    h, w = src.shape[:2]
+    f = 2759.48 / 2  # Strecha's focal length, at half size
+    K = np.array([[f, 0, w / 2], [0, f, h / 2], [0, 0, 1]])
+    intr = {}
+    for i, (yaw, pitch) in enumerate([(-10, 0), (-5, 2), (0, 0), (5, -2), (10, 0), (0, 4)]):
+        R = cv2.Rodrigues(np.radians([pitch, yaw, 0.0]))[0]
+        cv2.imwrite(str(out / f"r{i}.jpg"), cv2.warpPerspective(src, K @ R @ np.linalg.inv(K), (w, h)))
+        intr[f"r{i}.jpg"] = {"width": w, "height": h, "focal_35mm": f / w * 36}
+    return intr
+
+
+@pytest.mark.slow
+def test_photos_from_one_spot_are_refused_with_the_reason(tmp_path: Path) -> None:
+    img = tmp_path / "img"
+    img.mkdir()
+    intr = _rotations_of_one_photo(img)
+    with pytest.raises(ReconstructionError) as exc:
+        run_sfm(img, sorted(intr), intr, tmp_path / "work", SfmConfig(max_image_size=1024))
+    assert str(exc.value) == ONE_SPOT
+
+
+@pytest.mark.slow
+def test_photos_that_do_not_overlap_are_refused_with_the_reason(tmp_path: Path) -> None:
+    img = tmp_path / "img"
+    img.mkdir()
+    sets = [SHARED / "data" / "sfm" / d / "images" for d in ("strecha-fountain-P11", "sceaux-castle", "opensfm-lund")]
+    intr = {}
+    for k, d in enumerate(sets):
+        src = cv2.imread(str(sorted(d.glob("*.[jJ][pP]*[gG]"))[0]))
+        src = cv2.resize(src, (1024, int(1024 * src.shape[0] / src.shape[1])), interpolation=cv2.INTER_AREA)
+        cv2.imwrite(str(img / f"p{k}.jpg"), src)
+        intr[f"p{k}.jpg"] = {"width": src.shape[1], "height": src.shape[0]}
+    with pytest.raises(ReconstructionError, match="overlap enough"):
+        run_sfm(img, sorted(intr), intr, tmp_path / "work", SfmConfig(max_image_size=1024))
+
+
+def test_a_model_with_all_cameras_in_one_place_is_refused() -> None:
+    opts = pycolmap.SyntheticDatasetOptions()
+    opts.num_rigs, opts.num_cameras_per_rig, opts.num_frames_per_rig, opts.num_points3D = 1, 1, 6, 200
+    rec = pycolmap.synthesize_dataset(opts)
+    _check_baseline(rec)  # a normal spread of cameras passes
+    for frame in rec.frames.values():  # now every camera turns about the origin
+        frame.rig_from_world = pycolmap.Rigid3d(frame.rig_from_world.rotation, np.zeros(3))
+    with pytest.raises(ReconstructionError) as exc:
+        _check_baseline(rec)
+    assert str(exc.value) == ONE_SPOT
+
+
+def test_the_other_mapper_takes_over_when_the_first_places_too_few(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """opensfm-lund (bench/scaling.py): incremental mapping placed 2 of 29 photos, global all 29."""
+    from reconstruct import sfm
+
+    opts = pycolmap.SyntheticDatasetOptions()
+    opts.num_rigs, opts.num_cameras_per_rig, opts.num_frames_per_rig, opts.num_points3D = 1, 1, 8, 100
+    full = pycolmap.synthesize_dataset(opts)
+    calls = []
+
+    def fake(mode: str, *args: object) -> dict[int, pycolmap.Reconstruction]:
+        calls.append(mode)
+        return {0: full} if mode == "global" else {}
+
+    monkeypatch.setattr(sfm, "_run_mapper", fake)
+    monkeypatch.setattr(sfm, "_one_spot", lambda *a: False)
+    _, choice = sfm._map(tmp_path / "db", tmp_path, tmp_path, 8, SfmConfig())
+    assert calls == ["incremental", "global"] and choice["mode"] == "global"
+    assert "incremental mapping placed only 0 of 8" in choice["why"]
+    calls.clear()
+    _models, choice = sfm._map(tmp_path / "db", tmp_path, tmp_path, 8, SfmConfig(mapper="global"))
+    assert calls == ["global"] and choice == {"mode": "global", "why": "set to global", "models": 1}
