@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Our privacy gate vs the deface CLI, same full-size photos, same machine, one run.
 
-usage: bench/anonymize.py [--photos N]
+usage: bench/anonymize.py [--photos N] [--precision-only]
 
 The photo set: Strecha fountain-P11 at full size (3072x2048), with 20-40 px faces from
 dlib-pascal pasted in at known places, so both tools' face recall can be scored. deface runs as
@@ -11,6 +11,12 @@ CenterFace at its CLI defaults (threshold 0.2, full resolution).
 
 Also prints CPU seconds per photo for each (steadier than wall time when the machine is
 shared), and measures the peak memory of anonymising one 48 MP photo.
+
+First, in one process and on one thread, the face detector at each precision (fp32, int8):
+seconds per 12 MP photo (a fountain photo upscaled to 4000x3000; the runs interleaved, so a
+change in the machine's load hits both alike) and face recall on the pasted-face photos and on
+dlib-pascal. Pin it to one core for steady numbers: ``taskset -c 1 .venv/bin/python
+bench/anonymize.py --precision-only``.
 """
 
 from __future__ import annotations
@@ -76,6 +82,45 @@ def recall(found: dict[str, list[list[float]]], labels: dict[str, list[list[floa
     return hit / max(1, tot)
 
 
+def precisions(src: Path, labels: dict[str, list[list[float]]], reps: int = 3) -> dict[str, Any]:
+    """fp32 vs int8 face detection on one thread: time per 12 MP photo and recall."""
+    from privacy.boxes import Box
+    from privacy.faces import CenterFaceConfig, CenterFaceDetector
+    from tests.privacy.test_faces_plates import covered
+
+    dets = {p: CenterFaceDetector(CenterFaceConfig(intra_threads=1, precision=p)) for p in ("fp32", "int8")}
+    first = next(iter(sorted(src.glob("*.jpg"))))
+    big = cv2.resize(np.asarray(Image.open(first).convert("RGB")), (4000, 3000), interpolation=cv2.INTER_CUBIC)
+    out: dict[str, Any] = {}
+    for p, d in dets.items():
+        t0 = time.perf_counter()
+        d.detect(big[:64, :64])  # the session (and, the first time, the int8 model: cached after)
+        out[p] = {"load_s": round(time.perf_counter() - t0, 2), "s_per_12mp": []}
+    for _ in range(reps):
+        for p, d in dets.items():
+            t0 = time.perf_counter()
+            d.detect(big)
+            out[p]["s_per_12mp"].append(round(time.perf_counter() - t0, 2))
+    pascal = DATA / "faces" / "dlib-pascal"
+    ann = json.loads((pascal / "annotations_xywh.json").read_text())
+    for p, d in dets.items():
+        found = {}
+        for name in labels:
+            found[name] = [[b.x, b.y, b.w, b.h] for b in d.detect(np.asarray(Image.open(src / name).convert("RGB")))]
+        hit = tot = 0
+        for name, a in ann.items():
+            boxes = d.detect(np.asarray(Image.open(pascal / name).convert("RGB")))
+            for x, y, w, h in a["boxes_xywh"]:
+                tot += 1
+                hit += covered(Box(x, y, w, h), boxes, grow=1.45)
+        out[p].update(
+            s_per_12mp_min=min(out[p]["s_per_12mp"]),
+            pasted_face_recall=round(recall(found, labels), 3),
+            dlib_pascal=f"{hit}/{tot}",
+        )
+    return out
+
+
 def ours(src: str, dst: str) -> dict[str, Any]:
     from privacy.anonymize import anonymize_dir
 
@@ -113,6 +158,7 @@ print(json.dumps(out))
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--photos", type=int, default=11)
+    ap.add_argument("--precision-only", action="store_true", help="only the fp32 vs int8 face detector comparison")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-anon-"))
     try:
@@ -120,6 +166,9 @@ def main() -> None:
         src.mkdir()
         labels = make_photos(src, args.photos)
         n = len(labels)
+        print("face detector, one thread:", json.dumps(precisions(src, labels), indent=1), flush=True)
+        if args.precision_only:
+            return
         a = measured(ours, str(src), str(tmp / "ours"))
         py = deface_python()
         dsrc = tmp / "deface"

@@ -46,9 +46,7 @@ def _wait_for(d: Path, stage: str, n: int, job: threading.Thread) -> tuple[int, 
 def test_real_job_survives_a_killed_worker_then_a_killed_node(tmp_path: Path) -> None:
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})  # the driver's node runs no stage
     try:
-        nodes = {
-            n.node_id: n for n in (cluster.add_node(num_cpus=2, resources={CPU_RESOURCE: 2}) for _ in range(2))
-        }
+        nodes = {n.node_id: n for n in (cluster.add_node(num_cpus=2, resources={CPU_RESOURCE: 2}) for _ in range(2))}
         ray.init(address=cluster.address, log_to_driver=False)
         cluster.wait_for_nodes()
         out = tmp_path / "out"
@@ -67,7 +65,7 @@ def test_real_job_survives_a_killed_worker_then_a_killed_node(tmp_path: Path) ->
         def run() -> None:
             try:
                 result["report"] = run_main_job(settings, inputs, progress=lambda m: None)
-            except BaseException as exc:  # noqa: BLE001 - surfaced by the assertion below
+            except BaseException as exc:  # surfaced by the assertion below
                 result["error"] = exc
 
         job = threading.Thread(target=run)
