@@ -27,7 +27,7 @@ from reconstruct.sfm import SfmConfig
 from siteplan import PIPELINE_VERSION
 from siteplan.db import Contract, Job, Project, Tenant, init_db
 from siteplan.settings import Settings
-from workers.routing import Pool, stage_options
+from workers.routing import STAGE_MEMORY_MB, Pool, stage_options
 from workers.runtime import ray_runtime
 from workers.tasks import anonymize_task, count_attempts, plan_task, reconstruct_task
 
@@ -100,9 +100,9 @@ def site_and_plan(
     try:
         info = ray.get(
             # GPU-capable: PatchMatch dense stereo on a GPU node, SGBM on CPU otherwise.
-            reconstruct_task.options(**stage_options("gpu", pool=pool)).remote(
-                str(photos_out), sorted(intr), intr, reference.model_dump(), str(out), sfm.model_dump(), att
-            )
+            reconstruct_task.options(
+                **stage_options("gpu", pool=pool, memory_mb=STAGE_MEMORY_MB["reconstruct"])
+            ).remote(str(photos_out), sorted(intr), intr, reference.model_dump(), str(out), sfm.model_dump(), att)
         )
     except ray.exceptions.RayTaskError as exc:
         cause = exc.cause if isinstance(exc.cause, (ReconstructionError, ScaleReferenceError)) else None
@@ -134,7 +134,7 @@ def _plan_stage(
     progress("[3/4] plan: place the design, draw the plan, render montages")
     try:
         plan_result = ray.get(
-            plan_task.options(**stage_options("gpu", pool=pool)).remote(
+            plan_task.options(**stage_options("gpu", pool=pool, memory_mb=STAGE_MEMORY_MB["plan"])).remote(
                 str(out), str(design), str(placement), str(out), str(photos_out), attempts_dir
             )
         )
@@ -233,7 +233,9 @@ def run_main_job(settings: Settings, inputs: JobInputs, progress: Progress = pri
         progress(f"[1/4] anonymise: {len(photos)} photos (metadata rebuilt, faces and plates blurred)")
         pol = inputs.policy.model_dump()
         refs = [
-            anonymize_task.options(**stage_options("gpu")).remote(str(p), str(photos_out), pol, str(attempts_dir))
+            anonymize_task.options(**stage_options("gpu", memory_mb=STAGE_MEMORY_MB["anonymise"])).remote(
+                str(p), str(photos_out), pol, str(attempts_dir)
+            )
             for p in photos
         ]
         entries: list[dict[str, Any]] = []

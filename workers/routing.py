@@ -18,6 +18,11 @@ import ray
 
 CPU_RESOURCE = "siteplan_cpu"
 BATCH_RESOURCE = "siteplan_batch"  # slots for batch work, declared per node (1 on a laptop)
+# Memory each stage task reserves (Ray's `memory` resource: a node never takes on more than it
+# holds; an OOM kill is what it prevents). Measured peaks, with headroom: a 48 MP photo through
+# the gate 0.5 GB (int8 faces); fountain-P11 at full size through SfM and the dense surface
+# 1.3 GB; a 12 MP montage with a 200k-triangle design 1.6 GB (docs/privacy.md, docs/plan.md).
+STAGE_MEMORY_MB = {"anonymise": 1024, "reconstruct": 3072, "plan": 2048}
 Kind = Literal["cpu", "gpu"]
 Pool = Literal["interactive", "batch"]
 
@@ -38,6 +43,8 @@ def stage_options(
     have = ray.cluster_resources()
     if pool == "batch" and have.get(BATCH_RESOURCE, 0) > 0:
         batch: dict[str, Any] = {"num_cpus": 0, "resources": {BATCH_RESOURCE: 1}}
+        if memory_mb:
+            batch["memory"] = memory_mb * 2**20
         if kind == "gpu" and have.get("GPU", 0) >= 1:
             batch["num_gpus"] = 1
         return batch_options(batch)

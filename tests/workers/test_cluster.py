@@ -141,6 +141,9 @@ def test_batch_stages_run_in_their_own_idle_class_workers() -> None:
     it gets worker processes of its own, every thread in the idle CPU class."""
     ray.init(num_cpus=2, resources={BATCH_RESOURCE: 1}, include_dashboard=False, log_to_driver=False)
     try:
+        # Both pools reserve the stage's memory, so a node never takes on more than it holds.
+        for pool in ("interactive", "batch"):
+            assert stage_options("cpu", pool=pool, memory_mb=512)["memory"] == 512 * 2**20  # type: ignore[arg-type]
         inter = ray.get([sched_probe.options(**stage_options("cpu")).remote() for _ in range(6)])
         batch = ray.get([sched_probe.options(**stage_options("cpu", pool="batch")).remote() for _ in range(6)])
         inter += ray.get([sched_probe.options(**stage_options("cpu")).remote() for _ in range(6)])
