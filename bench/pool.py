@@ -12,7 +12,10 @@
    worker processes in the idle CPU class).
    Target: at most +25 %.
 
-Run: .venv/bin/python bench/pool.py [--projects 200]
+4. With ``--full-job``: the same comparison on the whole demo job (privacy gate, reconstruct with
+   the dense surface, plan and montages: `workers.job.run_main_job`), idle and while a batch runs.
+
+Run: .venv/bin/python bench/pool.py [--projects 200] [--full-job]
 """
 
 from __future__ import annotations
@@ -73,6 +76,7 @@ def interactive_job(out: Path) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--projects", type=int, default=200)
+    ap.add_argument("--full-job", action="store_true", help="also time the whole demo job, idle and under a batch")
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-pool-", dir="/tmp"))
     out = tmp / "out"
@@ -136,10 +140,52 @@ def main() -> None:
         )
         print(f"   the batch ran on: {before} projects done before the job arrived, {during} while it ran")
         print("   (batch stages: one siteplan_batch slot, no CPU slot, own idle-class workers; interactive: both CPUs)")
+        if a.full_job:
+            full_job(tmp, out)
     finally:
         if ray.is_initialized():
             ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def full_job(tmp: Path, out: Path) -> None:
+    from privacy.anonymize import AnonymizationPolicy
+    from reconstruct.sfm import SfmConfig
+    from siteplan.settings import Settings
+    from workers.job import JobInputs, run_main_job
+
+    sample = ROOT / "sample_data"
+
+    def job(k: str) -> float:
+        inputs = JobInputs(
+            photos_dir=sample / "photos",
+            reference=sample / "reference.json",
+            design=sample / "design" / "gate.json",
+            placement=sample / "placement.json",
+            out_dir=tmp / f"job-{k}",
+            policy=AnonymizationPolicy(),
+            sfm=SfmConfig(),
+        )
+        t = time.perf_counter()
+        run_main_job(Settings(data_dir=tmp / f"state-{k}"), inputs, progress=lambda m: None)
+        return time.perf_counter() - t
+
+    start(2, tmp)
+    ray.get([gate.remote(str(SMALL), str(out)) for _ in range(2)])
+    idle = job("idle")
+    batch = stage_options("cpu", pool="batch")
+    refs = [gate.options(**batch).remote(str(SMALL), str(out)) for _ in range(5000)]
+    time.sleep(3.0)
+    before = len(ray.wait(refs, num_returns=len(refs), timeout=0)[0])
+    busy = job("busy")
+    during = len(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) - before
+    for r in refs:
+        ray.cancel(r)
+    ray.shutdown()
+    print(
+        f"4. whole demo job: idle {idle:.1f} s, during a batch {busy:.1f} s, +{100 * (busy / idle - 1):.0f} %"
+        f" (target <= +25 %); the batch did {during} projects meanwhile"
+    )
 
 
 if __name__ == "__main__":
