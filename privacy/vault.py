@@ -445,6 +445,16 @@ class UploadStaging:
         self.discard()
         return ObjectInfo(self.object_id, size, None)
 
+    def publish(self, size: int) -> ObjectInfo:
+        """Move an object whose final chunk :meth:`UploadAppender.close` sealed (``last=True``)
+        into the vault."""
+        dest = self.vault.object_path(self.key_id, self.object_id)
+        dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.replace(self._object, dest)
+        _fsync_dir(dest.parent)
+        self.discard()
+        return ObjectInfo(self.object_id, size, None)
+
     def discard(self) -> None:
         for p in (self._object, self._tail):
             if p.exists():
@@ -463,8 +473,14 @@ class UploadAppender:
         self.n = staging._n_chunks()
         self.tail = bytearray(staging._read_tail(self.n))
         path = staging._object
+        self.sealed_last = False
         if not path.exists() or path.stat().st_size < _HEADER.size:
-            _write_private(path, _HEADER.pack(MAGIC, CHUNK))
+            # No fsync of its own: the object is made durable with its chunks, by close() (whose
+            # tail write also syncs this directory) or by publish().
+            path.unlink(missing_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(_HEADER.pack(MAGIC, CHUNK))
         # Drop any partial record a crash may have left after the last full one.
         if path.stat().st_size != _HEADER.size + self.n * _RECORD:
             os.truncate(path, _HEADER.size + self.n * _RECORD)
@@ -499,8 +515,26 @@ class UploadAppender:
         for piece in pieces:
             self.write(piece)
 
-    def close(self) -> None:
+    def close(self, *, last: bool = False) -> None:
+        """End this request's appending. ``last``: every declared byte has arrived (and been
+        checked): the tail is sealed as the final chunk straight into the object, with one fsync
+        and no tail file, ready for :meth:`UploadStaging.publish`. A crash before the publish
+        leaves a short final record, which the next appender truncates as a partial one: the
+        upload then resumes from its last full chunk."""
         if self.f.closed:
+            return
+        if last:
+            if self.offset != self.limit:
+                raise ValueError("the upload is not whole")
+            st = self.st
+            if st._tail.exists():  # an earlier request's tail (ciphertext), now part of this one's
+                st._tail.unlink()
+                _fsync_dir(st.dir)  # never a stale tail bound to fewer chunks after a crash
+            self.f.write(_seal(st._aead, bytes(self.tail), _aad(st.key_id, st.object_id, self.n, True)))
+            self.f.flush()
+            os.fsync(self.f.fileno())
+            self.f.close()
+            self.sealed_last = True
             return
         self.f.flush()
         os.fsync(self.f.fileno())

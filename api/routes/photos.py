@@ -333,7 +333,10 @@ async def patch_upload(
         except ApiError as exc:
             refused = exc
         finally:
-            await run_in_threadpool(app.close)
+            # The whole upload in, its head checked in this request: seal the last chunk in place
+            # and publish it below (3 fsyncs instead of 8: no tail file to write, read and shred).
+            whole = refused is None and checked and head is not None and app.offset == p.length
+            await run_in_threadpool(lambda: app.close(last=whole))
         offset = app.offset
         if refused is None and head is None and not checked and offset >= min(_HEAD_BYTES, p.length):
             first = await run_in_threadpool(staging.head, _HEAD_BYTES)
@@ -351,7 +354,10 @@ async def patch_upload(
             )
             raise refused
         if offset == p.length:
-            info = await run_in_threadpool(staging.complete)
+            if app.sealed_last:
+                info = await run_in_threadpool(staging.publish, offset)
+            else:
+                info = await run_in_threadpool(staging.complete)
             await run_in_threadpool(
                 _finish_patch, svc, c.tenant_id, p.id, c.token_id, original_object=info.object_id, state="quarantined"
             )
