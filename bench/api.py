@@ -177,6 +177,48 @@ def pct(xs: list[float], q: float) -> float:
     return 1000 * xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
+BARE_APP = """
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    while (await receive()).get("more_body"):
+        pass
+    await send({"type": "http.response.start", "status": 204, "headers": []})
+    await send({"type": "http.response.body", "body": b""})
+"""
+
+
+def bare_uvicorn_floor(work: Path, files: list[Path]) -> tuple[float, float]:
+    """The floor under any Python upload endpoint: uvicorn (same loop and HTTP parser) with an
+    ASGI app that only reads the body and drops it, the same curl clients. (wall s, server CPU s)"""
+    (work / "bare_app.py").write_text(BARE_APP)
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    srv = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "bare_app:app", "--port", str(port), "--log-level", "warning"], cwd=work
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(100):
+            with contextlib.suppress(httpx.TransportError):
+                httpx.get(base, timeout=1)
+                break
+            time.sleep(0.1)
+        cpu0 = server_cpu(srv.pid)
+        t0 = time.perf_counter()
+        procs = [
+            subprocess.Popen(["curl", "-sS", "-o", "/dev/null", "-X", "PATCH", "-H", "Expect:", "-T", str(f), base])
+            for f in files
+        ]
+        for p in procs:
+            p.wait()
+        return time.perf_counter() - t0, server_cpu(srv.pid) - cpu0
+    finally:
+        srv.terminate()
+        srv.wait(10)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--uploads", type=int, default=20)
@@ -269,6 +311,7 @@ def main() -> None:
         curl_cpu = server_cpu(server.pid) - cpu0
         stop.set()
         th.join()
+        floor_s, floor_cpu = bare_uvicorn_floor(work, files)
 
         shutil.rmtree(src)
         items = httpx.get(f"{base}/v1/projects/{pid}/photos", params={"limit": 5}, headers=h).json()["items"]
@@ -300,6 +343,10 @@ def main() -> None:
         print(
             f"  cp+sync : {total / 2**20 / cp_s:7.1f} MB/s  (median {cp_s:.2f} s of "
             f"{', '.join(f'{x:.2f}' for x in cp_runs)}; same bytes, same disk)"
+        )
+        print(
+            f"  floor: bare uvicorn app that drops the body: {total / 2**20 / floor_s:7.1f} MB/s ({floor_s:.2f} s wall,"
+            f" server CPU {floor_cpu:.2f} s; no storage, no encryption)"
         )
         print(f"  ratio siteplan/cp time: {curl_s / cp_s:.2f}x with curl, {up_s / cp_s:.2f}x with httpx (target <= 2x)")
         print(
