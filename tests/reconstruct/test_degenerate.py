@@ -92,3 +92,31 @@ def test_the_other_mapper_takes_over_when_the_first_places_too_few(
     calls.clear()
     _models, choice = sfm._map(tmp_path / "db", tmp_path, tmp_path, 8, SfmConfig(mapper="global"))
     assert calls == ["global"] and choice == {"mode": "global", "why": "set to global", "models": 1}
+
+
+def test_principal_point_is_refined_where_enough_photos_share_the_camera() -> None:
+    """A camera whose true principal point is 30 px / -20 px off centre, started at the centre
+    (as COLMAP does): refined back to the truth when 10 photos share it; left alone when fewer
+    photos than the threshold do."""
+    from reconstruct.sfm import _refine_principal_points
+
+    opts = pycolmap.SyntheticDatasetOptions()
+    opts.num_rigs, opts.num_cameras_per_rig, opts.num_frames_per_rig, opts.num_points3D = 1, 1, 10, 400
+    truth = pycolmap.synthesize_dataset(opts)
+    cam = next(iter(truth.cameras.values()))
+    true_pp = (cam.width / 2 + 30.0, cam.height / 2 - 20.0)
+    cam.principal_point_x, cam.principal_point_y = true_pp
+    # Re-observe every point through the off-centre camera, then start from the centred one.
+    for img in truth.images.values():
+        for p2 in img.points2D:
+            if p2.has_point3D():
+                p2.xy = img.project_point(truth.points3D[p2.point3D_id].xyz)
+    start = pycolmap.Reconstruction(truth)
+    c = next(iter(start.cameras.values()))
+    c.principal_point_x, c.principal_point_y = c.width / 2, c.height / 2
+    refined, info = _refine_principal_points(start, 8)
+    assert info["refined"], info
+    got = next(iter(refined.cameras.values()))
+    assert abs(got.principal_point_x - true_pp[0]) < 1.0 and abs(got.principal_point_y - true_pp[1]) < 1.0
+    same, info = _refine_principal_points(start, 11)
+    assert not info["refined"] and same is start
