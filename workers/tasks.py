@@ -19,7 +19,7 @@ from typing import Any
 
 import ray
 
-from workers.routing import enter_pool
+from workers.routing import enter_pool, on_gpu
 
 # Reconstruct and plan survive up to 3 lost workers or nodes (a killed worker, then a killed
 # node, then one more); photos 2 each (13 of them: a retry is cheap).
@@ -54,7 +54,13 @@ def anonymize_task(src: str, out_dir: str, policy: dict[str, Any], attempts_dir:
     enter_pool()
     from privacy.anonymize import AnonymizationPolicy, anonymize_file
 
-    return anonymize_file(Path(src), Path(out_dir), AnonymizationPolicy.model_validate(policy))
+    detector = None
+    if on_gpu():  # Ray gave this task a GPU: the same model through onnxruntime's CUDA provider
+        from privacy.faces import CenterFaceConfig, CenterFaceDetector
+
+        gpu = CenterFaceConfig(providers=("CUDAExecutionProvider", "CPUExecutionProvider"), precision="fp32")
+        detector = CenterFaceDetector(gpu)
+    return anonymize_file(Path(src), Path(out_dir), AnonymizationPolicy.model_validate(policy), face_detector=detector)
 
 
 @ray.remote(max_retries=STAGE_RETRIES)
