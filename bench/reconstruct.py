@@ -105,10 +105,13 @@ def main() -> None:
                 rows[key]["accuracy"] = score(ev, scene, run)
         print(json.dumps({"scene": scene.name, "photos": len(names), **rows}, indent=1, default=str))
         if a["error"] is None and b["error"] is None:
+            dense = float(a["result"]["timings"].get("dense_s", 0.0))
+            sparse = a["wall_s"] - dense
             print(
-                f"\ntime ratio ours / pycolmap defaults: {a['wall_s'] / b['wall_s']:.2f}"
-                f"  ({a['wall_s']:.1f} s vs {b['wall_s']:.1f} s)"
+                f"\ntime ratio ours (up to the metric sparse model) / pycolmap defaults: {sparse / b['wall_s']:.2f}"
+                f"  ({sparse:.1f} s vs {b['wall_s']:.1f} s; target <= 0.5)"
             )
+            print(f"ours' dense surface, timed apart: {dense:.1f} s (whole run {a['wall_s']:.1f} s)")
             print(f"peak RSS: {a['peak_rss_mb']:.0f} MB vs {b['peak_rss_mb']:.0f} MB")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
