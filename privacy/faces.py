@@ -19,6 +19,7 @@ at equal recall on our face sets. The CUDA provider runs fp32.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import math
@@ -310,14 +311,16 @@ def _int8_model() -> bytes | str:
     path = _cache_dir() / f"centerface-int8-{h.hexdigest()[:16]}.onnx"
     if path.is_file():
         return str(path)
-    log.info("quantising CenterFace to int8 (once), into %s", path)
+    log.info("quantising CenterFace to int8 (once), cached as %s", path.name)
     model = _int8_model_bytes(_dynamic_model_bytes(weights))
+    part = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.part")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        part = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.part")
         part.write_bytes(model)
         part.replace(path)  # atomic: workers building it at once all leave a whole file
     except OSError as exc:
+        with contextlib.suppress(OSError):
+            part.unlink(missing_ok=True)
         log.warning("int8 CenterFace not cached (%s): built in memory", type(exc).__name__)
     return model
 

@@ -474,6 +474,7 @@ class UploadAppender:
         self.tail = bytearray(staging._read_tail(self.n))
         path = staging._object
         self.sealed_last = False
+        self._tail_gone = False
         if not path.exists() or path.stat().st_size < _HEADER.size:
             # No fsync of its own: the object is made durable with its chunks, by close() (whose
             # tail write also syncs this directory) or by publish().
@@ -497,6 +498,14 @@ class UploadAppender:
         st = self.st
         if len(self.tail) < CHUNK:
             return
+        if not self._tail_gone:
+            # A tail file from an earlier request is bound to the chunk count before this one:
+            # remove it (its bytes are in self.tail) before any new chunk lands, so a crash in the
+            # middle of this request leaves a consistent state that resumes at the last chunk.
+            if st._tail.exists():
+                st._tail.unlink()
+                _fsync_dir(st.dir)
+            self._tail_gone = True
         view = memoryview(self.tail)
         done = 0
         while len(self.tail) - done >= CHUNK:
@@ -523,20 +532,20 @@ class UploadAppender:
         upload then resumes from its last full chunk."""
         if self.f.closed:
             return
-        if last:
-            if self.offset != self.limit:
-                raise ValueError("the upload is not whole")
-            st = self.st
-            if st._tail.exists():  # an earlier request's tail (ciphertext), now part of this one's
-                st._tail.unlink()
-                _fsync_dir(st.dir)  # never a stale tail bound to fewer chunks after a crash
-            self.f.write(_seal(st._aead, bytes(self.tail), _aad(st.key_id, st.object_id, self.n, True)))
+        if last and self.offset != self.limit:
+            raise ValueError("the upload is not whole")
+        try:
+            if last:
+                st = self.st
+                if st._tail.exists():  # an earlier request's tail (ciphertext), now part of this one's
+                    st._tail.unlink()
+                    _fsync_dir(st.dir)  # never a stale tail bound to fewer chunks after a crash
+                self.f.write(_seal(st._aead, bytes(self.tail), _aad(st.key_id, st.object_id, self.n, True)))
             self.f.flush()
             os.fsync(self.f.fileno())
+        finally:
             self.f.close()
+        if last:
             self.sealed_last = True
             return
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.f.close()
         _write_private(self.st._tail, _seal(self.st._aead, bytes(self.tail), self.st._tail_aad(self.n)))

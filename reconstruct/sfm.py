@@ -65,7 +65,7 @@ class SfmConfig(BaseModel):
     global_from: int = Field(default=100, ge=3, description="Photos from which `auto` maps globally.")
     principal_point_from: int = Field(
         default=8,
-        ge=2,
+        ge=0,
         description="Refine a camera's principal point when at least this many placed photos share it (0: never).",
     )
 

@@ -67,6 +67,11 @@ def reconstruct(
         raise ReconstructionError(f"{len(names)} usable photos; at least {cfg.min_photos} are needed")
 
     run_dir.mkdir(parents=True, exist_ok=True)
+    # Work dirs an earlier attempt left when its process was killed (a retried stage): COLMAP
+    # databases and undistorted photo copies, never to be packed into a checkpoint.
+    for stale in [*run_dir.glob("sfm-*"), *run_dir.glob("mvs-*")]:
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
     work = Path(tempfile.mkdtemp(prefix="sfm-", dir=run_dir))
     try:
         sfm = run_sfm(image_dir, names, intrinsics, work, cfg)

@@ -107,6 +107,8 @@ def site_and_plan(
     except ray.exceptions.RayTaskError as exc:
         cause = exc.cause if isinstance(exc.cause, (ReconstructionError, ScaleReferenceError)) else None
         raise fail(str(cause) if cause else f"reconstruction failed ({type(exc.cause).__name__})") from None
+    except ray.exceptions.RayError as exc:  # workers or nodes lost more often than the retries allow
+        raise fail(f"reconstruction lost its worker too often ({type(exc).__name__}); try again") from None
     info["images_dir"] = "photos"
     (out / "site.json").write_text(json.dumps(info, indent=2))
     stage_done("reconstruct", time.perf_counter() - t)
@@ -141,6 +143,8 @@ def _plan_stage(
     except ray.exceptions.RayTaskError as exc:
         cause = exc.cause
         raise fail(f"planning failed: {cause}" if cause else "planning failed") from None
+    except ray.exceptions.RayError as exc:
+        raise fail(f"planning lost its worker too often ({type(exc).__name__}); try again") from None
     stage_done("plan", time.perf_counter() - t)
     return plan_result
 
@@ -242,7 +246,10 @@ def run_main_job(settings: Settings, inputs: JobInputs, progress: Progress = pri
         pending = list(refs)
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
-            entries.append(ray.get(ready[0]))
+            try:
+                entries.append(ray.get(ready[0]))
+            except ray.exceptions.RayError as exc:  # a bug or lost workers: the entry says which, no path
+                raise fail(f"the privacy gate failed on a photo ({type(exc).__name__}); try again") from None
             e = entries[-1]
             status = "error: " + e["error"] if e["error"] else f"{len(e['faces'])} faces, {len(e['plates'])} plates"
             progress(f"      {len(entries)}/{len(photos)} {e['input']}: {status}")

@@ -184,7 +184,7 @@ def run_project_job(
                 j.stage, j.timings = name, dict(timings)
                 j.progress = {"reconstruct": 0.7, "plan": 0.9}.get(name, j.progress)
                 j.stage_attempts = _add_attempts(j.stage_attempts, count_attempts(attempts_dir))
-                shutil.rmtree(attempts_dir, ignore_errors=True)  # counted once
+            shutil.rmtree(attempts_dir, ignore_errors=True)  # counted once, after the commit
             if name == "reconstruct":
                 # Checkpoint the site (sealed in the vault): a retry after a crash resumes at the plan.
                 obj = vault.put(key_id, _tar_dir(out))
@@ -286,12 +286,14 @@ def run_project_job(
             assert j is not None
             j.state = "cancelled" if isinstance(exc, JobRefused) else "failed"
             j.error = str(exc)
+            j.stage_attempts = _add_attempts(j.stage_attempts, count_attempts(scratch / "attempts"))
     except Exception as exc:  # a bug: record the type only (a message may hold personal data)
         log.exception("job %s failed unexpectedly", job_id[:8])
         with factory.begin() as db:
             j = db.get(Job, job_id)
             assert j is not None
             j.state, j.error = "failed", f"internal error ({type(exc).__name__}); the operators were told"
+            j.stage_attempts = _add_attempts(j.stage_attempts, count_attempts(scratch / "attempts"))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

@@ -53,7 +53,7 @@ def stage_options(
         opts["memory"] = memory_mb * 2**20
     if kind == "gpu" and have.get("GPU", 0) >= 1:
         opts["num_gpus"] = 1
-        return opts
+        return batch_options(opts) if pool == "batch" else opts
     if have.get(CPU_RESOURCE, 0) > 0:
         opts["resources"] = {CPU_RESOURCE: 1}
     return batch_options(opts) if pool == "batch" else opts

@@ -333,9 +333,10 @@ async def patch_upload(
         except ApiError as exc:
             refused = exc
         finally:
-            # The whole upload in, its head checked in this request: seal the last chunk in place
-            # and publish it below (3 fsyncs instead of 8: no tail file to write, read and shred).
-            whole = refused is None and checked and head is not None and app.offset == p.length
+            # The whole upload in and its head checked (in this request or, when it started past
+            # the head, in an earlier one): seal the last chunk in place and publish it below
+            # (3 fsyncs instead of 8: no tail file to write, read back and shred).
+            whole = refused is None and checked and app.offset == p.length
             await run_in_threadpool(lambda: app.close(last=whole))
         offset = app.offset
         if refused is None and head is None and not checked and offset >= min(_HEAD_BYTES, p.length):

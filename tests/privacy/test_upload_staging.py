@@ -64,3 +64,22 @@ def test_close_last_refuses_an_incomplete_upload(tmp_path: Path, vault: Vault) -
         app.close(last=True)
     app.close()
     assert st.offset() == 50
+
+
+def test_a_request_killed_after_new_full_chunks_still_resumes(tmp_path: Path, vault: Vault) -> None:
+    """Request 1 leaves a full chunk and a tail; request 2 adds full chunks and the process dies
+    before its close(): the stale tail must not poison the upload (it resumes at the last chunk)."""
+    size = 4 * CHUNK + 10
+    data = os.urandom(size)
+    st = _staging(tmp_path, vault)
+    st.append([data[: CHUNK + 100]], limit=size)
+    app = st.appender(limit=size)
+    app.write(data[CHUNK + 100 : 3 * CHUNK + 50])
+    app.f.close()  # the process dies: the written chunks reached the file, close() never ran
+    again = _staging(tmp_path, vault)
+    assert again.offset() == 3 * CHUNK
+    app = again.appender(limit=size)
+    app.write(data[3 * CHUNK :])
+    app.close(last=True)
+    again.publish(app.offset)
+    assert vault.read_bytes("k1", "o1") == data
