@@ -149,23 +149,13 @@ def main() -> None:
 
 
 def full_job(tmp: Path, out: Path) -> None:
-    from privacy.anonymize import AnonymizationPolicy
-    from reconstruct.sfm import SfmConfig
     from siteplan.settings import Settings
     from workers.job import JobInputs, run_main_job
 
     sample = ROOT / "sample_data"
 
     def job(k: str) -> float:
-        inputs = JobInputs(
-            photos_dir=sample / "photos",
-            reference=sample / "reference.json",
-            design=sample / "design" / "gate.json",
-            placement=sample / "placement.json",
-            out_dir=tmp / f"job-{k}",
-            policy=AnonymizationPolicy(),
-            sfm=SfmConfig(),
-        )
+        inputs = JobInputs.from_sample(sample, tmp / f"job-{k}")
         t = time.perf_counter()
         run_main_job(Settings(data_dir=tmp / f"state-{k}"), inputs, progress=lambda m: None)
         return time.perf_counter() - t

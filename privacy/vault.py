@@ -430,20 +430,9 @@ class UploadStaging:
 
     def complete(self) -> ObjectInfo:
         """Seal the tail as the last chunk and move the object into the vault (no re-encryption)."""
-        n = self._n_chunks()
-        tail = self._read_tail(n)
-        app = UploadAppender(self, limit=1 << 62)  # truncates any partial record a crash left
-        app.f.write(_seal(self._aead, tail, _aad(self.key_id, self.object_id, n, True)))
-        app.f.flush()
-        os.fsync(app.f.fileno())
-        app.f.close()
-        size = n * CHUNK + len(tail)
-        dest = self.vault.object_path(self.key_id, self.object_id)
-        dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.replace(self._object, dest)
-        _fsync_dir(dest.parent)
-        self.discard()
-        return ObjectInfo(self.object_id, size, None)
+        app = UploadAppender(self, limit=self.offset())  # truncates any partial record a crash left
+        app.close(last=True)
+        return self.publish(app.offset)
 
     def publish(self, size: int) -> ObjectInfo:
         """Move an object whose final chunk :meth:`UploadAppender.close` sealed (``last=True``)

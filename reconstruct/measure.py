@@ -13,6 +13,7 @@ that cannot be measured gets ``length_m: null`` and a ``reason``, never a made-u
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from typing import Any
@@ -33,22 +34,20 @@ def measure(site: Site, segments: list[Segment]) -> list[dict[str, Any]]:
     scale_rel = float(site.info.get("scale_sigma_rel", 0.0))
     sig = point_sigmas(site.reconstruction) if segments else None
     cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    surface: SurfaceLifter | bool | None = None  # loaded on first need; False: there is none
     out: list[dict[str, Any]] = []
 
+    @functools.cache
+    def surface() -> SurfaceLifter | None:  # loaded on first need
+        mesh = load_surface(site.run_dir / "surface.ply")
+        return SurfaceLifter(*mesh) if mesh is not None else None
+
     def lift_endpoint(image: str, uv: tuple[float, float]) -> tuple[Lifted, str]:
-        nonlocal surface
         ouv, oxyz = cache[image]
         got = lift_pixel(vs[image], uv, ouv, oxyz)
         if got.xyz is not None or got.reason == "the point lies outside its photo":
             return got, "plane"
-        if surface is None:
-            mesh = load_surface(site.run_dir / "surface.ply")
-            surface = SurfaceLifter(*mesh) if mesh is not None else False
-        if surface is False:
-            return got, "plane"
-        assert isinstance(surface, SurfaceLifter)
-        dense = surface.lift(vs[image], uv)
+        lifter = surface()
+        dense = lifter.lift(vs[image], uv) if lifter is not None else got
         return (dense, "surface") if dense.xyz is not None else (got, "plane")
 
     for seg in segments:

@@ -287,29 +287,30 @@ ONE_SPOT = (
 )
 
 
-def _pair_stats(db_path: Path) -> tuple[int, int]:
-    """(pairs that overlap enough, how many of them a pure rotation explains)."""
+def _pair_stats(db_path: Path, n_photos: int) -> tuple[int, int, bool]:
+    """(pairs that overlap enough, all pairs, whether the photos were taken from one spot: most
+    overlapping pairs are explained by a pure rotation)."""
     db = pycolmap.Database.open(str(db_path))
     try:
         _, geoms = db.read_two_view_geometries()
     finally:
         db.close()
     verified = [g for g in geoms if len(g.inlier_matches) >= 30]
-    return len(verified), sum(g.config in _ROTATION_LIKE for g in verified)
+    rotation_like = sum(g.config in _ROTATION_LIKE for g in verified)
+    pairs = n_photos * (n_photos - 1) // 2
+    one_spot = len(verified) >= max(1, pairs // 4) and rotation_like >= 0.8 * len(verified)
+    return len(verified), pairs, one_spot
 
 
 def _one_spot(db_path: Path, n_photos: int) -> bool:
-    verified, rotation_like = _pair_stats(db_path)
-    pairs = n_photos * (n_photos - 1) // 2
-    return verified >= max(1, pairs // 4) and rotation_like >= 0.8 * verified
+    return _pair_stats(db_path, n_photos)[2]
 
 
 def _why_no_model(db_path: Path, n_photos: int) -> str:
     """Why mapping found no (usable) model: the photos do not overlap, or overlap without parallax."""
-    if _one_spot(db_path, n_photos):
+    verified, pairs, one_spot = _pair_stats(db_path, n_photos)
+    if one_spot:
         return ONE_SPOT
-    verified, _ = _pair_stats(db_path)
-    pairs = n_photos * (n_photos - 1) // 2
     return (
         f"the photos could not be put together: only {verified} of {pairs} photo pairs overlap "
         "enough. Take overlapping photos (each part of the site in at least two of them)"

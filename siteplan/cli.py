@@ -114,8 +114,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from privacy.anonymize import AnonymizationPolicy
-    from reconstruct.sfm import SfmConfig
     from siteplan.settings import Settings
     from workers.job import JobInputs, run_main_job
 
@@ -123,15 +121,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     settings = Settings()
     t0 = time.perf_counter()
-    inputs = JobInputs(
-        photos_dir=sample / "photos",
-        reference=sample / "reference.json",
-        design=sample / "design" / "gate.json",
-        placement=sample / "placement.json",
-        out_dir=out,
-        policy=AnonymizationPolicy(),
-        sfm=SfmConfig(),
-    )
+    inputs = JobInputs.from_sample(sample, out)
     out.mkdir(parents=True, exist_ok=True)
 
     def progress(msg: str) -> None:

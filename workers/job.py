@@ -47,6 +47,20 @@ class JobInputs:
     policy: AnonymizationPolicy
     sfm: SfmConfig
 
+    @classmethod
+    def from_sample(cls, sample: Path, out_dir: Path) -> JobInputs:
+        """A sample-data folder as `make demo` lays it out: photos/, reference.json,
+        design/gate.json and placement.json; default policy and SfM settings."""
+        return cls(
+            photos_dir=sample / "photos",
+            reference=sample / "reference.json",
+            design=sample / "design" / "gate.json",
+            placement=sample / "placement.json",
+            out_dir=out_dir,
+            policy=AnonymizationPolicy(),
+            sfm=SfmConfig(),
+        )
+
 
 class JobFailed(RuntimeError):
     """The job stopped; the message says why, for a person to act on."""

@@ -15,8 +15,6 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from privacy.anonymize import AnonymizationPolicy
-from reconstruct.sfm import SfmConfig
 from siteplan.db import Job, init_db
 from siteplan.settings import Settings
 from tests.conftest import SAMPLE
@@ -51,15 +49,7 @@ def test_real_job_survives_a_killed_worker_then_a_killed_node(tmp_path: Path) ->
         cluster.wait_for_nodes()
         out = tmp_path / "out"
         settings = Settings(data_dir=tmp_path / "state")
-        inputs = JobInputs(
-            photos_dir=SAMPLE / "photos",
-            reference=SAMPLE / "reference.json",
-            design=SAMPLE / "design" / "gate.json",
-            placement=SAMPLE / "placement.json",
-            out_dir=out,
-            policy=AnonymizationPolicy(),
-            sfm=SfmConfig(),
-        )
+        inputs = JobInputs.from_sample(SAMPLE, out)
         result: dict[str, object] = {}
 
         def run() -> None:
