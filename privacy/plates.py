@@ -64,16 +64,20 @@ class ClassicalPlateDetector:
         if fine > passes[0][0] * 1.2:
             passes.append((fine, cfg.fine_glyph_heights))
         boxes: list[Box] = []
-        for s, heights in passes:
-            gray = full_gray
-            if s < 1.0:
-                gray = cv2.resize(full_gray, (round(w * s), round(h * s)), interpolation=cv2.INTER_AREA)
+        # Finest pass first, each coarser image area-averaged from the one before: the same pixels
+        # within rounding, and cheap (12 MP straight to 1280 px costs 22 ms, 2560 to 1280 px 0.4 ms).
+        src, src_s = full_gray, 1.0
+        for s, heights in sorted(passes, key=lambda p: -p[0]):
+            gray = src
+            if s < src_s:
+                gray = cv2.resize(src, (round(w * s), round(h * s)), interpolation=cv2.INTER_AREA)
             for gh in heights:
                 for b in self._at_scale(gray, gh):
                     full = Box(b.x / s, b.y / s, b.w / s, b.h / s, b.score)
                     if self._plate_colours(rgb, full):
                         boxes.append(full)
-            del gray
+            src, src_s = gray, s
+        del src, gray
         return nms(boxes, 0.2)
 
     @staticmethod
@@ -142,7 +146,7 @@ class ClassicalPlateDetector:
         """
         if patch.size == 0 or patch.shape[0] < 6 or patch.shape[1] < 12:
             return 0.0
-        contrast = float(patch.std())
+        contrast = float(cv2.meanStdDev(patch)[1][0, 0])  # as patch.std(), 15x faster on a small patch
         if contrast < 18:
             return 0.0
         ph0 = patch.shape[0]
@@ -168,7 +172,7 @@ class ClassicalPlateDetector:
     def _glyph_row(self, dark: np.ndarray) -> float:
         """The number of glyph-like dark blobs that share a height and a baseline (0 if < min)."""
         ph, pw = dark.shape
-        dark_share = float(dark.mean())
+        dark_share = cv2.countNonZero(dark) / dark.size  # dark is 0/1
         if not 0.08 <= dark_share <= 0.7:
             return 0.0
         n, _, stats, _ = cv2.connectedComponentsWithStats(dark, connectivity=4)

@@ -216,10 +216,7 @@ def _locked(svc: Services, p: Photo | _Upload, *, exclusive: bool, wait_s: float
 
 def _check_pixels(head: bytes, max_pixels: int) -> None:
     """Refuse a decompression bomb from its header, before the body has even finished arriving."""
-    try:
-        import pillow_heif
-
-        pillow_heif.register_heif_opener()
+    try:  # HEIF headers too: privacy.decode registers pillow-heif's opener at import
         with Image.open(io.BytesIO(head)) as im:
             w, h = im.size
     except Image.DecompressionBombError:
