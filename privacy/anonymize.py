@@ -14,7 +14,6 @@ import os
 import tempfile
 import threading
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,14 +24,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from privacy.blur import redact
 from privacy.boxes import Box
-from privacy.decode import decode
 from privacy.errors import DetectionFailed, InvalidImage
 from privacy.faces import CenterFaceConfig, CenterFaceDetector, FaceDetector
-from privacy.metadata import Intrinsics, focal_lengths, inventory, minimal_exif
+from privacy.isolated import read_untrusted, untrusted_size
+from privacy.metadata import Intrinsics, minimal_exif
 from privacy.plates import ClassicalPlateDetector
 
 log = logging.getLogger(__name__)
 
+_HEADER_BYTES = 4 * 2**20  # where every header seen so far lies (EXIF may precede a JPEG's size)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".heic", ".heif", ".hif", ".avif"}
 
 
@@ -54,6 +54,9 @@ class AnonymizationPolicy(BaseModel):
     max_pixels: int = Field(default=120_000_000, gt=0, description="Refuse images above this pixel count.")
     max_bytes: int = Field(default=200 * 2**20, gt=0, description="Refuse files above this size.")
     jpeg_quality: int = Field(default=92, ge=50, le=100, description="Quality of the output JPEG.")
+    decode_timeout_s: float = Field(
+        default=60.0, gt=0, le=600, description="Refuse a file whose decoding takes longer (a hostile file)."
+    )
 
 
 @dataclass
@@ -93,15 +96,16 @@ def anonymize(
     t0 = time.perf_counter()
     if len(data) > policy.max_bytes:
         raise InvalidImage("too_large", f"the file is larger than {policy.max_bytes // 2**20} MB")
-    dec = decode(data, max_pixels=policy.max_pixels)
-    rgb = dec.rgb
+    # Decoded in a sandbox child: a file that crashes or hangs a native decoder costs that child,
+    # never this process (privacy/sandbox.py).
+    src, rgb = read_untrusted(data, max_pixels=policy.max_pixels, timeout_s=policy.decode_timeout_s)
     h, w = rgb.shape[:2]
     default_faces, default_plates = _detectors()
     faces_det = face_detector or default_faces
     plates_det = plate_detector or default_plates
     faces: list[Box] = []
     plates: list[Box] = []
-    notes = list(dec.notes)
+    notes = list(src.notes)
     try:
         if policy.blur_faces:
             if isinstance(faces_det, CenterFaceDetector) and faces_det.config.min_face_px != policy.min_face_px:
@@ -116,32 +120,28 @@ def anonymize(
             raise
         notes.append("detection failed; passed on by policy (fail open)")
     if faces or plates:
-        if not rgb.flags.writeable:  # (the decoder's buffer is read-only; it is freed here)
-            rgb = dec.rgb = rgb.copy()
         # In place: one full-size image alive at a time (48 MP: 144 MB each).
         redact(rgb, faces, blocks=policy.blur_blocks, grow=1.45, ellipse=True, inplace=True)
         redact(rgb, plates, blocks=policy.blur_blocks, grow=1.1, ellipse=False, inplace=True)
-    focal_mm, focal_35 = focal_lengths(dec.exif)
     intr = Intrinsics(
         width=w,
         height=h,
-        focal_mm=focal_mm,
-        focal_35mm=focal_35,
-        original_width=dec.original_size[0],
-        original_height=dec.original_size[1],
-        orientation=dec.orientation,
+        focal_mm=src.focal_mm,
+        focal_35mm=src.focal_35mm,
+        original_width=src.original_size[0],
+        original_height=src.original_size[1],
+        orientation=src.orientation,
     )
     buf = io.BytesIO()
     Image.fromarray(rgb, "RGB").save(
         buf, "JPEG", quality=policy.jpeg_quality, exif=minimal_exif(intr), optimize=False, progressive=False
     )
-    removed = inventory(dec.exif, dec.info_keys, data, dec.format)
     return AnonymizedPhoto(
         jpeg=buf.getvalue(),
         intrinsics=intr,
         faces=faces,
         plates=plates,
-        removed=removed,
+        removed=src.removed,
         notes=notes,
         seconds=time.perf_counter() - t0,
     )
@@ -245,14 +245,15 @@ class _PixelBudget:
 
 
 def _pixels(src: Path) -> int:
-    """The pixel count a file's header announces (0 when it cannot be read: decode will say why)."""
+    """The pixel count a file's header announces (0 when it cannot tell: decode will say why),
+    read in a sandbox child like everything else in the file."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(src) as im:
-                return int(im.size[0] * im.size[1])
-    except Exception:
+        with open(src, "rb") as f:
+            head = f.read(_HEADER_BYTES)
+    except OSError:
         return 0
+    size = untrusted_size(head)
+    return 0 if size is None else size[0] * size[1]
 
 
 def anonymize_dir(
