@@ -4,26 +4,34 @@ Image decoders are native code (libjpeg-turbo, libheif, libwebp, libtiff, little
 files from strangers. A crafted file that makes one of them crash would take down whatever
 process decoded it: the API server and every upload in flight, or a Ray worker, and the photo
 would come back after a restart and crash it again. One that makes a decoder loop would hold a
-worker for ever. So ``run_isolated`` runs such a function in a short-lived child process, forked
-from a server process that has the decoders imported already (multiprocessing's forkserver:
-about 10 ms per call, against 100+ ms to decode a 12 MP photo). The child has a CPU-time and an
-address-space limit; the parent waits at most ``timeout_s``. A crash, a timeout or an exhausted
-limit becomes an :class:`InvalidImage` with a clear message, and the child is gone.
+worker for ever. So ``run_isolated`` runs such a function in a short-lived child process.
 
-The child sends back a small picklable result and, optionally, one array (the pixels), which
-the parent receives straight into its own buffer: one copy, no temporary file, nothing left in
-``/dev/shm`` when either side dies.
+The children are forked from a small server process of our own (``python -m privacy.sandbox``,
+started on first use, one per calling process) that has imported the decoders and nothing
+else: about 10 ms per call against 100+ ms to decode a 12 MP photo. multiprocessing's
+forkserver was tried first: its children import the caller's main module, which in a Ray
+worker means Ray itself, 0.35-0.6 s per photo.
+
+Each child limits itself: an alarm at ``timeout_s`` (wall time) ends it whatever the decoder
+is doing, as does a CPU-time limit; its address space is capped. A crash, a timeout or an
+exhausted limit becomes an :class:`InvalidImage` with a clear message. The server reaps every
+child and tells the caller how it ended.
+
+The child sends back a small picklable result and, optionally, one array (the pixels) through
+an anonymous memory file (``memfd``) the caller maps: one copy, nothing named on any
+filesystem, nothing left behind when either side dies.
 """
 
 from __future__ import annotations
 
 import logging
 import mmap
-import multiprocessing
-import multiprocessing.connection
 import os
 import resource
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -40,82 +48,67 @@ log = logging.getLogger(__name__)
 # The child's function returns (a picklable result, an array or None).
 IsolatedFn = Callable[[bytes], tuple[Any, np.ndarray | None]]
 
-_MEMFD = hasattr(os, "memfd_create")  # Linux; elsewhere the pixels come through the pipe
-_ctx: Any = None
-_ctx_lock = threading.Lock()
+_MEMFD = hasattr(os, "memfd_create")  # Linux; elsewhere the pixels come through the socket
+_GRACE_S = 3.0  # after the child's own deadline, for its end to be reported
+_TIMEOUT = ("decode_timeout", "the file took too long to decode; it may be damaged or hostile")
 
 
-def _context() -> Any:
-    global _ctx
-    with _ctx_lock:
-        if _ctx is None:
-            ctx = multiprocessing.get_context("forkserver")
-            # Imported once in the fork server; every child starts with them loaded.
-            ctx.set_forkserver_preload(["privacy.isolated"])
-            _ctx = ctx
-        return _ctx
+class _Server:
+    """The caller's side of the fork server: a socket to hand it one connection per call."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.sock: socket.socket | None = None
+
+    def _start(self) -> socket.socket:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        path = [p for p in sys.path if p and os.path.isdir(p)]
+        env = os.environ | {"PYTHONPATH": os.pathsep.join(path)}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "privacy.sandbox", str(theirs.fileno())],
+            pass_fds=[theirs.fileno()],
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
+        theirs.close()
+        self.sock = ours
+        return ours
+
+    def hand_over(self, conn_end: socket.socket) -> None:
+        """Give the server one end of a fresh connection: it forks a child to serve it."""
+        with self.lock:
+            for attempt in range(2):
+                sock = self.sock if self.proc is not None and self.proc.poll() is None else None
+                if sock is None:
+                    sock = self._start()
+                try:
+                    socket.send_fds(sock, [b"c"], [conn_end.fileno()])
+                    return
+                except OSError:
+                    if attempt:
+                        raise
+                    self.sock = None  # the server is gone: start another once
 
 
-def _limit(memory_bytes: int, cpu_s: int) -> None:
-    """``memory_bytes`` of address space beyond what the child holds at start (the interpreter,
-    the decoders' libraries: their size differs between machines), and ``cpu_s`` of CPU time."""
-    with open("/proc/self/statm") as f:
-        base = int(f.read().split()[0]) * resource.getpagesize()
-    resource.setrlimit(resource.RLIMIT_AS, (base + memory_bytes, base + memory_bytes))
-    # A hard stop even if the parent is gone: the kernel ends a child past its CPU time.
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 1))
-
-
-def _child(conn: Connection, fn: IsolatedFn, memory_bytes: int, cpu_s: int) -> None:
-    try:
-        data = conn.recv_bytes()
-        _limit(memory_bytes, cpu_s)
-        try:
-            result, array = fn(data)
-        except InvalidImage as exc:
-            conn.send(("invalid", exc.code, str(exc)))
-            return
-        except MemoryError:
-            conn.send(("invalid", "too_large", "decoding the file needs more memory than a photo may use"))
-            return
-        except Exception as exc:  # a decoder's own error: the type only, never the content
-            conn.send(("invalid", "undecodable", f"the file could not be decoded ({type(exc).__name__})"))
-            return
-        if array is None:
-            conn.send(("ok", result, None))
-            return
-        array = np.ascontiguousarray(array)
-        conn.send(("ok", result, (array.shape, array.dtype.str)))
-        if not _MEMFD:
-            conn.send_bytes(array.data.cast("B"))
-            return
-        # The parent hands over an anonymous memory file of the right size: the pixels are
-        # copied once, into memory the parent keeps, and nothing is ever named on a filesystem.
-        fd = reduction.recv_handle(conn)
-        try:
-            with mmap.mmap(fd, max(1, array.nbytes)) as mm:
-                np.frombuffer(mm, array.dtype, array.size).reshape(array.shape)[...] = array
-        finally:
-            os.close(fd)
-        conn.send("done")
-    finally:
-        conn.close()
+_server = _Server()
 
 
 def run_isolated(fn: IsolatedFn, data: bytes, *, timeout_s: float, memory_bytes: int) -> tuple[Any, np.ndarray | None]:
     """``fn(data)`` in a child process, with ``memory_bytes`` of address space to spare. ``fn``
     must be picklable by reference: a module-level function, or a ``functools.partial`` of one.
     Raises :class:`InvalidImage` on a crash, a timeout or an exhausted limit."""
-    ctx = _context()
-    ours, theirs = ctx.Pipe()
-    cpu_s = max(1, int(timeout_s) + 5)
-    proc = ctx.Process(target=_child, args=(theirs, fn, memory_bytes, cpu_s), daemon=True)
-    deadline = time.monotonic() + timeout_s
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        proc.start()
+        _server.hand_over(theirs)
+    finally:
         theirs.close()
-        ours.send_bytes(data)
-        msg = _receive(ours, proc, deadline, lambda: ours.recv())
+    conn = Connection(ours.detach())
+    deadline = time.monotonic() + timeout_s + _GRACE_S
+    try:
+        conn.send((fn, memory_bytes, timeout_s))
+        conn.send_bytes(data)
+        msg = _next(conn, deadline)
         if msg[0] == "invalid":
             raise InvalidImage(msg[1], msg[2])
         _, result, meta = msg
@@ -124,55 +117,128 @@ def run_isolated(fn: IsolatedFn, data: bytes, *, timeout_s: float, memory_bytes:
         shape, dtype = meta
         dt = np.dtype(dtype)
         size = int(np.prod(shape))
-        if not _MEMFD:  # through the pipe: ~4x slower for a 12 MP photo, but anywhere
+        if not _MEMFD:
             out = np.empty(shape, dt)
-            _receive(ours, proc, deadline, lambda: ours.recv_bytes_into(out.data.cast("B")))
+            _wait(conn, deadline)
+            conn.recv_bytes_into(out.data.cast("B"))
             return result, out
         fd = os.memfd_create("siteplan-pixels", os.MFD_CLOEXEC)
         try:
             os.ftruncate(fd, max(1, size * dt.itemsize))
-            reduction.send_handle(ours, fd, proc.pid)
-            _receive(ours, proc, deadline, ours.recv)
+            reduction.send_handle(conn, fd, 0)
+            _next(conn, deadline)  # "done"
             mm = mmap.mmap(fd, max(1, size * dt.itemsize))
         finally:
             os.close(fd)
         # The array owns the mapping: its memory goes when the array does.
         return result, np.frombuffer(mm, dt, size).reshape(shape)
-    except (EOFError, BrokenPipeError, ConnectionResetError):
-        raise _crashed(proc) from None
+    except (EOFError, OSError):
+        raise InvalidImage("decoder_crashed", "the image decoder failed; the file is damaged or hostile") from None
     finally:
-        ours.close()
-        if proc.is_alive():
-            proc.kill()
-        proc.join(5)
-        proc.close()
+        conn.close()
 
 
-def _receive(conn: Connection, proc: Any, deadline: float, read: Callable[[], Any]) -> Any:
-    """Wait for the child's next message (or its end) until the deadline, then read it."""
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            proc.kill()
-            raise InvalidImage("decode_timeout", "the file took too long to decode; it may be damaged or hostile")
-        ready = multiprocessing.connection.wait([conn, proc.sentinel], timeout=left)
-        if conn in ready:  # data, or the child's end of the pipe closed (EOFError when read)
-            return read()
-        if ready:  # the child ended without a word
-            raise _crashed(proc)
+def _wait(conn: Connection, deadline: float) -> None:
+    if not conn.poll(max(0.0, deadline - time.monotonic())):
+        raise InvalidImage(*_TIMEOUT)
 
 
-def _crashed(proc: Any) -> InvalidImage:
-    proc.join(5)
-    code = proc.exitcode
-    if code is not None and code < 0:
-        try:
-            why = signal.Signals(-code).name
-        except ValueError:
-            why = f"signal {-code}"
-    else:
-        why = f"exit status {code}"
-    if code in (-signal.SIGXCPU, -signal.SIGKILL):
-        return InvalidImage("decode_timeout", "the file took too long to decode; it may be damaged or hostile")
+def _next(conn: Connection, deadline: float) -> Any:
+    """The child's next message; its end, as reported by the server, becomes an error."""
+    _wait(conn, deadline)
+    msg = conn.recv()
+    if msg[0] != "exit":
+        return msg
+    code = int(msg[1])
+    if code in (-signal.SIGALRM, -signal.SIGXCPU, -signal.SIGKILL):
+        raise InvalidImage(*_TIMEOUT)
+    try:
+        why = signal.Signals(-code).name if code < 0 else f"exit status {code}"
+    except ValueError:
+        why = f"signal {-code}"
     log.warning("an image decoder died (%s); the file was refused", why)
-    return InvalidImage("decoder_crashed", f"the file crashed the image decoder ({why}); it is damaged or hostile")
+    raise InvalidImage("decoder_crashed", f"the file crashed the image decoder ({why}); it is damaged or hostile")
+
+
+# ---- the fork server and its children (python -m privacy.sandbox FD) ----
+
+
+def _child(conn: Connection) -> None:
+    fn, memory_bytes, timeout_s = conn.recv()
+    data = conn.recv_bytes()
+    # Self-limits: SIGALRM's default action ends the process whatever the decoder is doing.
+    signal.setitimer(signal.ITIMER_REAL, timeout_s)
+    cpu_s = max(1, int(timeout_s) + 1)
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 1))
+    with open("/proc/self/statm") as f:  # the cap is on top of what the child holds at start
+        base = int(f.read().split()[0]) * resource.getpagesize()
+    resource.setrlimit(resource.RLIMIT_AS, (base + memory_bytes, base + memory_bytes))
+    try:
+        result, array = fn(data)
+    except InvalidImage as exc:
+        conn.send(("invalid", exc.code, str(exc)))
+        return
+    except MemoryError:
+        conn.send(("invalid", "too_large", "decoding the file needs more memory than a photo may use"))
+        return
+    except Exception as exc:  # a decoder's own error: the type only, never the content
+        conn.send(("invalid", "undecodable", f"the file could not be decoded ({type(exc).__name__})"))
+        return
+    if array is None:
+        conn.send(("ok", result, None))
+        return
+    array = np.ascontiguousarray(array)
+    conn.send(("ok", result, (array.shape, array.dtype.str)))
+    if not _MEMFD:
+        conn.send_bytes(array.data.cast("B"))
+        return
+    fd = reduction.recv_handle(conn)
+    try:
+        with mmap.mmap(fd, max(1, array.nbytes)) as mm:
+            np.frombuffer(mm, array.dtype, array.size).reshape(array.shape)[...] = array
+    finally:
+        os.close(fd)
+    conn.send(("done",))
+
+
+def _reap(pid: int, fd: int) -> None:
+    """Wait for one child; tell its caller how it ended (after whatever the child sent)."""
+    _, status = os.waitpid(pid, 0)
+    conn = Connection(fd)
+    try:
+        conn.send(("exit", os.waitstatus_to_exitcode(status)))
+    except OSError:
+        pass  # the caller has gone already
+    finally:
+        conn.close()
+
+
+def _serve(sock: socket.socket) -> None:
+    import privacy.isolated  # noqa: F401  (the decoders, imported once for every child)
+
+    while True:
+        try:
+            msg, fds, _, _ = socket.recv_fds(sock, 1, 1)
+        except OSError:
+            return
+        if not msg:  # the calling process is gone
+            return
+        if not fds:
+            continue
+        fd = fds[0]
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                os.closerange(3, fd)  # nothing of the server or of other calls in the child
+                os.closerange(fd + 1, 1 << 16)
+                _child(Connection(fd))
+            except BaseException:
+                code = 1
+            finally:
+                os._exit(code)
+        threading.Thread(target=_reap, args=(pid, fd), daemon=True).start()
+
+
+if __name__ == "__main__":
+    _serve(socket.socket(fileno=int(sys.argv[1])))
