@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 import socket
 import subprocess
 import time
@@ -225,3 +227,35 @@ def test_broken_photo_is_rejected_with_a_reason(api: Api, bad: bytes) -> None:
     p = api.client.get(f"/v1/photos/{photo_id}", headers=t.auth).json()
     assert p["state"] == "rejected" and p["error"]
     assert api.svc.vault.objects(t.contract_id) == []  # nothing of it kept
+
+
+def _segfault(data: bytes) -> tuple[None, None]:
+    """A decoder that dies on the file (run in the sandbox child, never in the server)."""
+    os.kill(os.getpid(), signal.SIGSEGV)
+    return None, None
+
+
+def test_a_photo_that_crashes_the_decoder_is_rejected_and_the_server_goes_on(
+    sqlite_api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import privacy.anonymize as gate
+    from privacy.sandbox import run_isolated
+
+    api = sqlite_api
+    t = api.tenant()
+    pid = project(api, t)
+    data = b"\xff\xd8\xff\xe0 hostile " + b"\0" * 1000
+    loc = create(api, t, pid, len(data))
+    headers = t.auth | TUS | {"Upload-Offset": "0", "Content-Type": "application/offset+octet-stream"}
+    assert api.client.patch(loc, content=data, headers=headers).status_code == 204
+
+    def crashing(data: bytes, *, max_pixels: int, timeout_s: float) -> object:
+        return run_isolated(_segfault, data, timeout_s=timeout_s, memory_bytes=2**30)
+
+    monkeypatch.setattr(gate, "read_untrusted", crashing)
+    photo_id = loc.rsplit("/", 1)[1]
+    ingest_photo(api.svc, photo_id)  # in this process, as the server's ingest thread runs it
+    p = api.client.get(f"/v1/photos/{photo_id}", headers=t.auth).json()
+    assert p["state"] == "rejected" and "crashed the image decoder" in p["error"]
+    assert api.svc.vault.objects(t.contract_id) == []  # the hostile original is not kept
+    assert api.client.get(f"/v1/projects/{pid}/photos", headers=t.auth).status_code == 200  # still serving
