@@ -24,6 +24,7 @@ filesystem, nothing left behind when either side dies.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import mmap
 import os
@@ -124,34 +125,47 @@ def run_isolated(fn: IsolatedFn, data: bytes, *, timeout_s: float, memory_bytes:
     try:
         conn.send((fn, memory_bytes, timeout_s))
         conn.send_bytes(data)
-        msg = _next(conn, deadline)
-        if msg[0] == "invalid":
-            raise InvalidImage(msg[1], msg[2])
-        _, result, meta = msg
-        if meta is None:
-            return result, None
-        shape, dtype = meta
-        dt = np.dtype(dtype)
-        size = int(np.prod(shape))
-        if not _MEMFD:
-            out = np.empty(shape, dt)
-            _wait(conn, deadline)
-            conn.recv_bytes_into(out.data.cast("B"))
-            return result, out
-        fd = os.memfd_create("siteplan-pixels", os.MFD_CLOEXEC)
-        try:
-            os.ftruncate(fd, max(1, size * dt.itemsize))
-            reduction.send_handle(conn, fd, 0)
-            _next(conn, deadline)  # "done"
-            mm = mmap.mmap(fd, max(1, size * dt.itemsize))
-        finally:
-            os.close(fd)
-        # The array owns the mapping: its memory goes when the array does.
-        return result, np.frombuffer(mm, dt, size).reshape(shape)
+        result, out = _exchange(conn, deadline)
+        # Then the child's end, as the server reports it: no child outlives its call.
+        _wait(conn, deadline)
+        if conn.recv() != ("exit", 0):
+            raise InvalidImage("decoder_crashed", "the image decoder did not end cleanly")
+        return result, out
     except (EOFError, OSError):
         raise InvalidImage("decoder_crashed", "the image decoder failed; the file is damaged or hostile") from None
     finally:
         conn.close()
+
+
+def _exchange(conn: Connection, deadline: float) -> tuple[Any, np.ndarray | None]:
+    msg = _next(conn, deadline)
+    if msg[0] == "invalid":
+        # The child is ending: wait for it, so that no child outlives its call.
+        with contextlib.suppress(EOFError, OSError):
+            if conn.poll(max(0.0, deadline - time.monotonic())):
+                conn.recv()
+        raise InvalidImage(msg[1], msg[2])
+    _, result, meta = msg
+    if meta is None:
+        return result, None
+    shape, dtype = meta
+    dt = np.dtype(dtype)
+    size = int(np.prod(shape))
+    if not _MEMFD:
+        out = np.empty(shape, dt)
+        _wait(conn, deadline)
+        conn.recv_bytes_into(out.data.cast("B"))
+        return result, out
+    fd = os.memfd_create("siteplan-pixels", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, max(1, size * dt.itemsize))
+        reduction.send_handle(conn, fd, 0)
+        _next(conn, deadline)  # "done"
+        mm = mmap.mmap(fd, max(1, size * dt.itemsize))
+    finally:
+        os.close(fd)
+    # The array owns the mapping: its memory goes when the array does.
+    return result, np.frombuffer(mm, dt, size).reshape(shape)
 
 
 def _wait(conn: Connection, deadline: float) -> None:
@@ -160,12 +174,15 @@ def _wait(conn: Connection, deadline: float) -> None:
 
 
 def _next(conn: Connection, deadline: float) -> Any:
-    """The child's next message; its end, as reported by the server, becomes an error."""
+    """The child's next message; its end, reported by the server before any answer, becomes
+    an error."""
     _wait(conn, deadline)
     msg = conn.recv()
     if msg[0] != "exit":
         return msg
     code = int(msg[1])
+    if code == 0:
+        raise InvalidImage("decoder_crashed", "the image decoder ended without an answer")
     if code in (-signal.SIGALRM, -signal.SIGXCPU, -signal.SIGKILL):
         raise InvalidImage(*_TIMEOUT)
     try:
@@ -230,6 +247,9 @@ def _reap(pid: int, fd: int) -> None:
 
 
 def _serve(sock: socket.socket) -> None:
+    # Ctrl-C in a terminal reaches the whole process group: the caller decides; this server
+    # ends when the caller's socket closes, and its children at their own deadline.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     import privacy.isolated  # noqa: F401  (the decoders, imported once for every child)
 
     while True:
