@@ -16,10 +16,12 @@ SYS_TEST := libimage-exiftool-perl chromium
 demo: sysdeps $(STAMP)
 	$(BIN)/siteplan demo --out out/demo
 
+# PYTHONFAULTHANDLER: a native crash (even while the interpreter shuts down) prints every
+# thread's Python stack, so a red run says where it happened.
 test: sysdeps sysdeps-test $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
-	$(BIN)/pytest
+	PYTHONFAULTHANDLER=1 $(BIN)/pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

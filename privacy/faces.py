@@ -19,6 +19,7 @@ at equal recall on our face sets. The CUDA provider runs fp32.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib.util
 import logging
@@ -486,3 +487,12 @@ class CenterFaceDetector:
             if d.score >= cfg.verify_threshold and iou(again, box) > 0.2:
                 return True
         return False
+
+
+@atexit.register
+def _release_sessions() -> None:
+    """Drop the onnxruntime sessions while the interpreter, and onnxruntime's environment, are
+    whole: a session left to module teardown can crash the process as it exits (onnxruntime's
+    static environment may go first; e.g. microsoft/onnxruntime#24238)."""
+    with CenterFaceDetector._lock:
+        CenterFaceDetector._sessions.clear()

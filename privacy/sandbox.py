@@ -24,6 +24,7 @@ filesystem, nothing left behind when either side dies.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import mmap
@@ -93,16 +94,25 @@ class _Server:
 
     def shutdown(self) -> None:
         """Stop the server (it ends when its socket closes) and wait for it."""
-        with self.lock:
+        if not self.lock.acquire(timeout=5):  # at exit, a daemon thread may hold it for ever
+            return
+        try:
             if self.sock is not None:
                 self.sock.close()
                 self.sock = None
             if self.proc is not None:
-                self.proc.wait(30)
+                try:
+                    self.proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
                 self.proc = None
+        finally:
+            self.lock.release()
 
 
 _server = _Server()
+atexit.register(_server.shutdown)  # an orderly end (the server would also end with its caller)
 
 
 def shutdown() -> None:
