@@ -289,7 +289,12 @@ def anonymize_dir(
             finally:
                 budget.give(taken)
 
-        with ThreadPoolExecutor(n) as pool:
+        pool = ThreadPoolExecutor(n)
+        try:
             entries = list(pool.map(one, files))
+        except BaseException:  # Ctrl-C: finish the photos in hand, start no more (each output is atomic)
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        pool.shutdown()
     write_report(out_dir, entries)
     return entries
