@@ -213,9 +213,12 @@ def _child(conn: Connection) -> None:
     signal.setitimer(signal.ITIMER_REAL, timeout_s)
     cpu_s = max(1, int(timeout_s) + 1)
     resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 1))
-    with open("/proc/self/statm") as f:  # the cap is on top of what the child holds at start
-        base = int(f.read().split()[0]) * resource.getpagesize()
-    resource.setrlimit(resource.RLIMIT_AS, (base + memory_bytes, base + memory_bytes))
+    try:  # the cap is on top of what the child holds at start (Linux; elsewhere no cap)
+        with open("/proc/self/statm") as f:
+            base = int(f.read().split()[0]) * resource.getpagesize()
+        resource.setrlimit(resource.RLIMIT_AS, (base + memory_bytes, base + memory_bytes))
+    except (OSError, ValueError):
+        pass
     try:
         result, array = fn(data)
     except InvalidImage as exc:
