@@ -17,6 +17,7 @@ from api.services import Services
 from privacy import register
 from privacy.anonymize import AnonymizationPolicy
 from privacy.ingest import ingest
+from privacy.sandbox import SandboxUnavailable
 from privacy.vault import VaultError
 from siteplan.consent import consent_problem
 from siteplan.db import Job, Photo, Project
@@ -50,6 +51,12 @@ def ingest_photo(svc: Services, photo_id: str) -> None:
         assert original is not None
     try:
         res = ingest(svc.vault, key_id=key_id, original=original, policy=AnonymizationPolicy())
+    except SandboxUnavailable:
+        # Our side failed, not the file: back to quarantine, untouched, for the next attempt
+        # (the runner picks quarantined photos up at start-up).
+        with svc.factory.begin() as db:
+            db.execute(update(Photo).where(Photo.id == photo_id).values(state="quarantined"))
+        raise
     except VaultError:
         log.warning("photo %s: its quarantined original is unreadable", photo_id[:8])
         with svc.factory.begin() as db:

@@ -29,10 +29,11 @@ from privacy.faces import CenterFaceConfig, CenterFaceDetector, FaceDetector
 from privacy.isolated import read_untrusted, untrusted_size
 from privacy.metadata import Intrinsics, minimal_exif
 from privacy.plates import ClassicalPlateDetector
+from privacy.sandbox import SandboxUnavailable
 
 log = logging.getLogger(__name__)
 
-_HEADER_BYTES = 4 * 2**20  # where every header seen so far lies (EXIF may precede a JPEG's size)
+_HEADER_BYTES = 32 * 2**20  # a photo's whole file; a TIFF may keep its directory at the end
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".heic", ".heif", ".hif", ".avif"}
 
 
@@ -203,6 +204,8 @@ def anonymize_file(
         entry["error"] = f"{exc} [{exc.code}]"
     except DetectionFailed as exc:
         entry["error"] = f"{exc}; the photo was refused (fail-closed policy)"
+    except SandboxUnavailable as exc:  # our side failed, not the file: say so, refuse nothing
+        entry["error"] = f"{exc}; the file was not processed, try again"
     except OSError as exc:
         entry["error"] = f"the file could not be read ({type(exc).__name__})"
     entry["seconds"] = round(time.perf_counter() - t0, 3)

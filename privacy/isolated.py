@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from privacy.decode import decode
+from privacy.errors import InvalidImage
 from privacy.metadata import focal_lengths, inventory
 from privacy.sandbox import run_isolated
 
@@ -65,7 +66,8 @@ def read_untrusted(data: bytes, *, max_pixels: int, timeout_s: float) -> tuple[S
         timeout_s=timeout_s,
         memory_bytes=_BYTES_PER_PIXEL * max_pixels + _SLACK,
     )
-    assert isinstance(facts, SourceFacts) and rgb is not None
+    if not isinstance(facts, SourceFacts) or rgb is None or rgb.dtype != np.uint8 or rgb.ndim != 3:
+        raise InvalidImage("undecodable", "the decoder returned something that is not a photo")
     return facts, rgb
 
 

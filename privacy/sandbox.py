@@ -30,8 +30,10 @@ import logging
 import mmap
 import os
 import resource
+import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -53,6 +55,11 @@ IsolatedFn = Callable[[bytes], tuple[Any, np.ndarray | None]]
 _MEMFD = hasattr(os, "memfd_create")  # Linux; elsewhere the pixels come through the socket
 _GRACE_S = 3.0  # after the child's own deadline, for its end to be reported
 _TIMEOUT = ("decode_timeout", "the file took too long to decode; it may be damaged or hostile")
+
+
+class SandboxUnavailable(RuntimeError):
+    """The sandbox itself failed (its server died, no memory or file descriptors here): says
+    nothing about the file, which must be tried again later, never refused or deleted."""
 
 
 class _Server:
@@ -77,15 +84,17 @@ class _Server:
         self.sock = ours
         return ours
 
-    def hand_over(self, conn_end: socket.socket) -> None:
-        """Give the server one end of a fresh connection: it forks a child to serve it."""
+    def hand_over(self, conn_end: socket.socket, kill_after_s: float) -> None:
+        """Give the server one end of a fresh connection: it forks a child to serve it, and
+        kills that child if it still runs ``kill_after_s`` from now."""
         with self.lock:
             for attempt in range(2):
                 sock = self.sock if self.proc is not None and self.proc.poll() is None else None
                 if sock is None:
                     sock = self._start()
+                    sock.settimeout(10.0)  # a stalled server must not hold the lock for ever
                 try:
-                    socket.send_fds(sock, [b"c"], [conn_end.fileno()])
+                    socket.send_fds(sock, [struct.pack("d", kill_after_s)], [conn_end.fileno()])
                     return
                 except OSError:
                     if attempt:
@@ -125,24 +134,38 @@ def run_isolated(fn: IsolatedFn, data: bytes, *, timeout_s: float, memory_bytes:
     """``fn(data)`` in a child process, with ``memory_bytes`` of address space to spare. ``fn``
     must be picklable by reference: a module-level function, or a ``functools.partial`` of one.
     Raises :class:`InvalidImage` on a crash, a timeout or an exhausted limit."""
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        _server.hand_over(theirs)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    except OSError as exc:
+        raise SandboxUnavailable(f"no socket for the decoder ({type(exc).__name__})") from None
+    try:
+        # Sends give up after the call's time: a stalled child or server never blocks us.
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", int(timeout_s + _GRACE_S) + 1, 0))
+        _server.hand_over(theirs, timeout_s + 2 * _GRACE_S)
+    except OSError as exc:
+        ours.close()
+        raise SandboxUnavailable(f"the decoder sandbox could not be reached ({type(exc).__name__})") from None
     finally:
         theirs.close()
     conn = Connection(ours.detach())
     deadline = time.monotonic() + timeout_s + _GRACE_S
     try:
-        conn.send((fn, memory_bytes, timeout_s))
-        conn.send_bytes(data)
+        try:
+            conn.send((fn, memory_bytes, timeout_s))
+            conn.send_bytes(data)
+        except OSError:
+            # The child died before reading everything (its end is reported next), or stalled.
+            _next(conn, time.monotonic() + _GRACE_S)
+            raise
         result, out = _exchange(conn, deadline)
         # Then the child's end, as the server reports it: no child outlives its call.
         _wait(conn, deadline)
         if conn.recv() != ("exit", 0):
             raise InvalidImage("decoder_crashed", "the image decoder did not end cleanly")
         return result, out
-    except (EOFError, OSError):
-        raise InvalidImage("decoder_crashed", "the image decoder failed; the file is damaged or hostile") from None
+    except (EOFError, OSError) as exc:
+        # No exit status from the server: our side failed (server gone, no memory or fds).
+        raise SandboxUnavailable(f"the decoder sandbox failed ({type(exc).__name__})") from None
     finally:
         conn.close()
 
@@ -247,9 +270,29 @@ def _child(conn: Connection) -> None:
     conn.send(("done",))
 
 
-def _reap(pid: int, fd: int) -> None:
-    """Wait for one child; tell its caller how it ended (after whatever the child sent)."""
-    _, status = os.waitpid(pid, 0)
+def _reap(pid: int, fd: int, kill_after_s: float) -> None:
+    """Wait for one child, killing it at its deadline whatever it blocks (the child's own alarm
+    and CPU limit come first; this is the backstop); tell its caller how it ended, after
+    whatever the child sent. The child is ours until reaped, so the pid cannot be reused."""
+    deadline = time.monotonic() + kill_after_s
+    pidfd = os.pidfd_open(pid) if hasattr(os, "pidfd_open") else None
+    try:
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            left = deadline - time.monotonic()
+            if left <= 0:
+                os.kill(pid, signal.SIGKILL)
+                _, status = os.waitpid(pid, 0)
+                break
+            if pidfd is not None:
+                select.select([pidfd], [], [], left)
+            else:
+                time.sleep(min(left, 0.01))
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
     conn = Connection(fd)
     try:
         conn.send(("exit", os.waitstatus_to_exitcode(status)))
@@ -265,28 +308,47 @@ def _serve(sock: socket.socket) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     import privacy.isolated  # noqa: F401  (the decoders, imported once for every child)
 
-    while True:
-        try:
-            msg, fds, _, _ = socket.recv_fds(sock, 1, 1)
-        except OSError:
-            return
-        if not msg:  # the calling process is gone
-            return
-        if not fds:
-            continue
-        fd = fds[0]
-        pid = os.fork()
-        if pid == 0:
-            code = 0
+    reapers: list[threading.Thread] = []
+    try:
+        while True:
             try:
-                os.closerange(3, fd)  # nothing of the server or of other calls in the child
-                os.closerange(fd + 1, 1 << 16)
-                _child(Connection(fd))
-            except BaseException:
-                code = 1
-            finally:
-                os._exit(code)
-        threading.Thread(target=_reap, args=(pid, fd), daemon=True).start()
+                msg, fds, _, _ = socket.recv_fds(sock, 8, 1)
+            except OSError:
+                return
+            if not msg:  # the calling process is gone
+                return
+            if not fds:
+                continue
+            reapers = [t for t in reapers if t.is_alive()]
+            _fork_one(fds[0], struct.unpack("d", msg)[0] if len(msg) == 8 else 60.0, reapers)
+    finally:
+        for t in reapers:  # every child's end is reported before the server goes
+            t.join()
+
+
+def _fork_one(fd: int, kill_after_s: float, reapers: list[threading.Thread]) -> None:
+    try:
+        pid = os.fork()
+    except OSError:  # no memory or no pids: the caller sees the connection close
+        os.close(fd)
+        return
+    if pid == 0:
+        code = 0
+        try:
+            os.closerange(3, fd)  # nothing of the server or of other calls in the child
+            os.closerange(fd + 1, 1 << 16)
+            _child(Connection(fd))
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+    t = threading.Thread(target=_reap, args=(pid, fd, kill_after_s))
+    try:
+        t.start()
+    except RuntimeError:  # no thread to spare: reap here, the caller still gets the child's end
+        _reap(pid, fd, kill_after_s)
+        return
+    reapers.append(t)
 
 
 if __name__ == "__main__":

@@ -134,3 +134,49 @@ def test_a_hostile_file_gets_a_report_entry_and_the_batch_goes_on(
     assert slow["error"] is not None and "[decode_timeout]" in slow["error"]
     assert not (tmp_path / "slow" / "0.jpg").exists()
     assert sorted(os.listdir(out)) == ["0.jpg", "1.jpg", "2.jpg", "report.json"]
+
+
+def _stubborn(data: bytes) -> tuple[None, None]:
+    """Blocks the alarm and sleeps (no CPU time): only the server's backstop can end it."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+    time.sleep(60)
+    return None, None
+
+
+def test_a_child_that_blocks_its_alarm_is_killed_by_the_server() -> None:
+    before = _descendants()
+    t0 = time.monotonic()
+    with pytest.raises(InvalidImage) as err:
+        run_isolated(_stubborn, b"x", timeout_s=1.0, memory_bytes=2**30)
+    assert err.value.code == "decode_timeout"
+    assert time.monotonic() - t0 < 12
+    deadline = time.monotonic() + 10
+    while not _descendants() <= before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _descendants() <= before
+
+
+def test_a_dead_sandbox_is_our_failure_not_the_files() -> None:
+    """The server killed mid-call: an error that refuses nothing (ingest would delete a refused
+    photo's original); the next call starts a new server."""
+    import threading
+
+    from privacy import sandbox
+
+    got: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            run_isolated(_spin, b"x", timeout_s=5.0, memory_bytes=2**30)
+        except BaseException as exc:
+            got.append(exc)
+
+    th = threading.Thread(target=call)
+    th.start()
+    time.sleep(1.0)
+    proc = sandbox._server.proc
+    assert proc is not None
+    proc.kill()
+    th.join(20)
+    assert got and isinstance(got[0], sandbox.SandboxUnavailable) and not isinstance(got[0], InvalidImage)
+    assert run_isolated(_echo, b"abcd", timeout_s=30, memory_bytes=2**30)[0] == 4
