@@ -133,7 +133,8 @@ def shutdown() -> None:
 def run_isolated(fn: IsolatedFn, data: bytes, *, timeout_s: float, memory_bytes: int) -> tuple[Any, np.ndarray | None]:
     """``fn(data)`` in a child process, with ``memory_bytes`` of address space to spare. ``fn``
     must be picklable by reference: a module-level function, or a ``functools.partial`` of one.
-    Raises :class:`InvalidImage` on a crash, a timeout or an exhausted limit."""
+    Raises :class:`InvalidImage` when the child crashes, times out or exhausts a limit (a
+    verdict on the file), :class:`SandboxUnavailable` when the sandbox itself fails (none)."""
     try:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     except OSError as exc:
