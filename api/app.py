@@ -153,6 +153,9 @@ def run(settings: Settings, *, workers: int = 1) -> None:
         "port": settings.port,
         "log_level": "warning",
         "access_log": False,
+        # A restart lets uploads in flight finish, but never waits forever on a stalled client
+        # (tus resumes whatever it cuts).
+        "timeout_graceful_shutdown": settings.shutdown_grace_s,
     }
     if workers > 1:
         # Each worker is a process with its own runner; photos and jobs are claimed atomically in

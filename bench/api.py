@@ -265,8 +265,9 @@ def main() -> None:
         pid = httpx.post(
             f"{base}/v1/projects", json={"contract_id": tenant["contract_id"], "reference": "b"}, headers=h
         ).json()["id"]
-        # Warm the upload path once so imports and first-use allocations are not counted as growth.
-        asyncio.run(uploads(base, token, pid, [fake_photo(2 * 2**20)]))
+        # Warm the upload path so imports and first-use allocations are not counted as growth:
+        # several uploads at once, so that every worker process serves some.
+        asyncio.run(uploads(base, token, pid, [fake_photo(2 * 2**20) for _ in range(4 * a.workers)]))
         size = int(a.size_mb * 2**20)
         photos = [fake_photo(size) for _ in range(a.uploads)]
         total = size * a.uploads

@@ -14,7 +14,7 @@ from functools import partial
 import numpy as np
 from PIL import Image
 
-from privacy.decode import decode
+from privacy.decode import decode, sniff_format
 from privacy.errors import InvalidImage
 from privacy.metadata import focal_lengths, inventory
 from privacy.sandbox import run_isolated
@@ -71,20 +71,35 @@ def read_untrusted(data: bytes, *, max_pixels: int, timeout_s: float) -> tuple[S
     return facts, rgb
 
 
-def header_size(data: bytes) -> tuple[tuple[int, int] | None, None]:
-    """The (width, height) an image's header announces, or None when it cannot tell."""
+def header_size(data: bytes, formats: tuple[str, ...] | None = None) -> tuple[tuple[int, int] | None, None]:
+    """The (width, height) an image's header announces, or None when it cannot tell.
+    ``formats``: the only Pillow plugins to try (None: all)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with Image.open(io.BytesIO(data)) as im:
+            with Image.open(io.BytesIO(data), formats=formats) as im:
                 return (int(im.size[0]), int(im.size[1])), None
     except Exception:
         return None, None
 
 
+# Formats whose header Pillow parses in Python (JpegImagePlugin, PngImagePlugin, the TIFF IFD
+# reader, ...): no native code touches the bytes before decoding, which runs in the sandbox, so
+# their size is read in this process (0.4 ms instead of a sandbox child's ~20 ms and ~25 MB per
+# concurrent upload). WebP and HEIF headers go through libwebp and libheif: sandboxed.
+_PYTHON_HEADER_PARSERS = frozenset({"JPEG", "PNG", "TIFF", "GIF", "BMP"})
+
+
 def untrusted_size(head: bytes, *, timeout_s: float = 10.0) -> tuple[int, int] | None:
-    """:func:`header_size` in a sandbox child; None when the header cannot tell (or the parser
-    failed in any way: decoding proper will say why)."""
+    """The size an untrusted file's header announces; None when the header cannot tell (or the
+    parser failed in any way: decoding proper will say why). Native parsers run in a sandbox
+    child; Pillow's pure-Python ones here, restricted to the sniffed format's plugin."""
+    try:
+        fmt = sniff_format(head)
+    except InvalidImage:
+        return None
+    if fmt in _PYTHON_HEADER_PARSERS:
+        return header_size(head, (fmt,))[0]
     try:
         size, _ = run_isolated(header_size, head, timeout_s=timeout_s, memory_bytes=_SLACK)
     except Exception:

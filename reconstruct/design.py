@@ -12,14 +12,16 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import trimesh
 from pydantic import BaseModel, ConfigDict, Field
 
 from reconstruct.errors import DesignError
 from reconstruct.jsonfile import load_model
+
+if TYPE_CHECKING:
+    import trimesh  # imported where a mesh is loaded: the API imports this module for its schema
 
 log = logging.getLogger(__name__)
 
@@ -83,13 +85,18 @@ def _inside(name: str) -> bool:
     return not (norm == ".." or norm.startswith("../"))
 
 
-class _FolderResolver(trimesh.resolvers.FilePathResolver):
-    """Resolves a design's external files only inside its own folder: no traversal, no URLs."""
+def _folder_resolver(folder: Path) -> Any:
+    """A trimesh resolver for a design's external files, only inside its own folder: no
+    traversal, no URLs."""
+    import trimesh
 
-    def get(self, name: str) -> bytes:
-        if not _inside(name):
-            raise DesignError(f"the design references a file outside its folder ('{Path(name).name}')")
-        return bytes(super().get(name))
+    class FolderResolver(trimesh.resolvers.FilePathResolver):
+        def get(self, name: str) -> bytes:
+            if not _inside(name):
+                raise DesignError(f"the design references a file outside its folder ('{Path(name).name}')")
+            return bytes(super().get(name))
+
+    return FolderResolver(str(folder))
 
 
 def _check_references(mesh_path: Path) -> None:
@@ -216,13 +223,13 @@ def load_design(path: Path) -> Design:
         raise DesignError(f"unsupported design format '{mesh_path.suffix}' (use GLB/glTF, OBJ, STL, PLY or DAE)")
     if not mesh_path.is_file():
         raise DesignError(f"the design file {mesh_path.name} does not exist")
+    import trimesh
+
     warnings: list[str] = []
     try:
         _check_references(mesh_path)
         # process=False: trimesh would silently drop non-finite vertices; they are refused below.
-        loaded = trimesh.load(
-            str(mesh_path), force="scene", resolver=_FolderResolver(str(mesh_path.parent)), process=False
-        )
+        loaded = trimesh.load(str(mesh_path), force="scene", resolver=_folder_resolver(mesh_path.parent), process=False)
     except DesignError:
         raise
     except Exception as exc:

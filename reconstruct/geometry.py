@@ -5,9 +5,12 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pycolmap
+
+if TYPE_CHECKING:
+    import pycolmap  # only in annotations: the API imports this module's users for their schemas
 
 
 @dataclass(frozen=True)

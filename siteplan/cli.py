@@ -23,9 +23,9 @@ def _setup_logging(level: str) -> None:
     # pycolmap/glog prints every mapping step at INFO; keep the terminal for our progress lines.
     os.environ.setdefault("GLOG_minloglevel", "2")
     try:
-        import pycolmap
+        from reconstruct.colmap import import_pycolmap
 
-        pycolmap.logging.minloglevel = 2
+        import_pycolmap().logging.minloglevel = 2
     except ImportError:
         pass
 

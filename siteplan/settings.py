@@ -39,6 +39,11 @@ class Settings(BaseSettings):
     )
     host: str = Field(default="127.0.0.1", description="`siteplan serve` bind address.")
     port: int = Field(default=8000, ge=1, le=65535, description="`siteplan serve` port.")
+    shutdown_grace_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="On SIGTERM, how long requests in flight (a photo still uploading) may take to finish.",
+    )
     max_upload_bytes: int = Field(default=64 * 2**20, gt=0, description="Largest photo or design upload.")
     max_json_bytes: int = Field(default=1 * 2**20, gt=0, description="Largest JSON request body.")
     rate_limit_per_minute: int = Field(default=600, gt=0, description="Requests per minute per API token.")

@@ -76,8 +76,9 @@ def reconstruct_task(
 ) -> dict[str, Any]:
     mark_attempt(attempts_dir, "reconstruct")
     enter_pool()
-    import pycolmap
+    from reconstruct.colmap import import_pycolmap
 
+    pycolmap = import_pycolmap()  # before any reconstruct module: keeps Ray's SIGTERM handling
     from reconstruct.reference import ScaleReference
     from reconstruct.sfm import SfmConfig
     from reconstruct.site import reconstruct
@@ -100,6 +101,9 @@ def plan_task(
 ) -> dict[str, Any]:
     mark_attempt(attempts_dir, "plan")
     enter_pool()
+    from reconstruct.colmap import import_pycolmap
+
+    import_pycolmap()  # before any reconstruct module: keeps Ray's SIGTERM handling
     from reconstruct.plan import plan
 
     return plan(Path(run_dir), Path(design), Path(placement), Path(out_dir), images_dir=Path(images_dir))

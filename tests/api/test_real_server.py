@@ -4,10 +4,6 @@ uploaded over tus with an HTTP client, a plan job run by the server, plan.glb do
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,14 +11,10 @@ import httpx
 import pytest
 import trimesh
 
+from tests.api.server import cli, serve, server_env
+
 ROOT = Path(__file__).parents[2]
 SAMPLE = ROOT / "sample_data"
-SITEPLAN = Path(sys.executable).parent / "siteplan"
-
-
-def _cli(env: dict[str, str], *args: str) -> dict:  # type: ignore[type-arg]
-    out = subprocess.run([str(SITEPLAN), *args], env=env, capture_output=True, text=True, check=True, timeout=120)
-    return json.loads(out.stdout)
 
 
 def _upload(http: httpx.Client, pid: str, data: bytes, chunk: int = 512 * 1024) -> str:
@@ -47,29 +39,11 @@ def _upload(http: httpx.Client, pid: str, data: bytes, chunk: int = 512 * 1024) 
 
 @pytest.mark.slow
 def test_serve_upload_plan_download(tmp_path: Path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = os.environ | {
-        "SITEPLAN_DATA_DIR": str(tmp_path / "data"),
-        "SITEPLAN_PORT": str(port),
-        "SITEPLAN_NUM_CPUS": "2",
-    }
-    tenant = _cli(env, "tenant", "create", "Acme Gates", "--with-contract")
-    token = _cli(env, "token", "create", "--tenant", tenant["tenant_id"], "--scopes", "upload,read")["token"]
-    log = open(tmp_path / "server.log", "wb")  # noqa: SIM115 - closed in finally
-    server = subprocess.Popen([str(SITEPLAN), "serve"], env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/v1/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline and server.poll() is None, (tmp_path / "server.log").read_text()
-            time.sleep(0.3)
+    env = server_env(tmp_path / "data", num_cpus="2")
+    tenant = cli(env, "tenant", "create", "Acme Gates", "--with-contract")
+    token = cli(env, "token", "create", "--tenant", tenant["tenant_id"], "--scopes", "upload,read")["token"]
+    with serve(env, tmp_path / "server.log") as srv:
+        base = srv.base
         with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=60) as http:
             r = http.post("/v1/projects", json={"contract_id": tenant["contract_id"], "reference": "demo-site"})
             pid = r.json()["id"]
@@ -131,7 +105,7 @@ def test_serve_upload_plan_download(tmp_path: Path) -> None:
             r = http.post(f"/v1/jobs/{job['id']}/retry")
             assert r.status_code == 200, r.text
             job = follow(r.json())
-            assert job["state"] == "done", (job, (tmp_path / "server.log").read_text()[-3000:])
+            assert job["state"] == "done", (job, srv.text()[-3000:])
             assert seen_304
             assert job["result"]["registered_photos"] >= 10
             assert job["result"]["resumed_from_checkpoint"] is True
@@ -147,7 +121,3 @@ def test_serve_upload_plan_download(tmp_path: Path) -> None:
         # Nothing decrypted is left in worker scratch.
         scratch = tmp_path / "data" / "scratch"
         assert not scratch.exists() or not any(scratch.rglob("*.jpg"))
-    finally:
-        server.terminate()
-        server.wait(30)
-        log.close()

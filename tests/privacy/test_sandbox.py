@@ -105,6 +105,31 @@ def test_sandboxed_decode_equals_in_process_decode(data: Path) -> None:
     assert checked >= 8
 
 
+def test_only_native_header_parsers_run_in_the_sandbox(data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A JPEG's size is read by Pillow's Python parser in process (an upload must not pay a
+    sandbox child for it); a HEIC's and a WebP's go through libheif / libwebp: sandboxed."""
+    import privacy.isolated as iso
+
+    calls: list[int] = []
+
+    def counting(*args: object, **kw: object) -> object:
+        calls.append(1)
+        return run_isolated(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(iso, "run_isolated", counting)
+    jpeg = (data / "sfm" / "strecha-fountain-P11" / "images" / "0000.jpg").read_bytes()[: 256 * 1024]
+    assert untrusted_size(jpeg) == (3072, 2048) and calls == []
+    for name in ("exif-samples/heic/IMG_5195.HEIC", "exiftool-t-images/RIFF.webp"):
+        raw = (data / "exif" / name).read_bytes()
+        size = untrusted_size(raw[: 256 * 1024])
+        assert size is not None and size == read_source(raw, 120_000_000)[0].original_size
+    assert len(calls) == 2
+    # A header whose parser fails says nothing (decoding proper gives the reason), in either path.
+    assert untrusted_size(b"\xff\xd8\xff\xe0" + b"\0" * 100) is None
+    assert untrusted_size(b"RIFF\0\0\0\0WEBPVP8 " + b"\xff" * 100) is None
+    assert untrusted_size(b"no image at all") is None
+
+
 def test_a_hostile_file_gets_a_report_entry_and_the_batch_goes_on(
     data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
