@@ -44,9 +44,36 @@ class PlateConfig:
     # glyphs are ~8 px at fine_side (under 8 px at work_side, where the glyph check fails) is found.
     fine_side: int = 2560
     fine_glyph_heights: tuple[int, ...] = (8, 10, 13)
+    # The smallest glyphs are also searched at the photo's own resolution: a plate 15-25 m away
+    # has 8-13 px glyphs in a 12 MP photo, legible there, and under 8 px at fine_side.
+    native_glyph_heights: tuple[int, ...] = (8, 10)
+    # The candidate mask is thresholded per tile (Otsu, interpolated between tile centres), so a
+    # small plate is judged against its neighbourhood, not against the strongest edges of the
+    # whole photo: tiles of at least this many pixels, and at least 24 glyph heights.
+    threshold_tile: int = 512
     min_aspect: float = 1.8
     max_aspect: float = 7.5
     min_glyphs: int = 4  # separate glyph-shaped dark blobs
+
+
+def _local_otsu(g8: np.ndarray, tile: int) -> np.ndarray:
+    """255 where ``g8`` is above its neighbourhood's Otsu threshold: one threshold per tile,
+    interpolated between tile centres (as CLAHE does), so no seam runs along tile borders.
+    A global threshold let a 12 MP photo's strongest edges set the bar: a distant plate's glyph
+    row then merged with its car's edges or fell under it (bench/plates.py: 13 px glyphs, 17 of 54
+    found with one threshold, 24 with local ones at the same passes)."""
+    hh, ww = g8.shape
+    ny, nx = max(1, round(hh / tile)), max(1, round(ww / tile))
+    if ny * nx == 1:
+        return cv2.threshold(g8, 0, 255, cv2.THRESH_BINARY | cv2.THRESH_OTSU)[1]
+    ys = np.linspace(0, hh, ny + 1).astype(int)
+    xs = np.linspace(0, ww, nx + 1).astype(int)
+    grid = np.empty((ny, nx), np.uint8)
+    for i in range(ny):
+        for j in range(nx):
+            grid[i, j] = int(cv2.threshold(g8[ys[i] : ys[i + 1], xs[j] : xs[j + 1]], 0, 255, cv2.THRESH_OTSU)[0])
+    level = cv2.resize(grid, (ww, hh), interpolation=cv2.INTER_LINEAR)
+    return cv2.compare(g8, level, cv2.CMP_GT)
 
 
 class ClassicalPlateDetector:
@@ -60,9 +87,12 @@ class ClassicalPlateDetector:
         h, w = rgb.shape[:2]
         full_gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
         passes = [(min(1.0, cfg.work_side / max(h, w)), cfg.glyph_heights)]
-        fine = min(1.0, cfg.fine_side / max(h, w))
-        if fine > passes[0][0] * 1.2:
-            passes.append((fine, cfg.fine_glyph_heights))
+        for scale, heights in (
+            (min(1.0, cfg.fine_side / max(h, w)), cfg.fine_glyph_heights),
+            (1.0, cfg.native_glyph_heights),
+        ):
+            if heights and scale > passes[-1][0] * 1.2:
+                passes.append((scale, heights))
         boxes: list[Box] = []
         # Finest pass first, each coarser image area-averaged from the one before: the same pixels
         # within rounding, and cheap (12 MP straight to 1280 px costs 22 ms, 2560 to 1280 px 0.4 ms).
@@ -113,7 +143,7 @@ class ClassicalPlateDetector:
         g8 = cv2.convertScaleAbs(g8, alpha=255.0 / mx)
         close = cv2.getStructuringElement(cv2.MORPH_RECT, (max(3, int(glyph_h * 1.2)), max(3, glyph_h // 3)))
         g8 = cv2.morphologyEx(g8, cv2.MORPH_CLOSE, close)
-        _, th = cv2.threshold(g8, 0, 255, cv2.THRESH_BINARY | cv2.THRESH_OTSU)
+        th = _local_otsu(g8, max(cfg.threshold_tile, 24 * glyph_h))
         k3 = np.ones((3, 3), np.uint8)
         th = cv2.erode(th, k3, iterations=1)
         th = cv2.dilate(th, k3, iterations=2)
