@@ -127,7 +127,7 @@ def _dynamic_model_bytes(path: Path) -> bytes:
 
 
 # Part of the cached int8 model's name: bump it when the recipe in _int8_model_bytes changes.
-_INT8_RECIPE = "qdq-pc-u8s8-minmax-s2d-stem-heads-fp32-nolm-v1"
+_INT8_RECIPE = "qdq-pc-u8s8-rr-minmax-s2d-stem-heads-fp32-nolm-v2"
 _SAMPLE_PHOTOS = Path(__file__).resolve().parents[1] / "sample_data" / "photos"
 
 
@@ -280,6 +280,7 @@ def _int8_model_bytes(fp32: bytes, calibration: list[np.ndarray] | None = None) 
                 Reader(),
                 quant_format=QuantFormat.QDQ,
                 per_channel=True,
+                reduce_range=True,
                 activation_type=QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
                 nodes_to_exclude=fp32_nodes,
