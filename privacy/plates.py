@@ -51,12 +51,13 @@ class PlateConfig:
     # small plate is judged against its neighbourhood, not against the strongest edges of the
     # whole photo: tiles of at least this many pixels, and at least 24 glyph heights.
     threshold_tile: int = 512
+    threshold_floor: float = 0.3  # a tile's level never falls under this share of the photo's
     min_aspect: float = 1.8
     max_aspect: float = 7.5
     min_glyphs: int = 4  # separate glyph-shaped dark blobs
 
 
-def _local_otsu(g8: np.ndarray, tile: int) -> np.ndarray:
+def _local_otsu(g8: np.ndarray, tile: int, floor_share: float) -> np.ndarray:
     """255 where ``g8`` is above its neighbourhood's Otsu threshold: one threshold per tile,
     interpolated between tile centres (as CLAHE does), so no seam runs along tile borders.
     A global threshold let a 12 MP photo's strongest edges set the bar: a distant plate's glyph
@@ -68,10 +69,14 @@ def _local_otsu(g8: np.ndarray, tile: int) -> np.ndarray:
         return cv2.threshold(g8, 0, 255, cv2.THRESH_BINARY | cv2.THRESH_OTSU)[1]
     ys = np.linspace(0, hh, ny + 1).astype(int)
     xs = np.linspace(0, ww, nx + 1).astype(int)
+    # A flat tile (sky, a wall) has an Otsu level near 0, where JPEG noise would pass: the level
+    # never falls under a fraction of the photo's own.
+    floor = floor_share * cv2.threshold(g8, 0, 255, cv2.THRESH_OTSU)[0]
     grid = np.empty((ny, nx), np.uint8)
     for i in range(ny):
         for j in range(nx):
-            grid[i, j] = int(cv2.threshold(g8[ys[i] : ys[i + 1], xs[j] : xs[j + 1]], 0, 255, cv2.THRESH_OTSU)[0])
+            otsu = cv2.threshold(g8[ys[i] : ys[i + 1], xs[j] : xs[j + 1]], 0, 255, cv2.THRESH_OTSU)[0]
+            grid[i, j] = int(max(otsu, floor))
     level = cv2.resize(grid, (ww, hh), interpolation=cv2.INTER_LINEAR)
     return cv2.compare(g8, level, cv2.CMP_GT)
 
@@ -143,7 +148,7 @@ class ClassicalPlateDetector:
         g8 = cv2.convertScaleAbs(g8, alpha=255.0 / mx)
         close = cv2.getStructuringElement(cv2.MORPH_RECT, (max(3, int(glyph_h * 1.2)), max(3, glyph_h // 3)))
         g8 = cv2.morphologyEx(g8, cv2.MORPH_CLOSE, close)
-        th = _local_otsu(g8, max(cfg.threshold_tile, 24 * glyph_h))
+        th = _local_otsu(g8, max(cfg.threshold_tile, 24 * glyph_h), cfg.threshold_floor)
         k3 = np.ones((3, 3), np.uint8)
         th = cv2.erode(th, k3, iterations=1)
         th = cv2.dilate(th, k3, iterations=2)
