@@ -26,19 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))
 
-from privacy.boxes import Box  # noqa: E402
 from privacy.plates import ClassicalPlateDetector  # noqa: E402
+from tests.privacy.plate_crops import paste_plate, plate_crops  # noqa: E402
 from tests.privacy.test_faces_plates import covered  # noqa: E402
-
-GLYPH_OF_PLATE = 75 / 110  # glyph height over plate height (EU plates)
-
-
-def labelled_plates() -> list[tuple[np.ndarray, tuple[float, float, float, float]]]:
-    out = []
-    for txt in sorted((DATA / "plates" / "eu").glob("*.txt")):
-        name, x, y, w, h = txt.read_text().split()[:5]
-        out.append((np.asarray(Image.open(txt.parent / name).convert("RGB")), (float(x), float(y), float(w), float(h))))
-    return out
 
 
 def site_photo(k: int, side: int) -> np.ndarray:
@@ -49,22 +39,16 @@ def site_photo(k: int, side: int) -> np.ndarray:
 
 
 def recall_at(glyph_px: float, side: int, per_photo: int = 9) -> tuple[int, int, float]:
-    plates = labelled_plates()
+    crops = plate_crops(DATA / "plates" / "eu")
     det = ClassicalPlateDetector()
     found, seconds, photos = 0, 0.0, 0
-    for start in range(0, len(plates), per_photo):
+    for start in range(0, len(crops), per_photo):
         img = site_photo(start // per_photo, side)
         H, W = img.shape[:2]
-        placed = []
-        for i, (rgb, (x, y, w, h)) in enumerate(plates[start : start + per_photo]):
-            x0, y0 = max(0, int(x - 0.75 * w)), max(0, int(y - 1.5 * h))
-            x1, y1 = min(rgb.shape[1], int(x + 1.75 * w)), min(rgb.shape[0], int(y + 2.5 * h))
-            s = glyph_px / GLYPH_OF_PLATE / h
-            size = (max(1, round((x1 - x0) * s)), max(1, round((y1 - y0) * s)))
-            small = cv2.resize(rgb[y0:y1, x0:x1], size, interpolation=cv2.INTER_AREA)
-            X, Y = 100 + (i % 3) * (W // 3), 200 + (i // 3) * (H // 3)
-            img[Y : Y + small.shape[0], X : X + small.shape[1]] = small
-            placed.append(Box(X + (x - x0) * s, Y + (y - y0) * s, w * s, h * s))
+        placed = [
+            paste_plate(img, crop, plate, glyph_px, 100 + (i % 3) * (W // 3), 200 + (i // 3) * (H // 3))
+            for i, (crop, plate) in enumerate(crops[start : start + per_photo])
+        ]
         enc = cv2.imencode(".jpg", img[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 92])[1]
         img = np.ascontiguousarray(cv2.imdecode(enc, cv2.IMREAD_COLOR)[:, :, ::-1])
         t0 = time.perf_counter()
@@ -72,7 +56,7 @@ def recall_at(glyph_px: float, side: int, per_photo: int = 9) -> tuple[int, int,
         seconds += time.perf_counter() - t0
         photos += 1
         found += sum(covered(b, boxes, grow=1.1) for b in placed)
-    return found, len(plates), seconds / photos
+    return found, len(crops), seconds / photos
 
 
 def main() -> None:

@@ -19,6 +19,7 @@ from privacy.boxes import Box, iou
 from privacy.faces import CenterFaceConfig, CenterFaceDetector
 from privacy.plates import ClassicalPlateDetector
 from tests.privacy.face_crops import face_crops
+from tests.privacy.plate_crops import paste_plate, plate_crops
 
 
 def covered(label: Box, boxes: list[Box], *, grow: float) -> bool:
@@ -75,19 +76,11 @@ def test_distant_plates_in_a_full_size_photo(data: Path) -> None:
     9/9, and 1/9 with one threshold per photo and no native pass; bench/plates.py has the curve)."""
     im = Image.open(data / "sfm" / "strecha-fountain-P11" / "images" / "0004.jpg").convert("RGB")
     site = np.asarray(im.resize((4000, 2667), Image.Resampling.LANCZOS)).copy()
-    labels = sorted((data / "plates" / "eu").glob("*.txt"))[3::6][:9]
-    placed = []
-    for i, txt in enumerate(labels):
-        name, *box = txt.read_text().split()[:5]
-        x, y, w, h = map(float, box)
-        rgb = np.asarray(Image.open(txt.parent / name).convert("RGB"))
-        x0, y0 = max(0, int(x - 0.75 * w)), max(0, int(y - 1.5 * h))
-        x1, y1 = min(rgb.shape[1], int(x + 1.75 * w)), min(rgb.shape[0], int(y + 2.5 * h))
-        s = (10 + 2 * (i % 3)) / (75 / 110) / h  # glyphs are 75 of a plate's 110 mm
-        size = (round((x1 - x0) * s), round((y1 - y0) * s))
-        X, Y = 200 + (i % 3) * 1300, 300 + (i // 3) * 850
-        site[Y : Y + size[1], X : X + size[0]] = cv2.resize(rgb[y0:y1, x0:x1], size, interpolation=cv2.INTER_AREA)
-        placed.append(Box(X + (x - x0) * s, Y + (y - y0) * s, w * s, h * s))
+    crops = plate_crops(data / "plates" / "eu")[3::6][:9]
+    placed = [
+        paste_plate(site, crop, plate, 10 + 2 * (i % 3), 200 + (i % 3) * 1300, 300 + (i // 3) * 850)
+        for i, (crop, plate) in enumerate(crops)
+    ]
     buf = io.BytesIO()
     Image.fromarray(site).save(buf, "JPEG", quality=92)
     boxes = ClassicalPlateDetector().detect(np.asarray(Image.open(buf).convert("RGB")))
