@@ -105,6 +105,16 @@ def _to_rgb8(im: Image.Image) -> np.ndarray:
     return np.asarray(im)
 
 
+def _orientation_applied(im: Image.Image, orientation: int) -> bool:
+    """Whether loading already turned the pixels: Pillow's TIFF plugin applies the orientation
+    itself (and drops the tag) since Pillow 12, the other plugins leave it to the caller. Turning
+    such an image again put it upside down or sideways, and the face detector then missed faces."""
+    try:
+        return int(im.getexif().get(_EXIF_ORIENTATION, 1) or 1) != orientation
+    except Exception:
+        return False
+
+
 def decode(data: bytes, *, max_pixels: int) -> Decoded:
     """Decode ``data`` into oriented sRGB pixels, or raise :class:`InvalidImage`."""
     if not data:
@@ -138,8 +148,11 @@ def decode(data: bytes, *, max_pixels: int) -> Decoded:
                 orientation = 1
             info_keys = {str(k) for k in im.info}
             im.load()
+            turned = orientation != 1 and _orientation_applied(im, orientation)
+            if turned and orientation in (5, 6, 7, 8):
+                w, h = h, w  # Pillow reported the turned size: keep the size as stored
             im = _to_srgb(im, notes)
-            if orientation != 1:
+            if orientation != 1 and not turned:
                 # exif_transpose needs the tag on the image itself; it returns a new image.
                 im.getexif()[_EXIF_ORIENTATION] = orientation
                 im = ImageOps.exif_transpose(im)

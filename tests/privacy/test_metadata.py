@@ -177,3 +177,39 @@ def test_16_bit_and_alpha_images() -> None:
     rgba.save(buf, "PNG")
     px = np.asarray(Image.open(io.BytesIO(anonymize(buf.getvalue()).jpeg)))
     assert px.mean() > 245  # composited on white; the hidden red is gone
+
+
+@pytest.mark.parametrize("fmt", ["TIFF", "PNG", "WEBP"])
+def test_orientation_is_applied_once_in_every_container(data: Path, fmt: str) -> None:
+    """An upright photo stored turned, with the EXIF orientation that undoes it, in each container
+    comes out as the upright photo did (Pillow's TIFF plugin turns the pixels itself while
+    loading; turning them again left faces upside down and unfound)."""
+    from PIL import ImageOps
+
+    upright = Image.fromarray(np.asarray(Image.open(data / "faces" / "dlib-pascal" / "2008_002079.jpg").convert("RGB")))
+    # What a camera stores for each orientation: the inverse of the turn the tag asks for.
+    stored_as = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 6: Image.Transpose.ROTATE_90,
+                 8: Image.Transpose.ROTATE_270}
+    policy = AnonymizationPolicy(blur_plates=False)
+
+    def run(k: int) -> tuple[np.ndarray, tuple[int, int], int]:
+        stored = upright if k == 1 else upright.transpose(stored_as[k])
+        exif = Image.Exif()
+        exif[0x0112] = k
+        buf = io.BytesIO()
+        stored.save(buf, format=fmt, exif=exif.tobytes(), **({"lossless": True} if fmt == "WEBP" else {}))
+        check = Image.open(io.BytesIO(buf.getvalue()))
+        assert np.array_equal(np.asarray(ImageOps.exif_transpose(check)), np.asarray(upright))  # the case is right
+        photo = anonymize(buf.getvalue(), policy)
+        assert photo.intrinsics is not None
+        size = (photo.intrinsics.original_width, photo.intrinsics.original_height)
+        assert size == stored.size, f"{fmt} orientation {k}: the sidecar's original size is the stored one"
+        return np.asarray(Image.open(io.BytesIO(photo.jpeg)).convert("L"), float), size, len(photo.faces)
+
+    ref, _, faces = run(1)
+    assert faces >= 8
+    for k in stored_as:
+        img, _, n = run(k)
+        assert img.shape == ref.shape, f"{fmt} orientation {k}"
+        assert np.abs(img - ref).mean() < 3, f"{fmt} orientation {k} not upright"
+        assert n >= faces - 1, f"{fmt} orientation {k}: faces missed"
