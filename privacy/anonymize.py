@@ -165,16 +165,21 @@ def output_name(input_name: str) -> str:
     return Path(input_name).stem + ".jpg"
 
 
-def anonymize_file(
-    src: Path,
-    out_dir: Path,
-    policy: AnonymizationPolicy | None = None,
-    *,
-    face_detector: FaceDetector | None = None,
-) -> dict[str, Any]:
-    """Anonymise one file into ``out_dir``; returns its report entry (never raises for bad input)."""
-    policy = policy or AnonymizationPolicy()
-    entry: dict[str, Any] = {
+def output_names(files: list[Path]) -> dict[Path, str | None]:
+    """Each input's output name, None where an earlier input already takes it (``a.gif`` and
+    ``a.webp``; ``A.jpg`` and ``a.jpg`` on a case-insensitive disk): that file is refused rather
+    than silently written over, or renamed away from the name a scale reference may use."""
+    seen: set[str] = set()
+    out: dict[Path, str | None] = {}
+    for f in files:
+        name = output_name(f.name)
+        out[f] = None if name.casefold() in seen else name
+        seen.add(name.casefold())
+    return out
+
+
+def _entry(src: Path, error: str | None = None) -> dict[str, Any]:
+    return {
         "input": src.name,
         "output": None,
         "faces": [],
@@ -182,16 +187,39 @@ def anonymize_file(
         "removed": [],
         "intrinsics": None,
         "seconds": 0.0,
-        "error": None,
+        "error": error,
     }
+
+
+def duplicate_entry(src: Path) -> dict[str, Any]:
+    """The report entry of a file whose output name an earlier file takes (:func:`output_names`)."""
+    return _entry(src, "another file has the same name before its extension; rename one [duplicate_name]")
+
+
+def anonymize_file(
+    src: Path,
+    out_dir: Path,
+    policy: AnonymizationPolicy | None = None,
+    *,
+    face_detector: FaceDetector | None = None,
+    out_name: str | None = None,
+) -> dict[str, Any]:
+    """Anonymise one file into ``out_dir`` (as ``out_name``, default :func:`output_name`);
+    returns its report entry. Never raises for a bad file, nor for a fault of ours on one file:
+    the batch goes on."""
+    policy = policy or AnonymizationPolicy()
+    entry = _entry(src)
     t0 = time.perf_counter()
     try:
         size = src.stat().st_size
         if size > policy.max_bytes:
             raise InvalidImage("too_large", f"the file is larger than {policy.max_bytes // 2**20} MB")
         photo = anonymize(src.read_bytes(), policy, face_detector=face_detector)
-        out = out_dir / output_name(src.name)
-        atomic_write(out, photo.jpeg)
+        out = out_dir / (out_name or output_name(src.name))
+        try:
+            atomic_write(out, photo.jpeg)
+        except OSError as exc:
+            raise _WriteFailed(type(exc).__name__) from None
         entry.update(
             output=out.name,
             faces=[b.xywh() for b in photo.faces],
@@ -206,12 +234,21 @@ def anonymize_file(
         entry["error"] = f"{exc}; the photo was refused (fail-closed policy)"
     except SandboxUnavailable as exc:  # our side failed, not the file: say so, refuse nothing
         entry["error"] = f"{exc}; the file was not processed, try again"
+    except _WriteFailed as exc:
+        entry["error"] = f"the clean photo could not be written ({exc}); check the output folder's space and rights"
     except OSError as exc:
         entry["error"] = f"the file could not be read ({type(exc).__name__})"
+    except Exception as exc:  # a fault of ours on this file: refuse it (fail closed), keep going
+        log.error("anonymising one file failed unexpectedly (%s)", type(exc).__name__)
+        entry["error"] = f"internal error ({type(exc).__name__}); the photo was refused"
     entry["seconds"] = round(time.perf_counter() - t0, 3)
     # No file name in logs: a name can be personal ("Janssens_front.jpg").
     log.debug("anonymised one file: %s in %.2f s", "ok" if entry["error"] is None else "error", entry["seconds"])
     return entry
+
+
+class _WriteFailed(Exception):
+    """The output could not be written (full disk, no rights): not the input's fault."""
 
 
 def list_images(in_dir: Path) -> list[Path]:
@@ -276,9 +313,12 @@ def anonymize_dir(
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     files = list_images(in_dir)
+    names = output_names(files)
+    dupes = [duplicate_entry(p) for p in files if names[p] is None]
+    files = [p for p in files if names[p] is not None]
     n = max(1, min(workers or os.cpu_count() or 1, len(files)))
     if n == 1:
-        entries = [anonymize_file(p, out_dir, policy) for p in files]
+        entries = [anonymize_file(p, out_dir, policy, out_name=names[p]) for p in files]
     else:
         # Smaller tiles (1.6 MP, 15 % overlap instead of 8 %) so two photos' activations fit
         # where one photo's did.
@@ -288,7 +328,7 @@ def anonymize_dir(
         def one(src: Path) -> dict[str, Any]:
             taken = budget.take(_pixels(src))
             try:
-                return anonymize_file(src, out_dir, policy, face_detector=faces)
+                return anonymize_file(src, out_dir, policy, face_detector=faces, out_name=names[src])
             finally:
                 budget.give(taken)
 
@@ -299,5 +339,6 @@ def anonymize_dir(
             pool.shutdown(wait=True, cancel_futures=True)
             raise
         pool.shutdown()
+    entries = sorted(entries + dupes, key=lambda e: str(e["input"]))  # list_images' order
     write_report(out_dir, entries)
     return entries

@@ -30,6 +30,7 @@ import cv2
 import numpy as np
 
 from privacy.boxes import Box, nms
+from privacy.errors import DetectionFailed
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,10 @@ def _local_otsu(g8: np.ndarray, tile: int, floor_share: float) -> np.ndarray:
     return cv2.compare(g8, level, cv2.CMP_GT)
 
 
+# The smallest image side a plate could be read in: a plate with 8 px glyphs is ~11 px high.
+_MIN_PLATE_PX = 10
+
+
 class ClassicalPlateDetector:
     name = "classical-eu-plates"
 
@@ -88,8 +93,16 @@ class ClassicalPlateDetector:
         self.config = config or PlateConfig()
 
     def detect(self, rgb: np.ndarray) -> list[Box]:
+        try:
+            return self._detect(rgb)
+        except Exception as exc:  # never a crash of the batch: the photo is refused (fail closed)
+            raise DetectionFailed(f"plate detection failed ({type(exc).__name__})") from None
+
+    def _detect(self, rgb: np.ndarray) -> list[Box]:
         cfg = self.config
         h, w = rgb.shape[:2]
+        if min(h, w) < _MIN_PLATE_PX:
+            return []  # no room for a readable plate (and a 3000 x 1 image shrinks to nothing)
         full_gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
         passes = [(min(1.0, cfg.work_side / max(h, w)), cfg.glyph_heights)]
         for scale, heights in (
@@ -105,7 +118,7 @@ class ClassicalPlateDetector:
         for s, heights in sorted(passes, key=lambda p: -p[0]):
             gray = src
             if s < src_s:
-                gray = cv2.resize(src, (round(w * s), round(h * s)), interpolation=cv2.INTER_AREA)
+                gray = cv2.resize(src, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
             for gh in heights:
                 for b in self._at_scale(gray, gh):
                     full = Box(b.x / s, b.y / s, b.w / s, b.h / s, b.score)

@@ -31,32 +31,51 @@ def _setup_logging(level: str) -> None:
 
 
 def _policy(path: Path | None) -> Any:
+    from pydantic import ValidationError
+
     from privacy.anonymize import AnonymizationPolicy
 
     if path is None:
         return AnonymizationPolicy()
-    return AnonymizationPolicy.model_validate_json(path.read_text())
+    try:
+        return AnonymizationPolicy.model_validate_json(path.read_text())
+    except OSError as exc:
+        raise SystemExit(f"error: the policy file cannot be read ({type(exc).__name__})") from None
+    except ValidationError as exc:
+        raise SystemExit(f"error: the policy file is not a valid policy ({exc.error_count()} problem(s))") from None
+
+
+def _shown(name: str) -> str:
+    """A file name as the terminal can always print it (a name that is not UTF-8 is escaped)."""
+    return name.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def cmd_anonymize(args: argparse.Namespace) -> int:
-    from privacy.anonymize import anonymize_file, list_images, write_report
+    from privacy.anonymize import anonymize_file, duplicate_entry, list_images, output_names, write_report
 
     in_dir, out_dir = Path(args.in_dir), Path(args.out_dir)
     if not in_dir.is_dir():
-        raise SystemExit(f"error: {in_dir} is not a directory")
+        raise SystemExit(f"error: {_shown(str(in_dir))} is not a directory")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SystemExit(f"error: {_shown(str(out_dir))} exists and is not a directory")
+    if out_dir.resolve() == in_dir.resolve():
+        raise SystemExit("error: OUT_DIR must not be IN_DIR (the clean photos would overwrite the originals)")
     policy = _policy(Path(args.policy) if args.policy else None)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = list_images(in_dir)
+    names = output_names(files)
     entries = []
     for i, p in enumerate(files, 1):
-        e = anonymize_file(p, out_dir, policy)
+        out_name = names[p]
+        e = anonymize_file(p, out_dir, policy, out_name=out_name) if out_name else duplicate_entry(p)
         entries.append(e)
         status = f"error: {e['error']}" if e["error"] else f"{len(e['faces'])} faces, {len(e['plates'])} plates"
-        print(f"[{i}/{len(files)}] {p.name}: {status} ({e['seconds']:.2f} s)", flush=True)
+        print(f"[{i}/{len(files)}] {_shown(p.name)}: {status} ({e['seconds']:.2f} s)", flush=True)
     write_report(out_dir, entries)
     bad = sum(1 for e in entries if e["error"])
-    print(f"wrote {len(entries) - bad} photos and {out_dir / 'report.json'}; {bad} refused")
-    return 0
+    print(f"wrote {len(entries) - bad} photos and {_shown(str(out_dir / 'report.json'))}; {bad} refused")
+    # Some refused: the run did its job (the report says why). All refused: nothing usable came out.
+    return 1 if entries and bad == len(entries) else 0
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:

@@ -18,7 +18,7 @@ from typing import Any
 
 import ray
 
-from privacy.anonymize import AnonymizationPolicy, list_images, write_report
+from privacy.anonymize import AnonymizationPolicy, duplicate_entry, list_images, output_names, write_report
 from privacy.metadata import orient_point
 from reconstruct.errors import ReconstructionError, ScaleReferenceError
 from reconstruct.reference import ScaleReference, check_reference, load_reference
@@ -250,13 +250,15 @@ def run_main_job(settings: Settings, inputs: JobInputs, progress: Progress = pri
         t = time.perf_counter()
         progress(f"[1/4] anonymise: {len(photos)} photos (metadata rebuilt, faces and plates blurred)")
         pol = inputs.policy.model_dump()
+        names = output_names(photos)
         refs = [
             anonymize_task.options(**stage_options("gpu", memory_mb=STAGE_MEMORY_MB["anonymise"])).remote(
-                str(p), str(photos_out), pol, str(attempts_dir)
+                str(p), str(photos_out), pol, str(attempts_dir), names[p]
             )
             for p in photos
+            if names[p] is not None
         ]
-        entries: list[dict[str, Any]] = []
+        entries: list[dict[str, Any]] = [duplicate_entry(p) for p in photos if names[p] is None]
         pending = list(refs)
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)

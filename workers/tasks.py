@@ -49,7 +49,9 @@ def count_attempts(attempts_dir: Path) -> dict[str, int]:
 
 
 @ray.remote(num_cpus=1, max_retries=2)
-def anonymize_task(src: str, out_dir: str, policy: dict[str, Any], attempts_dir: str | None = None) -> dict[str, Any]:
+def anonymize_task(
+    src: str, out_dir: str, policy: dict[str, Any], attempts_dir: str | None = None, out_name: str | None = None
+) -> dict[str, Any]:
     mark_attempt(attempts_dir, "anonymise")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     enter_pool()
@@ -61,7 +63,9 @@ def anonymize_task(src: str, out_dir: str, policy: dict[str, Any], attempts_dir:
 
         gpu = CenterFaceConfig(providers=("CUDAExecutionProvider", "CPUExecutionProvider"), precision="fp32")
         detector = CenterFaceDetector(gpu)
-    return anonymize_file(Path(src), Path(out_dir), AnonymizationPolicy.model_validate(policy), face_detector=detector)
+    return anonymize_file(
+        Path(src), Path(out_dir), AnonymizationPolicy.model_validate(policy), face_detector=detector, out_name=out_name
+    )
 
 
 @ray.remote(max_retries=STAGE_RETRIES)

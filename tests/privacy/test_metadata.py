@@ -140,8 +140,13 @@ def test_bad_inputs_get_clear_errors_and_no_output(tmp_path: Path) -> None:
     (src / "bomb.png").write_bytes(bytes(bomb))
     frames = [Image.new("RGB", (32, 32), c) for c in ((255, 0, 0), (0, 255, 0))]
     frames[0].save(src / "anim.gif", save_all=True, append_images=frames[1:])
+    # A second file whose output would be anim.jpg too: refused, never written over the first.
+    Image.new("RGB", (32, 32), (0, 0, 255)).save(src / "anim.webp")
+    # Strips: a plate pass shrank them to 0 pixels and the whole batch crashed (cv2.error).
+    (src / "wide.png").write_bytes(_png(3000, 1))
+    (src / "tall.png").write_bytes(_png(1, 3000))
     out = tmp_path / "out"
-    entries = {e["input"]: e for e in anonymize_dir(src, out)}
+    entries = {e["input"]: e for e in anonymize_dir(src, out, workers=1)}
     assert "empty" in entries["empty.jpg"]["error"]
     assert "could not be decoded" in entries["truncated.jpg"]["error"]
     assert "not a supported image type" in entries["text.jpg"]["error"]
@@ -149,13 +154,57 @@ def test_bad_inputs_get_clear_errors_and_no_output(tmp_path: Path) -> None:
     assert entries["tiny.png"]["error"] is None
     assert "megapixels" in entries["bomb.png"]["error"]
     assert entries["anim.gif"]["error"] is None and "first frame" in entries["anim.gif"]["notes"][0]
+    assert "duplicate_name" in entries["anim.webp"]["error"]
+    assert entries["wide.png"]["error"] is None and entries["tall.png"]["error"] is None
     for e in entries.values():
         if e["error"]:
             assert e["output"] is None
     written = sorted(p.name for p in out.iterdir())
-    assert written == ["anim.jpg", "png_named.jpg", "report.json", "tiny.jpg"]
+    assert written == ["anim.jpg", "png_named.jpg", "report.json", "tall.jpg", "tiny.jpg", "wide.jpg"]
+    assert np.asarray(Image.open(out / "anim.jpg"))[16, 16, 0] > 200  # the GIF's red frame, not the WebP
     report = json.loads((out / "report.json").read_text())
-    assert len(report["files"]) == 7
+    assert [e["input"] for e in report["files"]] == sorted(entries)
+    assert len(report["files"]) == 10
+
+
+def test_cli_refuses_to_write_over_its_inputs_and_fails_when_nothing_passes(tmp_path: Path) -> None:
+    import sys
+
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.jpg").write_bytes(b"not an image" * 10)
+    cli = [sys.executable, "-m", "siteplan.cli", "anonymize"]
+    same = subprocess.run([*cli, str(src), str(src)], capture_output=True, text=True, check=False)
+    assert same.returncode != 0 and "must not be IN_DIR" in same.stderr
+    assert (src / "a.jpg").read_bytes().startswith(b"not an image")
+    bad = subprocess.run([*cli, str(src), str(tmp_path / "out")], capture_output=True, text=True, check=False)
+    assert bad.returncode == 1, bad.stderr
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["files"][0]["error"]
+    policy = subprocess.run(
+        [*cli, str(src), str(tmp_path / "out2"), "--policy", str(tmp_path / "missing.json")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert policy.returncode != 0 and "policy file cannot be read" in policy.stderr
+    assert "Traceback" not in policy.stderr
+
+
+def test_no_metadata_value_reaches_a_debug_log(caplog: pytest.LogCaptureFixture) -> None:
+    """Pillow logs each tag's value at DEBUG while parsing; the header check parses in process."""
+    import logging
+
+    from privacy.isolated import untrusted_size
+
+    exif = Image.Exif()
+    exif[0x013B] = "Marie Janssens"  # Artist
+    exif[0x0110] = "SerialCam 12345"  # Model
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48)).save(buf, "JPEG", exif=exif.tobytes())
+    with caplog.at_level(logging.DEBUG):
+        assert untrusted_size(buf.getvalue()) == (64, 48)
+        anonymize(buf.getvalue(), AnonymizationPolicy(blur_faces=False, blur_plates=False))
+    assert "Janssens" not in caplog.text and "SerialCam" not in caplog.text
 
 
 def test_pixel_limit_is_checked_before_decoding() -> None:
@@ -188,8 +237,12 @@ def test_orientation_is_applied_once_in_every_container(data: Path, fmt: str) ->
 
     upright = Image.fromarray(np.asarray(Image.open(data / "faces" / "dlib-pascal" / "2008_002079.jpg").convert("RGB")))
     # What a camera stores for each orientation: the inverse of the turn the tag asks for.
-    stored_as = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 6: Image.Transpose.ROTATE_90,
-                 8: Image.Transpose.ROTATE_270}
+    stored_as = {
+        2: Image.Transpose.FLIP_LEFT_RIGHT,
+        3: Image.Transpose.ROTATE_180,
+        6: Image.Transpose.ROTATE_90,
+        8: Image.Transpose.ROTATE_270,
+    }
     policy = AnonymizationPolicy(blur_plates=False)
 
     def run(k: int) -> tuple[np.ndarray, tuple[int, int], int]:
