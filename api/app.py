@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -22,9 +23,14 @@ from siteplan.settings import Settings
 log = logging.getLogger(__name__)
 
 
+# The request line and headers together: a phone app sends well under 2 KB.
+MAX_HEADER_BYTES = 16 * 1024
+
+
 class BodyLimit:
-    """Refuse request bodies over the limit with a 413 while they stream (never buffered whole).
-    Photo and design uploads get the upload limit; everything else the JSON limit."""
+    """Refuse request bodies over the limit with a 413 while they stream (never buffered whole),
+    and oversized headers with a 431. Photo and design uploads get the upload limit; everything
+    else the JSON limit."""
 
     def __init__(self, app: ASGIApp, *, json_bytes: int, upload_bytes: int) -> None:
         self.app, self.json_bytes, self.upload_bytes = app, json_bytes, upload_bytes
@@ -34,51 +40,121 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         path: str = scope.get("path", "")
+        raw = scope.get("headers") or []
+        if (
+            len(scope.get("raw_path") or b"")
+            + len(scope.get("query_string") or b"")
+            + sum(len(k) + len(v) + 4 for k, v in raw)
+            > MAX_HEADER_BYTES
+        ):
+            await _send_error(
+                send, 431, "headers_too_large", f"the request headers exceed {MAX_HEADER_BYTES // 1024} KB"
+            )
+            return
         is_upload = (path.startswith("/v1/uploads/") and scope["method"] == "PATCH") or path.endswith("/file")
         limit = self.upload_bytes if is_upload else self.json_bytes
-        headers = dict(scope.get("headers") or [])
+        headers = dict(raw)
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             await self._refuse(send, limit)
             return
         seen = 0
-        started = False
+        started = tripped = swallowing = False
 
         async def guarded_receive() -> Message:
-            nonlocal seen
+            nonlocal seen, tripped
             msg = await receive()
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > limit:
+                    tripped = True
                     raise _TooLarge()
             return msg
 
         async def tracking_send(msg: Message) -> None:
-            nonlocal started
+            nonlocal started, swallowing
+            if swallowing:
+                return
             if msg["type"] == "http.response.start":
+                if tripped:
+                    # The route caught the overflow and answered with something of its own
+                    # (FastAPI's JSON parser turns any error into a 400): it is a 413.
+                    swallowing = True
+                    await self._refuse(send, limit)
+                    return
                 started = True
             await send(msg)
 
         try:
             await self.app(scope, guarded_receive, tracking_send)
         except _TooLarge:
-            if not started:
+            if not started and not swallowing:
                 await self._refuse(send, limit)
 
     @staticmethod
     async def _refuse(send: Send, limit: int) -> None:
-        body = (
-            '{"error": {"code": "too_large", "message": "the request body is larger than '
-            f'{max(1, limit // 1024)} KB", "field": null}}}}'
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-            }
+        await _send_error(send, 413, "too_large", f"the request body is larger than {max(1, limit // 1024)} KB")
+
+
+async def _send_error(
+    send: Send, status: int, code: str, message: str, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    body = json.dumps({"error": {"code": code, "message": message, "field": None}}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *(headers or []),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+class Guard:
+    """The outermost layer of our own. An exception no route handled is logged in one line (its
+    type and the route's template: never a traceback, a file path or a value) and answered with
+    the generic 500; it goes no further, so the server logs no traceback either (Starlette's own
+    error middleware re-raises after answering). tus answers carry Tus-Resumable, errors too."""
+
+    def __init__(self, app: ASGIApp, *, routes: Callable[[], list[Any]]) -> None:
+        self.app, self._routes = app, routes
+        self._templates: dict[Any, str] | None = None
+
+    def _template(self, scope: Scope) -> str:
+        if self._templates is None:
+            self._templates = {getattr(r, "endpoint", None): getattr(r, "path", "?") for r in self._routes()}
+        return self._templates.get(scope.get("endpoint"), "?")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path, method = scope.get("path", ""), scope.get("method", "")
+        tus = method != "OPTIONS" and (
+            path.startswith("/v1/uploads") or (path.endswith("/uploads") and method == "POST")
         )
-        await send({"type": "http.response.body", "body": body})
+        started = False
+
+        async def guarded_send(msg: Message) -> None:
+            nonlocal started
+            if msg["type"] == "http.response.start":
+                started = True
+                if tus and not any(k.lower() == b"tus-resumable" for k, _ in msg.get("headers", [])):
+                    msg = {**msg, "headers": [*msg.get("headers", []), (b"tus-resumable", b"1.0.0")]}
+            await send(msg)
+
+        try:
+            await self.app(scope, receive, guarded_send)
+        except Exception as exc:
+            log.error("unhandled %s on %s %s", type(exc).__name__, method, self._template(scope))
+            if not started:
+                await _send_error(
+                    guarded_send, 500, "internal_error", "something went wrong on our side; please try again later"
+                )
 
 
 class _TooLarge(Exception):
@@ -137,6 +213,7 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
         app.include_router(r, prefix="/v1")
     app.include_router(metrics.router)
     app.add_middleware(BodyLimit, json_bytes=settings.max_json_bytes, upload_bytes=settings.max_upload_bytes + 65536)
+    app.add_middleware(Guard, routes=lambda: list(app.routes))  # added last: the outermost of ours
     return app
 
 

@@ -49,12 +49,14 @@ _CODES = {
     405: "method_not_allowed",
     406: "not_acceptable",
     409: "conflict",
+    410: "gone",
     411: "length_required",
     412: "precondition_failed",
     413: "too_large",
     415: "unsupported_type",
     422: "invalid",
     429: "rate_limited",
+    431: "headers_too_large",
 }
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -81,6 +83,8 @@ def install(app: FastAPI) -> None:
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         errs = exc.errors()
         first = errs[0] if errs else {}
+        if first.get("type") == "json_invalid":  # its loc holds a character position, not a field
+            return error_response(422, "invalid", "the body is not valid JSON", None)
         loc = first.get("loc", ())
         # pydantic's message only, never the input value (it may be personal data).
         msg = str(first.get("msg", "invalid input"))
@@ -93,7 +97,5 @@ def install(app: FastAPI) -> None:
         msg = exc.detail if isinstance(exc.detail, str) and exc.status_code != 500 else code.replace("_", " ")
         return error_response(exc.status_code, code, msg, None, getattr(exc, "headers", None))
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.error("unhandled %s on %s %s", type(exc).__name__, request.method, request.scope.get("route_path", "?"))
-        return error_response(500, "internal_error", "something went wrong on our side; please try again later")
+    # Exceptions no route handled: api.app.Guard (a handler here would let Starlette re-raise them
+    # to the server, which logs the traceback with its file paths).

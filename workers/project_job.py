@@ -288,7 +288,8 @@ def run_project_job(
             j.error = str(exc)
             j.stage_attempts = _add_attempts(j.stage_attempts, count_attempts(scratch / "attempts"))
     except Exception as exc:  # a bug: record the type only (a message may hold personal data)
-        log.exception("job %s failed unexpectedly", job_id[:8])
+        # Type only: a traceback carries file paths, and an exception's text may carry values.
+        log.error("job %s failed unexpectedly (%s)", job_id[:8], type(exc).__name__)
         with factory.begin() as db:
             j = db.get(Job, job_id)
             assert j is not None

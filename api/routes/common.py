@@ -3,24 +3,42 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from fastapi import Response
 from pydantic import BaseModel
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from api.errors import ApiError
+from api.services import Services
+from privacy.subjects import index_key_id
+from privacy.vault import KeyDestroyed
 from siteplan.db import IdempotencyRecord
 
 IDEMPOTENCY_HELP = "A client-chosen key: a retried request with the same key returns the first result."
 
 
-def fingerprint(method: str, path: str, body: Any) -> str:
+# A retry comes within minutes; a key is kept a day (as Stripe's are), then forgotten.
+IDEMPOTENCY_TTL = timedelta(hours=24)
+
+
+def fingerprint(svc: Services, tenant_id: str, method: str, path: str, body: Any) -> str:
+    """What a key was first used for, to tell a retry from a different request. A keyed hash
+    (the controller's index key, domain-separated): a plain hash of a subject's name, address and
+    phone could be confirmed by guessing, and would outlive the subject's erasure."""
     raw = json.dumps([method, path, body], sort_keys=True, default=str).encode()
-    return hashlib.sha256(raw).hexdigest()
+    key_id = index_key_id(tenant_id)
+    try:
+        key = svc.vault.keys.get(key_id)
+    except KeyDestroyed:  # a tenant from before the index keys: give it one now
+        svc.vault.keys.create(key_id)
+        key = svc.vault.keys.get(key_id)
+    return hmac.new(key, b"siteplan-idempotency/v1\0" + raw, hashlib.sha256).hexdigest()
 
 
 def replay(db: Session, key: str | None, fp: str) -> IdempotencyRecord | None:
@@ -28,6 +46,11 @@ def replay(db: Session, key: str | None, fp: str) -> IdempotencyRecord | None:
         return None
     if len(key) > 100:
         raise ApiError(422, "invalid", "Idempotency-Key is at most 100 characters", field="Idempotency-Key")
+    tenant = db.info.get("tenant_id")
+    cutoff = datetime.now(UTC) - IDEMPOTENCY_TTL
+    db.execute(
+        delete(IdempotencyRecord).where(IdempotencyRecord.tenant_id == tenant, IdempotencyRecord.created_at < cutoff)
+    )
     rec = db.scalars(select(IdempotencyRecord).where(IdempotencyRecord.key == key)).first()
     if rec is not None and rec.fingerprint != fp:
         raise ApiError(

@@ -7,7 +7,6 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request, Response
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import ClientDisconnect
 
 from api.deps import DB, ReadCaller, ServicesDep, UploadCaller
 from api.errors import ERROR_RESPONSES, ApiError, not_found
@@ -31,7 +30,6 @@ FORMATS = {
     "application/ply": "ply",
     "model/vnd.collada+xml": "dae",
 }
-_MAX_DESIGN = 200 * 2**20
 
 
 def _public(d: Design) -> DesignPublic:
@@ -43,12 +41,13 @@ def post_design(
     project_id: str,
     body: DesignCreate,
     db: DB,
+    svc: ServicesDep,
     c: UploadCaller,
     response: Response,
     idempotency_key: Annotated[str | None, Header(description=IDEMPOTENCY_HELP)] = None,
 ) -> DesignPublic:
     project = get_project(db, project_id)
-    fp = fingerprint("POST", f"/projects/{project_id}/designs", body.model_dump(mode="json"))
+    fp = fingerprint(svc, c.tenant_id, "POST", f"/projects/{project_id}/designs", body.model_dump(mode="json"))
     if (rec := replay(db, idempotency_key, fp)) is not None:
         set_location(response, rec.location)
         return DesignPublic.model_validate(rec.body)
@@ -121,11 +120,12 @@ async def put_design_file(
     w = await run_in_threadpool(svc.vault.writer, contract_id)
     batch = bytearray()
     size = 0
+    limit = svc.settings.max_upload_bytes
     try:
         async for piece in request.stream():
             size += len(piece)
-            if size > _MAX_DESIGN:
-                raise ApiError(413, "too_large", f"a design file may be at most {_MAX_DESIGN // 2**20} MB")
+            if size > limit:
+                raise ApiError(413, "too_large", f"a design file may be at most {limit // 2**20} MB")
             batch += piece
             if len(batch) >= CHUNK:
                 await run_in_threadpool(w.write, bytes(batch))
@@ -134,8 +134,10 @@ async def put_design_file(
             raise ApiError(422, "invalid", "the design file is empty")
         await run_in_threadpool(w.write, bytes(batch))
         info = await run_in_threadpool(w.commit)
-    except (ApiError, ClientDisconnect):
-        w.abort()
+    except BaseException:
+        # Whatever cut the body short (a refusal, a dropped client, the body-size middleware,
+        # a cancelled task): the sealed temporary file goes, never left in the vault.
+        w.abort()  # a close and an unlink: done here even when the task is being cancelled
         raise
     return await run_in_threadpool(
         _finish_put, svc, c.tenant_id, design_id, contract_id, info.object_id, fmt, info.size

@@ -45,7 +45,7 @@ def post_job(
     idempotency_key: Annotated[str | None, Header(description=IDEMPOTENCY_HELP)] = None,
 ) -> JobPublic:
     project = get_project(db, project_id)
-    fp = fingerprint("POST", f"/projects/{project_id}/jobs", body.model_dump(mode="json"))
+    fp = fingerprint(svc, c.tenant_id, "POST", f"/projects/{project_id}/jobs", body.model_dump(mode="json"))
     if (rec := replay(db, idempotency_key, fp)) is not None:
         set_location(response, rec.location)
         j = db.get(Job, rec.body["id"])
@@ -131,14 +131,16 @@ def get_job(
     db: DB,
     _: ReadCaller,
     response: Response,
-    if_none_match: Annotated[str | None, Header(max_length=200)] = None,
+    if_none_match: Annotated[str | None, Header(max_length=2000)] = None,
 ) -> JobPublic | Response:
     """Poll a job. Send back the ETag in ``If-None-Match``: an unchanged job answers 304, no body."""
     j = _get(db, job_id)
     out = _public(j)
     etag = '"' + hashlib.sha256(out.model_dump_json().encode()).hexdigest()[:32] + '"'
-    if if_none_match is not None and etag in [t.strip() for t in if_none_match.split(",")]:
-        return Response(status_code=304, headers={"ETag": etag})
+    # RFC 9110: If-None-Match compares weakly (W/"x" matches "x"), and "*" matches any job.
+    tags = [t.strip().removeprefix("W/") for t in (if_none_match or "").split(",")]
+    if if_none_match is not None and ("*" in tags or etag in tags):
+        return Response(status_code=304, headers={"ETag": etag, "Cache-Control": "no-cache"})
     response.headers["ETag"] = etag
     response.headers["Cache-Control"] = "no-cache"
     return out

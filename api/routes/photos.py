@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
@@ -63,6 +64,7 @@ class _Upload:
     id: str
     contract_id: str
     length: int
+    error: str | None = None
 
 
 def _public(p: Photo) -> PhotoPublic:
@@ -137,7 +139,7 @@ def create_upload(
 ) -> Response:
     _check_tus(tus_resumable)
     project = get_project(db, project_id)
-    fp = fingerprint("POST", f"/projects/{project_id}/uploads", {"length": upload_length})
+    fp = fingerprint(svc, c.tenant_id, "POST", f"/projects/{project_id}/uploads", {"length": upload_length})
     if (rec := replay(db, idempotency_key, fp)) is not None:
         return Response(status_code=rec.status, headers=TUS_HEADERS | {"Location": rec.location or ""})
     require_active(db, project)
@@ -151,7 +153,6 @@ def create_upload(
     p = Photo(tenant_id=c.tenant_id, project_id=project.id, contract_id=project.contract_id, length=upload_length)
     db.add(p)
     db.flush()
-    _staging(svc, p)  # creates the directory
     loc = f"/v1/uploads/{p.id}"
     remember(db, tenant_id=c.tenant_id, key=idempotency_key, fp=fp, status=201, body={"photo_id": p.id}, location=loc)
     commit_or_conflict(db)
@@ -165,17 +166,35 @@ def _get_photo(db: DB, photo_id: str) -> Photo:
     return p
 
 
-def _offset(svc: Services, p: Photo) -> int:
-    if p.state != "uploading":
-        return p.length
-    with _locked(svc, p, exclusive=False, wait_s=10.0):
-        return _staging(svc, p).offset()
+def _refused(p: Photo | _Upload) -> ApiError:
+    # tus: an upload that is gone answers 410 and no Upload-Offset (a client must not take a
+    # refused upload for a finished one).
+    return ApiError(410, "upload_refused", f"this upload was refused: {p.error or 'see the photo'}; start a new one")
+
+
+def _offset(db: DB, svc: Services, p: Photo) -> int:
+    if p.state == "uploading":
+        with _locked(svc, p, exclusive=False, wait_s=10.0):
+            # Read again under the lock: the PATCH we waited for may have finished the upload.
+            db.expire_all()
+            fresh = db.get(Photo, p.id)
+            if fresh is None:
+                raise not_found("upload")
+            p = fresh
+            if p.state == "uploading":
+                return _staging(svc, p).offset()
+    if p.state == "rejected":
+        raise _refused(p)
+    return p.length
 
 
 @router.head(
     "/uploads/{upload_id}",
     response_class=Response,
-    responses={200: {"description": "Upload-Offset says how much arrived"}},
+    responses={
+        200: {"description": "Upload-Offset says how much arrived"},
+        410: {"description": "the upload was refused (not an image, too large): start a new one"},
+    },
 )
 def head_upload(
     upload_id: str, db: DB, svc: ServicesDep, _: UploadCaller, tus_resumable: Annotated[str | None, Header()] = None
@@ -185,16 +204,23 @@ def head_upload(
     return Response(
         status_code=200,
         headers=TUS_HEADERS
-        | {"Upload-Offset": str(_offset(svc, p)), "Upload-Length": str(p.length), "Cache-Control": "no-store"},
+        | {"Upload-Offset": str(_offset(db, svc, p)), "Upload-Length": str(p.length), "Cache-Control": "no-store"},
     )
+
+
+def _lock_path(svc: Services, p: Photo | _Upload) -> Path:
+    return svc.settings.uploads_dir / p.contract_id / f".{p.id}.lock"
 
 
 @contextmanager
 def _locked(svc: Services, p: Photo | _Upload, *, exclusive: bool, wait_s: float = 0.0) -> Iterator[None]:
     """One PATCH at a time per upload, across threads and server processes; HEAD takes a shared
-    lock so it never reads a half-written state (it waits a little for a PATCH to finish)."""
-    path = svc.settings.uploads_dir / p.contract_id / p.id / ".lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    lock so it never reads a half-written state (it waits a little for a PATCH to finish).
+    The lock file sits beside the staging directory, not in it: finishing an upload deletes that
+    directory, and a request waiting on the lock must still hold the same file when it gets it.
+    Every holder reads the upload's state again once it has the lock."""
+    path = _lock_path(svc, p)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
     try:
         deadline = time.monotonic() + wait_s
@@ -231,10 +257,12 @@ def _begin_patch(svc: Services, tenant_id: str, upload_id: str) -> _Upload:
     # A short session of its own: no DB connection is held while the body streams in.
     with tenant_session(svc.factory, tenant_id) as db:
         p = _get_photo(db, upload_id)
+        if p.state == "rejected":
+            raise _refused(p)
         if p.state != "uploading":
             raise ApiError(409, "offset_mismatch", "this upload is complete", headers={"Upload-Offset": str(p.length)})
         require_active(db, get_project(db, p.project_id))
-        return _Upload(p.id, p.contract_id, p.length)
+        return _Upload(p.id, p.contract_id, p.length, p.error)
 
 
 def _finish_patch(svc: Services, tenant_id: str, upload_id: str, actor: str, **values: object) -> None:
@@ -263,6 +291,7 @@ def _finish_patch(svc: Services, tenant_id: str, upload_id: str, actor: str, **v
     responses={
         204: {"description": "bytes stored; Upload-Offset is the new offset"},
         409: ERROR_RESPONSES[401] | {"description": "offset mismatch or upload busy"},
+        410: ERROR_RESPONSES[401] | {"description": "the upload was refused earlier: start a new one"},
         412: ERROR_RESPONSES[401] | {"description": "wrong tus version"},
         413: ERROR_RESPONSES[401] | {"description": "too large"},
         415: ERROR_RESPONSES[401] | {"description": "not an image, or wrong content type"},
@@ -274,15 +303,18 @@ async def patch_upload(
     svc: ServicesDep,
     c: UploadCaller,
     upload_offset: Annotated[int, Header(ge=0)],
-    content_type: Annotated[str, Header()],
+    content_type: Annotated[str | None, Header()] = None,
+    content_length: Annotated[int | None, Header(ge=0)] = None,
     tus_resumable: Annotated[str | None, Header()] = None,
 ) -> Response:
     _check_tus(tus_resumable)
-    if content_type.split(";")[0].strip().lower() != "application/offset+octet-stream":
+    if (content_type or "").split(";")[0].strip().lower() != "application/offset+octet-stream":
         raise ApiError(415, "unsupported_type", "upload chunks must be sent as application/offset+octet-stream")
     p = await run_in_threadpool(_begin_patch, svc, c.tenant_id, upload_id)
     max_pixels = AnonymizationPolicy().max_pixels
     with _locked(svc, p, exclusive=True):
+        # Again under the lock: a request we waited for may have finished or ended the upload.
+        p = await run_in_threadpool(_begin_patch, svc, c.tenant_id, upload_id)
         staging = _staging(svc, p)
         start = await run_in_threadpool(staging.offset)
         if upload_offset != start:
@@ -292,17 +324,22 @@ async def patch_upload(
                 f"the upload is at byte {start}, not {upload_offset}",
                 headers={"Upload-Offset": str(start)},
             )
+        if content_length is not None and start + content_length > p.length:
+            # Refused before a byte is read: what arrived so far stays, the client can resume.
+            raise ApiError(413, "too_large", f"this chunk goes past the declared Upload-Length ({p.length} bytes)")
         app = await run_in_threadpool(staging.appender, limit=p.length)
         head = bytearray() if start == 0 else None
         checked = start >= _HEAD_BYTES
         batch: list[bytes] = []  # pieces as received, handed to the sealing thread ~1 MiB at a time
         batched = 0
         refused: ApiError | None = None
+        overflow: ApiError | None = None  # refuses the request, not the upload
+        sniff_at = min(32, p.length)
         try:
             async for piece in request.stream():
                 if head is not None and len(head) < _HEAD_BYTES:
                     head += piece[: _HEAD_BYTES - len(head)]
-                    if len(head) >= 32 and start == 0 and len(head) - len(piece) < 32:
+                    if len(head) >= sniff_at and start == 0 and len(head) - len(piece) < sniff_at:
                         try:
                             sniff_format(bytes(head))
                         except InvalidImage as exc:
@@ -312,7 +349,8 @@ async def patch_upload(
                         checked = True
                         await run_in_threadpool(_check_pixels, bytes(head), max_pixels)
                 if app.offset + batched + len(piece) > p.length:
-                    refused = ApiError(413, "too_large", "more bytes than the declared Upload-Length")
+                    # Keep what arrived before this piece: HEAD tells the client where to resume.
+                    overflow = ApiError(413, "too_large", "more bytes than the declared Upload-Length")
                     break
                 batch.append(piece)
                 batched += len(piece)
@@ -321,6 +359,7 @@ async def patch_upload(
                     batch, batched = [], 0
             if batch and refused is None:
                 await run_in_threadpool(app.write_many, batch)
+                batch, batched = [], 0
         except ClientDisconnect:
             log.info("upload %s: connection dropped at byte %d; it can resume", p.id[:8], app.offset + batched)
             if batch:
@@ -331,9 +370,11 @@ async def patch_upload(
             # The whole upload in and its head checked (in this request or, when it started past
             # the head, in an earlier one): seal the last chunk in place and publish it below
             # (3 fsyncs instead of 8: no tail file to write, read back and shred).
-            whole = refused is None and checked and app.offset == p.length
+            whole = refused is None and overflow is None and checked and app.offset == p.length
             await run_in_threadpool(lambda: app.close(last=whole))
         offset = app.offset
+        if overflow is not None and refused is None:
+            raise ApiError(overflow.status, overflow.code, overflow.message, headers={"Upload-Offset": str(offset)})
         if refused is None and head is None and not checked and offset >= min(_HEAD_BYTES, p.length):
             first = await run_in_threadpool(staging.head, _HEAD_BYTES)
             try:
@@ -348,6 +389,7 @@ async def patch_upload(
             await run_in_threadpool(
                 _finish_patch, svc, c.tenant_id, p.id, c.token_id, state="rejected", error=refused.message
             )
+            _lock_path(svc, p).unlink(missing_ok=True)
             raise refused
         if offset == p.length:
             if app.sealed_last:
@@ -357,6 +399,7 @@ async def patch_upload(
             await run_in_threadpool(
                 _finish_patch, svc, c.tenant_id, p.id, c.token_id, original_object=info.object_id, state="quarantined"
             )
+            _lock_path(svc, p).unlink(missing_ok=True)  # still held: a waiter reads the new state
             runner = svc.runner
             if runner is not None:
                 runner.submit_ingest(p.id)  # type: ignore[attr-defined]
@@ -372,10 +415,23 @@ def delete_upload(
     p = _get_photo(db, upload_id)
     if p.state != "uploading":
         raise ApiError(409, "conflict", "this upload is complete; delete the photo instead")
-    _staging(svc, p).discard()
-    db.delete(p)
-    db.commit()
+    _drop_upload(db, svc, p)
     return Response(status_code=204, headers=TUS_HEADERS)
+
+
+def _drop_upload(db: DB, svc: Services, p: Photo) -> None:
+    """Delete an unfinished upload, never under a PATCH that is writing it (409 upload_busy)."""
+    with _locked(svc, p, exclusive=True, wait_s=1.0):
+        db.expire_all()
+        fresh = db.get(Photo, p.id)
+        if fresh is None:
+            raise not_found("upload")
+        if fresh.state != "uploading":
+            raise ApiError(409, "conflict", "this upload has just completed; delete the photo instead")
+        _staging(svc, fresh).discard()
+        db.delete(fresh)
+        db.commit()
+        _lock_path(svc, fresh).unlink(missing_ok=True)
 
 
 @router.get("/projects/{project_id}/photos", response_model=PhotoList)
@@ -420,11 +476,12 @@ def get_photo_content(photo_id: str, db: DB, svc: ServicesDep, _: ReadCaller) ->
 def delete_photo(photo_id: str, db: DB, svc: ServicesDep, _: UploadCaller) -> Response:
     """Erase one photo: its anonymised copy and any kept original are shredded."""
     p = _get_photo(db, photo_id)
+    if p.state == "uploading":
+        _drop_upload(db, svc, p)
+        return Response(status_code=204)
     for obj in (p.object, p.original_object):
         if obj:
             svc.vault.delete(p.contract_id, obj)
-    if p.state == "uploading":
-        _staging(svc, p).discard()
     db.delete(p)
     db.commit()
     return Response(status_code=204)

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Response
 from sqlalchemy import select
 
-from api.deps import DB, ReadCaller, UploadCaller
+from api.deps import DB, ReadCaller, ServicesDep, UploadCaller
 from api.errors import ERROR_RESPONSES, ApiError, not_found
 from api.routes.common import IDEMPOTENCY_HELP, commit_or_conflict, count, fingerprint, remember, replay, set_location
 from api.schemas import ProjectCreate, ProjectList, ProjectPublic
@@ -39,11 +39,12 @@ def require_active(db: DB, p: Project) -> None:
 def post_project(
     body: ProjectCreate,
     db: DB,
+    svc: ServicesDep,
     c: UploadCaller,
     response: Response,
     idempotency_key: Annotated[str | None, Header(description=IDEMPOTENCY_HELP)] = None,
 ) -> ProjectPublic:
-    fp = fingerprint("POST", "/projects", body.model_dump(mode="json"))
+    fp = fingerprint(svc, c.tenant_id, "POST", "/projects", body.model_dump(mode="json"))
     if (rec := replay(db, idempotency_key, fp)) is not None:
         set_location(response, rec.location)
         return ProjectPublic.model_validate(rec.body)

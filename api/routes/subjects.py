@@ -51,7 +51,7 @@ def post_subject(
     response: Response,
     idempotency_key: Annotated[str | None, Header(description=IDEMPOTENCY_HELP)] = None,
 ) -> SubjectPublic:
-    fp = fingerprint("POST", "/subjects", body.model_dump(mode="json"))
+    fp = fingerprint(svc, c.tenant_id, "POST", "/subjects", body.model_dump(mode="json"))
     if (rec := replay(db, idempotency_key, fp)) is not None:
         set_location(response, rec.location)
         return _public(svc, _get(db, rec.body["id"]))

@@ -53,7 +53,7 @@ def post_contract(
     response: Response,
     idempotency_key: Annotated[str | None, Header(description=IDEMPOTENCY_HELP)] = None,
 ) -> ContractPublic:
-    fp = fingerprint("POST", "/contracts", body.model_dump(mode="json"))
+    fp = fingerprint(svc, c.tenant_id, "POST", "/contracts", body.model_dump(mode="json"))
     if (rec := replay(db, idempotency_key, fp)) is not None:
         set_location(response, rec.location)
         return ContractPublic.model_validate(rec.body)
