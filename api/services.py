@@ -91,4 +91,3 @@ class Services:
     limiter: RateLimiter
     tokens: TokenCache = field(default_factory=TokenCache)
     runner: object | None = None  # api.runner.Runner, set at start-up
-    upload_locks: dict[str, threading.Lock] = field(default_factory=dict)
