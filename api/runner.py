@@ -7,6 +7,7 @@ photo still in quarantine and every job still queued or running.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 
 STALE_JOB = timedelta(hours=2)  # a "running" job not updated for this long is taken as abandoned
 STALE_CLAIM = timedelta(minutes=15)  # an "anonymising" claim older than this is taken as abandoned
+SWEEP_EVERY_S = 3600.0  # how often expired unfinished uploads are looked for
 
 
 def ingest_photo(svc: Services, photo_id: str) -> None:
@@ -94,9 +96,28 @@ class Runner:
         n = svc.settings.ingest_workers
         self._ingest = ThreadPoolExecutor(max_workers=n, thread_name_prefix="ingest") if n else None
         self._jobs = ThreadPoolExecutor(max_workers=1, thread_name_prefix="job") if svc.settings.run_jobs else None
+        self._lock = threading.Lock()
+        self._stopped = False
+        self._timer: threading.Timer | None = None
+
+    def _sweep(self) -> None:
+        """Delete expired unfinished uploads now, and again every hour while the server runs."""
+        from api.routes.photos import expire_uploads
+
+        try:
+            expire_uploads(self.svc)
+        except Exception as exc:
+            log.error("upload expiry sweep failed: %s", type(exc).__name__)
+        with self._lock:
+            if not self._stopped:
+                self._timer = threading.Timer(SWEEP_EVERY_S, self._sweep)
+                self._timer.daemon = True
+                self._timer.start()
 
     def resume(self) -> None:
-        """Pick up what a stopped process left: quarantined photos, abandoned claims, queued jobs."""
+        """Pick up what a stopped process left: quarantined photos, abandoned claims, queued jobs;
+        start the hourly sweep of expired uploads."""
+        self._sweep()
         stale = datetime.now(UTC) - STALE_CLAIM
         with self.svc.factory.begin() as db:
             db.execute(
@@ -144,6 +165,10 @@ class Runner:
             )
 
     def shutdown(self) -> None:
+        with self._lock:
+            self._stopped = True
+            if self._timer is not None:
+                self._timer.cancel()
         for ex in (self._ingest, self._jobs):
             if ex is not None:
                 ex.shutdown(wait=True, cancel_futures=True)

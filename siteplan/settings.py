@@ -58,6 +58,11 @@ class Settings(BaseSettings):
         default=None, description="Bearer token for /metrics; unset: /metrics answers loopback clients only."
     )
     run_jobs: bool = Field(default=True, description="Run queued plan jobs from the API process.")
+    upload_expiry_s: float = Field(
+        default=3 * 24 * 3600,
+        gt=0,
+        description="An unfinished upload untouched this long is deleted with what arrived of it (tus expiration).",
+    )
 
     @cached_property
     def root(self) -> Path:

@@ -8,6 +8,7 @@ pixel count from the header, while the upload streams; the declared length caps 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -15,12 +16,15 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC
+from email.utils import formatdate
 from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
@@ -105,7 +109,7 @@ def tus_options(svc: ServicesDep, _: UploadCaller) -> Response:
         headers={
             "Tus-Resumable": TUS_VERSION,
             "Tus-Version": TUS_VERSION,
-            "Tus-Extension": "creation,termination",
+            "Tus-Extension": "creation,termination,expiration",
             "Tus-Max-Size": str(svc.settings.max_upload_bytes),
         },
     )
@@ -156,7 +160,51 @@ def create_upload(
     loc = f"/v1/uploads/{p.id}"
     remember(db, tenant_id=c.tenant_id, key=idempotency_key, fp=fp, status=201, body={"photo_id": p.id}, location=loc)
     commit_or_conflict(db)
-    return Response(status_code=201, headers=TUS_HEADERS | {"Location": loc, "Upload-Offset": "0"})
+    return Response(
+        status_code=201,
+        headers=TUS_HEADERS | {"Location": loc, "Upload-Offset": "0", "Upload-Expires": _expires(svc, time.time())},
+    )
+
+
+def _expires(svc: Services, last_activity: float) -> str:
+    """tus expiration: when an upload untouched since ``last_activity`` will be deleted."""
+    return formatdate(last_activity + svc.settings.upload_expiry_s, usegmt=True)
+
+
+def _last_activity(svc: Services, p: Photo) -> float:
+    """The last time bytes of this upload arrived (its staging files' times), else its creation."""
+    created = p.created_at
+    if created is not None and created.tzinfo is None:  # SQLite hands back naive UTC
+        created = created.replace(tzinfo=UTC)
+    times = [created.timestamp()] if created is not None else [0.0]
+    d = svc.settings.uploads_dir / p.contract_id / p.id
+    with contextlib.suppress(OSError):
+        times += [f.stat().st_mtime for f in d.iterdir()]
+    return max(times)
+
+
+def expire_uploads(svc: Services) -> int:
+    """Delete unfinished uploads untouched for ``upload_expiry_s``, with what arrived of them
+    (storage limitation: a half-sent photo of a client's site is still their data). An upload a
+    PATCH is writing is left for the next sweep. Returns how many went."""
+    cutoff = time.time() - svc.settings.upload_expiry_s
+    with svc.factory() as db:
+        candidates = list(db.scalars(select(Photo).where(Photo.state == "uploading")))
+        stale = [p for p in candidates if _last_activity(svc, p) < cutoff]
+    gone = 0
+    for p in stale:
+        with tenant_session(svc.factory, p.tenant_id) as db:
+            fresh = db.get(Photo, p.id)
+            if fresh is None:
+                continue
+            try:
+                _drop_upload(db, svc, fresh, wait_s=0.0)
+                gone += 1
+            except ApiError:  # busy, or completed meanwhile
+                continue
+    if gone:
+        log.info("expired %d unfinished uploads", gone)
+    return gone
 
 
 def _get_photo(db: DB, photo_id: str) -> Photo:
@@ -403,7 +451,10 @@ async def patch_upload(
             runner = svc.runner
             if runner is not None:
                 runner.submit_ingest(p.id)  # type: ignore[attr-defined]
-    return Response(status_code=204, headers=TUS_HEADERS | {"Upload-Offset": str(offset)})
+    headers = TUS_HEADERS | {"Upload-Offset": str(offset)}
+    if offset < p.length:
+        headers["Upload-Expires"] = _expires(svc, time.time())
+    return Response(status_code=204, headers=headers)
 
 
 @router.delete("/uploads/{upload_id}", status_code=204, response_class=Response)
@@ -419,9 +470,9 @@ def delete_upload(
     return Response(status_code=204, headers=TUS_HEADERS)
 
 
-def _drop_upload(db: DB, svc: Services, p: Photo) -> None:
+def _drop_upload(db: Session, svc: Services, p: Photo, *, wait_s: float = 1.0) -> None:
     """Delete an unfinished upload, never under a PATCH that is writing it (409 upload_busy)."""
-    with _locked(svc, p, exclusive=True, wait_s=1.0):
+    with _locked(svc, p, exclusive=True, wait_s=wait_s):
         db.expire_all()
         fresh = db.get(Photo, p.id)
         if fresh is None:

@@ -195,3 +195,36 @@ def test_idempotency_records_hold_no_guessable_hash_and_go_with_the_subject(api:
     assert api.client.delete(f"/v1/subjects/{sid}", headers=t.auth).status_code == 204
     with api.scoped(t.id) as db:
         assert db.query(IdempotencyRecord).count() == 0
+
+
+def test_unfinished_uploads_expire_with_what_arrived(api: Api) -> None:
+    import os
+    import time
+    from datetime import UTC, datetime, timedelta
+
+    from api.routes.photos import expire_uploads
+
+    t = api.tenant()
+    pid = project(api, t)
+    data = IPHONE.read_bytes()
+    r = api.client.post(f"/v1/projects/{pid}/uploads", headers=t.auth | TUS | {"Upload-Length": str(len(data))})
+    assert "Upload-Expires" in r.headers
+    old, fresh = r.headers["Location"], create(api, t, pid, len(data))
+    for loc in (old, fresh):
+        assert patch(api, loc, t.auth, 0, data[:5000]).status_code == 204  # type: ignore[attr-defined]
+    old_id = old.rsplit("/", 1)[1]
+    staged = api.svc.settings.uploads_dir / t.contract_id / old_id
+    long_ago = time.time() - api.svc.settings.upload_expiry_s - 60
+    for f in staged.iterdir():
+        os.utime(f, (long_ago, long_ago))
+    with api.scoped(t.id) as db:
+        p = db.get(Photo, old_id)
+        assert p is not None
+        p.created_at = datetime.now(UTC) - timedelta(seconds=api.svc.settings.upload_expiry_s + 60)
+        db.commit()
+    assert expire_uploads(api.svc) == 1
+    assert api.client.head(old, headers=t.auth | TUS).status_code == 404
+    assert not staged.exists()
+    assert api.client.head(fresh, headers=t.auth | TUS).headers["Upload-Offset"] == "5000"
+    opts = api.client.options("/v1/uploads", headers=t.auth | TUS)
+    assert "expiration" in opts.headers["Tus-Extension"]
