@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -13,6 +12,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import errors
 from api.routes import designs, jobs, meta, metrics, photos, projects, subjects, tenants
+from api.routes.photos import TUS_VERSION
 from api.runner import Runner
 from api.services import RateLimiter, Services, TokenCache
 from privacy.vault import FileKeyStore, Vault
@@ -48,7 +48,12 @@ class BodyLimit:
             > MAX_HEADER_BYTES
         ):
             await _send_error(
-                send, 431, "headers_too_large", f"the request headers exceed {MAX_HEADER_BYTES // 1024} KB"
+                scope,
+                receive,
+                send,
+                431,
+                "headers_too_large",
+                f"the request headers exceed {MAX_HEADER_BYTES // 1024} KB",
             )
             return
         is_upload = (path.startswith("/v1/uploads/") and scope["method"] == "PATCH") or path.endswith("/file")
@@ -56,7 +61,7 @@ class BodyLimit:
         headers = dict(raw)
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            await self._refuse(send, limit)
+            await self._refuse(scope, receive, send, limit)
             return
         seen = 0
         started = tripped = swallowing = False
@@ -80,7 +85,7 @@ class BodyLimit:
                     # The route caught the overflow and answered with something of its own
                     # (FastAPI's JSON parser turns any error into a 400): it is a 413.
                     swallowing = True
-                    await self._refuse(send, limit)
+                    await self._refuse(scope, receive, send, limit)
                     return
                 started = True
             await send(msg)
@@ -89,29 +94,17 @@ class BodyLimit:
             await self.app(scope, guarded_receive, tracking_send)
         except _TooLarge:
             if not started and not swallowing:
-                await self._refuse(send, limit)
+                await self._refuse(scope, receive, send, limit)
 
     @staticmethod
-    async def _refuse(send: Send, limit: int) -> None:
-        await _send_error(send, 413, "too_large", f"the request body is larger than {max(1, limit // 1024)} KB")
+    async def _refuse(scope: Scope, receive: Receive, send: Send, limit: int) -> None:
+        message = f"the request body is larger than {max(1, limit // 1024)} KB"
+        await _send_error(scope, receive, send, 413, "too_large", message)
 
 
-async def _send_error(
-    send: Send, status: int, code: str, message: str, headers: list[tuple[bytes, bytes]] | None = None
-) -> None:
-    body = json.dumps({"error": {"code": code, "message": message, "field": None}}).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                *(headers or []),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+async def _send_error(scope: Scope, receive: Receive, send: Send, status: int, code: str, message: str) -> None:
+    """The one error shape (api.errors), sent from middleware below the routes' handlers."""
+    await errors.error_response(status, code, message)(scope, receive, send)
 
 
 class Guard:
@@ -144,7 +137,7 @@ class Guard:
             if msg["type"] == "http.response.start":
                 started = True
                 if tus and not any(k.lower() == b"tus-resumable" for k, _ in msg.get("headers", [])):
-                    msg = {**msg, "headers": [*msg.get("headers", []), (b"tus-resumable", b"1.0.0")]}
+                    msg = {**msg, "headers": [*msg.get("headers", []), (b"tus-resumable", TUS_VERSION.encode())]}
             await send(msg)
 
         try:
@@ -153,7 +146,12 @@ class Guard:
             log.error("unhandled %s on %s %s", type(exc).__name__, method, self._template(scope))
             if not started:
                 await _send_error(
-                    guarded_send, 500, "internal_error", "something went wrong on our side; please try again later"
+                    scope,
+                    receive,
+                    guarded_send,
+                    500,
+                    "internal_error",
+                    "something went wrong on our side; please try again later",
                 )
 
 

@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import select, update
 
 from api.services import Services
+from api.uploads import expire_uploads
 from privacy import register
 from privacy.anonymize import AnonymizationPolicy
 from privacy.ingest import ingest
@@ -102,8 +103,6 @@ class Runner:
 
     def _sweep(self) -> None:
         """Delete expired unfinished uploads now, and again every hour while the server runs."""
-        from api.routes.photos import expire_uploads
-
         try:
             expire_uploads(self.svc)
         except Exception as exc:

@@ -14,6 +14,7 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -303,8 +304,10 @@ def anonymize_dir(
     *,
     workers: int | None = None,
     max_pixels_in_flight: int = 30_000_000,
+    progress: Callable[[int, int, dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Every image in ``in_dir`` to clean JPEGs and ``report.json`` in ``out_dir``.
+    """Every image in ``in_dir`` to clean JPEGs and ``report.json`` in ``out_dir``; the entries
+    in ``list_images``' order, each also handed to ``progress(i, n, entry)`` as it is ready.
 
     Photos run in parallel, one per core (``workers``), each with a one-thread face detector:
     photo-level parallelism uses the cores better than splitting one photo's convolutions
@@ -314,11 +317,11 @@ def anonymize_dir(
     out_dir.mkdir(parents=True, exist_ok=True)
     files = list_images(in_dir)
     names = output_names(files)
-    dupes = [duplicate_entry(p) for p in files if names[p] is None]
-    files = [p for p in files if names[p] is not None]
-    n = max(1, min(workers or os.cpu_count() or 1, len(files)))
+    todo = [p for p in files if names[p] is not None]
+    n = max(1, min(workers or os.cpu_count() or 1, len(todo)))
+    pool: ThreadPoolExecutor | None = None
     if n == 1:
-        entries = [anonymize_file(p, out_dir, policy, out_name=names[p]) for p in files]
+        done: Iterator[dict[str, Any]] = (anonymize_file(p, out_dir, policy, out_name=names[p]) for p in todo)
     else:
         # Smaller tiles (1.6 MP, 15 % overlap instead of 8 %) so two photos' activations fit
         # where one photo's did.
@@ -333,12 +336,18 @@ def anonymize_dir(
                 budget.give(taken)
 
         pool = ThreadPoolExecutor(n)
-        try:
-            entries = list(pool.map(one, files))
-        except BaseException:  # Ctrl-C: finish the photos in hand, start no more (each output is atomic)
+        done = pool.map(one, todo)
+    entries: list[dict[str, Any]] = []
+    try:
+        for i, src in enumerate(files, 1):
+            entries.append(next(done) if names[src] is not None else duplicate_entry(src))
+            if progress is not None:
+                progress(i, len(files), entries[-1])
+    except BaseException:  # Ctrl-C: finish the photos in hand, start no more (each output is atomic)
+        if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
-            raise
+        raise
+    if pool is not None:
         pool.shutdown()
-    entries = sorted(entries + dupes, key=lambda e: str(e["input"]))  # list_images' order
     write_report(out_dir, entries)
     return entries

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from privacy.subjects import open_subject
 from privacy.vault import Vault
-from siteplan.db import Design, IdempotencyRecord, Job, Photo, PlanFile, Project, Subject, SubjectToken
+from siteplan.db import Design, Job, Photo, PlanFile, Project, Subject, SubjectToken
 
 
 def export_subject(db: Session, vault: Vault, subject: Subject) -> bytes:
@@ -93,6 +93,7 @@ def delete_contract_rows(db: Session, contract_id: str) -> dict[str, int]:
 class Erasure:
     projects: int
     objects: int
+    project_ids: tuple[str, ...] = ()
 
 
 def erase_subject(db: Session, vault: Vault, subject: Subject) -> Erasure:
@@ -114,15 +115,7 @@ def erase_subject(db: Session, vault: Vault, subject: Subject) -> Erasure:
     objects += list(db.scalars(select(PlanFile.object).where(PlanFile.job_id.in_(jobs))))
     delete_project_rows(db, projects)
     db.execute(delete(SubjectToken).where(SubjectToken.subject_id == subject.id))
-    # Replay records of the requests that created them (keyed hashes and ids only, kept a day):
-    # gone with the subject all the same.
-    made = [f"/v1/subjects/{subject.id}", *(f"/v1/projects/{p}" for p in projects)]
-    db.execute(
-        delete(IdempotencyRecord).where(
-            IdempotencyRecord.tenant_id == subject.tenant_id, IdempotencyRecord.location.in_(made)
-        )
-    )
     db.delete(subject)
     db.flush()
     shredded = sum(vault.delete(cid, o) for o in objects)
-    return Erasure(len(projects), shredded)
+    return Erasure(len(projects), shredded, tuple(projects))

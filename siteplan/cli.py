@@ -51,7 +51,7 @@ def _shown(name: str) -> str:
 
 
 def cmd_anonymize(args: argparse.Namespace) -> int:
-    from privacy.anonymize import anonymize_file, duplicate_entry, list_images, output_names, write_report
+    from privacy.anonymize import anonymize_dir
 
     in_dir, out_dir = Path(args.in_dir), Path(args.out_dir)
     if not in_dir.is_dir():
@@ -61,17 +61,12 @@ def cmd_anonymize(args: argparse.Namespace) -> int:
     if out_dir.resolve() == in_dir.resolve():
         raise SystemExit("error: OUT_DIR must not be IN_DIR (the clean photos would overwrite the originals)")
     policy = _policy(Path(args.policy) if args.policy else None)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    files = list_images(in_dir)
-    names = output_names(files)
-    entries = []
-    for i, p in enumerate(files, 1):
-        out_name = names[p]
-        e = anonymize_file(p, out_dir, policy, out_name=out_name) if out_name else duplicate_entry(p)
-        entries.append(e)
+
+    def show(i: int, n: int, e: dict[str, Any]) -> None:
         status = f"error: {e['error']}" if e["error"] else f"{len(e['faces'])} faces, {len(e['plates'])} plates"
-        print(f"[{i}/{len(files)}] {_shown(p.name)}: {status} ({e['seconds']:.2f} s)", flush=True)
-    write_report(out_dir, entries)
+        print(f"[{i}/{n}] {_shown(e['input'])}: {status} ({e['seconds']:.2f} s)", flush=True)
+
+    entries = anonymize_dir(in_dir, out_dir, policy, progress=show)
     bad = sum(1 for e in entries if e["error"])
     print(f"wrote {len(entries) - bad} photos and {_shown(str(out_dir / 'report.json'))}; {bad} refused")
     # Some refused: the run did its job (the report says why). All refused: nothing usable came out.

@@ -8,23 +8,13 @@ pixel count from the header, while the upload streams; the declared length caps 
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import logging
-import os
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import UTC
-from email.utils import formatdate
-from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from sqlalchemy import select
-from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
@@ -34,12 +24,13 @@ from api.routes.common import IDEMPOTENCY_HELP, commit_or_conflict, count, finge
 from api.routes.projects import get_project, require_active
 from api.schemas import PhotoList, PhotoPublic
 from api.services import Services
+from api.uploads import Upload, drop_upload, expires, lock_path, locked, reread, staging_of
 from privacy import register
 from privacy.anonymize import AnonymizationPolicy
 from privacy.decode import sniff_format
 from privacy.errors import InvalidImage
 from privacy.isolated import untrusted_size
-from privacy.vault import CHUNK, UploadStaging
+from privacy.vault import CHUNK
 from siteplan.db import Photo, tenant_session
 
 log = logging.getLogger(__name__)
@@ -63,14 +54,6 @@ _BODY = {
 }
 
 
-@dataclass(frozen=True)
-class _Upload:
-    id: str
-    contract_id: str
-    length: int
-    error: str | None = None
-
-
 def _public(p: Photo) -> PhotoPublic:
     intr = p.intrinsics or {}
     return PhotoPublic(
@@ -86,11 +69,6 @@ def _public(p: Photo) -> PhotoPublic:
         error=p.error,
         created_at=p.created_at,
     )
-
-
-def _staging(svc: Services, p: Photo | _Upload) -> UploadStaging:
-    # The quarantined original will be the vault object named after the photo (a random id).
-    return UploadStaging(svc.settings.uploads_dir / p.contract_id / p.id, svc.vault, p.contract_id, p.id)
 
 
 def _check_tus(version: str | None) -> None:
@@ -162,49 +140,8 @@ def create_upload(
     commit_or_conflict(db)
     return Response(
         status_code=201,
-        headers=TUS_HEADERS | {"Location": loc, "Upload-Offset": "0", "Upload-Expires": _expires(svc, time.time())},
+        headers=TUS_HEADERS | {"Location": loc, "Upload-Offset": "0", "Upload-Expires": expires(svc, time.time())},
     )
-
-
-def _expires(svc: Services, last_activity: float) -> str:
-    """tus expiration: when an upload untouched since ``last_activity`` will be deleted."""
-    return formatdate(last_activity + svc.settings.upload_expiry_s, usegmt=True)
-
-
-def _last_activity(svc: Services, p: Photo) -> float:
-    """The last time bytes of this upload arrived (its staging files' times), else its creation."""
-    created = p.created_at
-    if created is not None and created.tzinfo is None:  # SQLite hands back naive UTC
-        created = created.replace(tzinfo=UTC)
-    times = [created.timestamp()] if created is not None else [0.0]
-    d = svc.settings.uploads_dir / p.contract_id / p.id
-    with contextlib.suppress(OSError):
-        times += [f.stat().st_mtime for f in d.iterdir()]
-    return max(times)
-
-
-def expire_uploads(svc: Services) -> int:
-    """Delete unfinished uploads untouched for ``upload_expiry_s``, with what arrived of them
-    (storage limitation: a half-sent photo of a client's site is still their data). An upload a
-    PATCH is writing is left for the next sweep. Returns how many went."""
-    cutoff = time.time() - svc.settings.upload_expiry_s
-    with svc.factory() as db:
-        candidates = list(db.scalars(select(Photo).where(Photo.state == "uploading")))
-        stale = [p for p in candidates if _last_activity(svc, p) < cutoff]
-    gone = 0
-    for p in stale:
-        with tenant_session(svc.factory, p.tenant_id) as db:
-            fresh = db.get(Photo, p.id)
-            if fresh is None:
-                continue
-            try:
-                _drop_upload(db, svc, fresh, wait_s=0.0)
-                gone += 1
-            except ApiError:  # busy, or completed meanwhile
-                continue
-    if gone:
-        log.info("expired %d unfinished uploads", gone)
-    return gone
 
 
 def _get_photo(db: DB, photo_id: str) -> Photo:
@@ -214,7 +151,7 @@ def _get_photo(db: DB, photo_id: str) -> Photo:
     return p
 
 
-def _refused(p: Photo | _Upload) -> ApiError:
+def _refused(p: Photo | Upload) -> ApiError:
     # tus: an upload that is gone answers 410 and no Upload-Offset (a client must not take a
     # refused upload for a finished one).
     return ApiError(410, "upload_refused", f"this upload was refused: {p.error or 'see the photo'}; start a new one")
@@ -222,15 +159,10 @@ def _refused(p: Photo | _Upload) -> ApiError:
 
 def _offset(db: DB, svc: Services, p: Photo) -> int:
     if p.state == "uploading":
-        with _locked(svc, p, exclusive=False, wait_s=10.0):
-            # Read again under the lock: the PATCH we waited for may have finished the upload.
-            db.expire_all()
-            fresh = db.get(Photo, p.id)
-            if fresh is None:
-                raise not_found("upload")
-            p = fresh
+        with locked(svc, p, exclusive=False, wait_s=10.0):
+            p = reread(db, p.id)
             if p.state == "uploading":
-                return _staging(svc, p).offset()
+                return staging_of(svc, p).offset()
     if p.state == "rejected":
         raise _refused(p)
     return p.length
@@ -256,37 +188,6 @@ def head_upload(
     )
 
 
-def _lock_path(svc: Services, p: Photo | _Upload) -> Path:
-    return svc.settings.uploads_dir / p.contract_id / f".{p.id}.lock"
-
-
-@contextmanager
-def _locked(svc: Services, p: Photo | _Upload, *, exclusive: bool, wait_s: float = 0.0) -> Iterator[None]:
-    """One PATCH at a time per upload, across threads and server processes; HEAD takes a shared
-    lock so it never reads a half-written state (it waits a little for a PATCH to finish).
-    The lock file sits beside the staging directory, not in it: finishing an upload deletes that
-    directory, and a request waiting on the lock must still hold the same file when it gets it.
-    Every holder reads the upload's state again once it has the lock."""
-    path = _lock_path(svc, p)
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
-    try:
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise ApiError(
-                        409, "upload_busy", "another request is writing this upload; retry shortly"
-                    ) from None
-                time.sleep(0.02)
-        yield
-    finally:
-        os.close(fd)
-
-
 def _check_pixels(head: bytes, max_pixels: int) -> None:
     """Refuse a decompression bomb from its header, before the body has even finished arriving.
     The header is parsed in a sandbox child (privacy.sandbox): HEIF and WebP headers go through
@@ -301,7 +202,7 @@ def _check_pixels(head: bytes, max_pixels: int) -> None:
         )
 
 
-def _begin_patch(svc: Services, tenant_id: str, upload_id: str) -> _Upload:
+def _begin_patch(svc: Services, tenant_id: str, upload_id: str) -> Upload:
     # A short session of its own: no DB connection is held while the body streams in.
     with tenant_session(svc.factory, tenant_id) as db:
         p = _get_photo(db, upload_id)
@@ -310,7 +211,7 @@ def _begin_patch(svc: Services, tenant_id: str, upload_id: str) -> _Upload:
         if p.state != "uploading":
             raise ApiError(409, "offset_mismatch", "this upload is complete", headers={"Upload-Offset": str(p.length)})
         require_active(db, get_project(db, p.project_id))
-        return _Upload(p.id, p.contract_id, p.length, p.error)
+        return Upload(p.id, p.contract_id, p.length, p.error)
 
 
 def _finish_patch(svc: Services, tenant_id: str, upload_id: str, actor: str, **values: object) -> None:
@@ -360,10 +261,10 @@ async def patch_upload(
         raise ApiError(415, "unsupported_type", "upload chunks must be sent as application/offset+octet-stream")
     p = await run_in_threadpool(_begin_patch, svc, c.tenant_id, upload_id)
     max_pixels = AnonymizationPolicy().max_pixels
-    with _locked(svc, p, exclusive=True):
+    with locked(svc, p, exclusive=True):
         # Again under the lock: a request we waited for may have finished or ended the upload.
         p = await run_in_threadpool(_begin_patch, svc, c.tenant_id, upload_id)
-        staging = _staging(svc, p)
+        staging = staging_of(svc, p)
         start = await run_in_threadpool(staging.offset)
         if upload_offset != start:
             raise ApiError(
@@ -437,7 +338,7 @@ async def patch_upload(
             await run_in_threadpool(
                 _finish_patch, svc, c.tenant_id, p.id, c.token_id, state="rejected", error=refused.message
             )
-            _lock_path(svc, p).unlink(missing_ok=True)
+            lock_path(svc, p).unlink(missing_ok=True)
             raise refused
         if offset == p.length:
             if app.sealed_last:
@@ -447,13 +348,13 @@ async def patch_upload(
             await run_in_threadpool(
                 _finish_patch, svc, c.tenant_id, p.id, c.token_id, original_object=info.object_id, state="quarantined"
             )
-            _lock_path(svc, p).unlink(missing_ok=True)  # still held: a waiter reads the new state
+            lock_path(svc, p).unlink(missing_ok=True)  # still held: a waiter reads the new state
             runner = svc.runner
             if runner is not None:
                 runner.submit_ingest(p.id)  # type: ignore[attr-defined]
     headers = TUS_HEADERS | {"Upload-Offset": str(offset)}
     if offset < p.length:
-        headers["Upload-Expires"] = _expires(svc, time.time())
+        headers["Upload-Expires"] = expires(svc, time.time())
     return Response(status_code=204, headers=headers)
 
 
@@ -466,23 +367,8 @@ def delete_upload(
     p = _get_photo(db, upload_id)
     if p.state != "uploading":
         raise ApiError(409, "conflict", "this upload is complete; delete the photo instead")
-    _drop_upload(db, svc, p)
+    drop_upload(db, svc, p)
     return Response(status_code=204, headers=TUS_HEADERS)
-
-
-def _drop_upload(db: Session, svc: Services, p: Photo, *, wait_s: float = 1.0) -> None:
-    """Delete an unfinished upload, never under a PATCH that is writing it (409 upload_busy)."""
-    with _locked(svc, p, exclusive=True, wait_s=wait_s):
-        db.expire_all()
-        fresh = db.get(Photo, p.id)
-        if fresh is None:
-            raise not_found("upload")
-        if fresh.state != "uploading":
-            raise ApiError(409, "conflict", "this upload has just completed; delete the photo instead")
-        _staging(svc, fresh).discard()
-        db.delete(fresh)
-        db.commit()
-        _lock_path(svc, fresh).unlink(missing_ok=True)
 
 
 @router.get("/projects/{project_id}/photos", response_model=PhotoList)
@@ -528,7 +414,7 @@ def delete_photo(photo_id: str, db: DB, svc: ServicesDep, _: UploadCaller) -> Re
     """Erase one photo: its anonymised copy and any kept original are shredded."""
     p = _get_photo(db, photo_id)
     if p.state == "uploading":
-        _drop_upload(db, svc, p)
+        drop_upload(db, svc, p)
         return Response(status_code=204)
     for obj in (p.object, p.original_object):
         if obj:

@@ -9,7 +9,16 @@ from sqlalchemy import func, select
 
 from api.deps import DB, Caller, ReadCaller, ServicesDep, UploadCaller
 from api.errors import ERROR_RESPONSES, ApiError, not_found
-from api.routes.common import IDEMPOTENCY_HELP, commit_or_conflict, count, fingerprint, remember, replay, set_location
+from api.routes.common import (
+    IDEMPOTENCY_HELP,
+    commit_or_conflict,
+    count,
+    fingerprint,
+    forget,
+    remember,
+    replay,
+    set_location,
+)
 from api.schemas import SubjectCreate, SubjectList, SubjectPublic, SubjectUpdate
 from api.services import Services
 from privacy import register
@@ -204,7 +213,8 @@ def export(subject_id: str, db: DB, svc: ServicesDep, c: ReadCaller) -> Response
 def erase(subject_id: str, db: DB, svc: ServicesDep, c: UploadCaller) -> Response:
     """Erasure (P7): the subject, their projects and every photo, design and plan of those."""
     s = _get(db, subject_id)
-    erase_subject(db, svc.vault, s)
+    erased = erase_subject(db, svc.vault, s)
+    forget(db, c.tenant_id, [f"/v1/subjects/{subject_id}", *(f"/v1/projects/{p}" for p in erased.project_ids)])
     register.record(
         db,
         tenant_id=c.tenant_id,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,11 +92,18 @@ def api(tmp_path: Path, db_url: str) -> Iterator[Api]:
     app.state.services.factory.kw["bind"].dispose()
 
 
-@pytest.fixture
-def sqlite_api(tmp_path: Path) -> Iterator[Api]:
-    app = create_app(make_settings(tmp_path, f"sqlite:///{tmp_path / 'siteplan.db'}"), background=False)
+@contextmanager
+def open_sqlite_api(tmp_path: Path, **settings: object) -> Iterator[Api]:
+    """The app on SQLite with some settings changed (limits, say), without the background runner."""
+    app = create_app(make_settings(tmp_path, f"sqlite:///{tmp_path / 'siteplan.db'}", **settings), background=False)
     with TestClient(app) as client:
         yield Api(client, app.state.services, app)
+
+
+@pytest.fixture
+def sqlite_api(tmp_path: Path) -> Iterator[Api]:
+    with open_sqlite_api(tmp_path) as api:
+        yield api
 
 
 class LiveServer:

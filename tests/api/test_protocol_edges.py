@@ -7,16 +7,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
-from api.routes.photos import _locked
+from api.uploads import locked
 from siteplan.db import IdempotencyRecord, Photo
-from tests.api.conftest import Api, make_settings
+from tests.api.conftest import Api, make_settings, open_sqlite_api
 from tests.api.test_uploads import IPHONE, TUS, create, project
 
 PATCH = {"Content-Type": "application/offset+octet-stream"}
@@ -83,7 +82,7 @@ def test_delete_waits_for_no_patch_and_a_finished_upload_leaves_nothing_behind(a
     with api.scoped(t.id) as db:
         p = db.get(Photo, photo_id)
         assert p is not None
-        with _locked(api.svc, p, exclusive=True):  # a PATCH writing it
+        with locked(api.svc, p, exclusive=True):  # a PATCH writing it
             r = api.client.delete(loc, headers=t.auth | TUS)
             assert r.status_code == 409 and r.json()["error"]["code"] == "upload_busy"
             assert api.client.delete(f"/v1/photos/{photo_id}", headers=t.auth).status_code == 409
@@ -154,17 +153,12 @@ def test_an_unexpected_error_is_one_log_line_without_a_traceback(
     assert not [rec for rec in caplog.records if rec.exc_info]
 
 
-@pytest.fixture
-def small_limits(tmp_path: Path) -> Iterator[Api]:
-    app = create_app(
-        make_settings(tmp_path, f"sqlite:///{tmp_path / 's.db'}", max_upload_bytes=2**20), background=False
-    )
-    with TestClient(app) as client:
-        yield Api(client, app.state.services, app)
+def test_an_oversized_design_leaves_no_temporary_file(tmp_path: Path) -> None:
+    with open_sqlite_api(tmp_path, max_upload_bytes=2**20) as api:
+        _oversized_design(api)
 
 
-def test_an_oversized_design_leaves_no_temporary_file(small_limits: Api) -> None:
-    api = small_limits
+def _oversized_design(api: Api) -> None:
     t = api.tenant()
     pid = project(api, t)
     r = api.client.post(f"/v1/projects/{pid}/designs", json={}, headers=t.auth)
@@ -202,7 +196,7 @@ def test_unfinished_uploads_expire_with_what_arrived(api: Api) -> None:
     import time
     from datetime import UTC, datetime, timedelta
 
-    from api.routes.photos import expire_uploads
+    from api.uploads import expire_uploads
 
     t = api.tenant()
     pid = project(api, t)

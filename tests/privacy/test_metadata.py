@@ -179,6 +179,7 @@ def test_cli_refuses_to_write_over_its_inputs_and_fails_when_nothing_passes(tmp_
     assert (src / "a.jpg").read_bytes().startswith(b"not an image")
     bad = subprocess.run([*cli, str(src), str(tmp_path / "out")], capture_output=True, text=True, check=False)
     assert bad.returncode == 1, bad.stderr
+    assert "[1/1] a.jpg: error: " in bad.stdout and "wrote 0 photos" in bad.stdout
     assert json.loads((tmp_path / "out" / "report.json").read_text())["files"][0]["error"]
     policy = subprocess.run(
         [*cli, str(src), str(tmp_path / "out2"), "--policy", str(tmp_path / "missing.json")],

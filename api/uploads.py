@@ -1,0 +1,135 @@
+"""Uploads in progress, apart from HTTP: their staging in the vault, the lock that keeps one
+writer per upload across threads and server processes, deletion, and expiry. The tus routes
+(api/routes/photos.py) and the runner's hourly sweep (api/runner.py) both use these.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC
+from email.utils import formatdate
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from api.errors import ApiError, not_found
+from api.services import Services
+from privacy.vault import UploadStaging
+from siteplan.db import Photo, tenant_session
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Upload:
+    id: str
+    contract_id: str
+    length: int
+    error: str | None = None
+
+
+def staging_of(svc: Services, p: Photo | Upload) -> UploadStaging:
+    # The quarantined original will be the vault object named after the photo (a random id).
+    return UploadStaging(svc.settings.uploads_dir / p.contract_id / p.id, svc.vault, p.contract_id, p.id)
+
+
+def reread(db: Session, photo_id: str) -> Photo:
+    """The upload's row as it is now, not as this session first saw it: read again once the lock
+    is held (the request we waited for may have finished, refused or deleted it)."""
+    db.expire_all()
+    fresh = db.get(Photo, photo_id)
+    if fresh is None:
+        raise not_found("upload")
+    return fresh
+
+
+def lock_path(svc: Services, p: Photo | Upload) -> Path:
+    return svc.settings.uploads_dir / p.contract_id / f".{p.id}.lock"
+
+
+@contextmanager
+def locked(svc: Services, p: Photo | Upload, *, exclusive: bool, wait_s: float = 0.0) -> Iterator[None]:
+    """One PATCH at a time per upload, across threads and server processes; HEAD takes a shared
+    lock so it never reads a half-written state (it waits a little for a PATCH to finish).
+    The lock file sits beside the staging directory, not in it: finishing an upload deletes that
+    directory, and a request waiting on the lock must still hold the same file when it gets it.
+    Every holder reads the upload's state again once it has the lock."""
+    path = lock_path(svc, p)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise ApiError(
+                        409, "upload_busy", "another request is writing this upload; retry shortly"
+                    ) from None
+                time.sleep(0.02)
+        yield
+    finally:
+        os.close(fd)
+
+
+def drop_upload(db: Session, svc: Services, p: Photo, *, wait_s: float = 1.0) -> None:
+    """Delete an unfinished upload, never under a PATCH that is writing it (409 upload_busy)."""
+    with locked(svc, p, exclusive=True, wait_s=wait_s):
+        fresh = reread(db, p.id)
+        if fresh.state != "uploading":
+            raise ApiError(409, "conflict", "this upload has just completed; delete the photo instead")
+        staging_of(svc, fresh).discard()
+        db.delete(fresh)
+        db.commit()
+        lock_path(svc, fresh).unlink(missing_ok=True)
+
+
+def expires(svc: Services, last_activity: float) -> str:
+    """tus expiration: when an upload untouched since ``last_activity`` will be deleted."""
+    return formatdate(last_activity + svc.settings.upload_expiry_s, usegmt=True)
+
+
+def last_activity(svc: Services, p: Photo) -> float:
+    """The last time bytes of this upload arrived (its staging files' times), else its creation."""
+    created = p.created_at
+    if created is not None and created.tzinfo is None:  # SQLite hands back naive UTC
+        created = created.replace(tzinfo=UTC)
+    times = [created.timestamp()] if created is not None else [0.0]
+    d = svc.settings.uploads_dir / p.contract_id / p.id
+    with contextlib.suppress(OSError):
+        times += [f.stat().st_mtime for f in d.iterdir()]
+    return max(times)
+
+
+def expire_uploads(svc: Services) -> int:
+    """Delete unfinished uploads untouched for ``upload_expiry_s``, with what arrived of them
+    (storage limitation: a half-sent photo of a client's site is still their data). An upload a
+    PATCH is writing is left for the next sweep. Returns how many went."""
+    cutoff = time.time() - svc.settings.upload_expiry_s
+    with svc.factory() as db:
+        candidates = list(db.scalars(select(Photo).where(Photo.state == "uploading")))
+        stale = [p for p in candidates if last_activity(svc, p) < cutoff]
+    gone = 0
+    for p in stale:
+        with tenant_session(svc.factory, p.tenant_id) as db:
+            fresh = db.get(Photo, p.id)
+            if fresh is None:
+                continue
+            try:
+                drop_upload(db, svc, fresh, wait_s=0.0)
+                gone += 1
+            except ApiError:  # busy, or completed meanwhile
+                continue
+    if gone:
+        log.info("expired %d unfinished uploads", gone)
+    return gone
