@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from privacy.blur import redact
 from privacy.boxes import Box
+from privacy.decode import sniff_format
 from privacy.errors import DetectionFailed, InvalidImage
 from privacy.faces import CenterFaceConfig, CenterFaceDetector, FaceDetector
 from privacy.isolated import read_untrusted, untrusted_size
@@ -174,9 +175,25 @@ def output_names(files: list[Path]) -> dict[Path, str | None]:
     out: dict[Path, str | None] = {}
     for f in files:
         name = output_name(f.name)
+        if not _looks_like_image(f):
+            out[f] = name  # refused as not an image (it writes nothing): it takes no name
+            continue
         out[f] = None if name.casefold() in seen else name
         seen.add(name.casefold())
     return out
+
+
+def _looks_like_image(f: Path) -> bool:
+    """Whether the file's first bytes are an image type the gate decodes (an unreadable file
+    counts as one: decoding will say what is wrong with it)."""
+    try:
+        with open(f, "rb") as fh:
+            sniff_format(fh.read(32))
+    except InvalidImage:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def _entry(src: Path, error: str | None = None) -> dict[str, Any]:

@@ -70,11 +70,26 @@ class Decoded:
     info_keys: set[str] = field(default_factory=set)
     frames: int = 1
     notes: list[str] = field(default_factory=list)
+    # JPEG application segments as (marker, first bytes): what metadata.inventory names.
+    segments: list[tuple[str, bytes]] = field(default_factory=list)
 
 
 def _to_srgb(im: Image.Image, notes: list[str]) -> Image.Image:
+    """The pixels converted to sRGB when an ICC profile says they are in another space.
+
+    Palette and grey-with-alpha images are expanded first (littleCMS converts only plain
+    modes); their transparency is kept for _to_rgb8's compositing."""
     icc = im.info.get("icc_profile")
-    if not icc or im.mode not in ("RGB", "RGBA", "CMYK", "L"):
+    if not icc:
+        return im
+    alpha = None
+    if im.mode in ("P", "PA"):
+        im = im.convert("RGBA" if im.mode == "PA" or "transparency" in im.info else "RGB")
+    elif im.mode == "LA":
+        alpha = im.getchannel("A")
+        im = im.convert("L")
+    if im.mode not in ("RGB", "RGBA", "CMYK", "L"):
+        notes.append(f"colour profile not applied to {im.mode} pixels; kept as stored")
         return im
     try:
         src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
@@ -82,18 +97,36 @@ def _to_srgb(im: Image.Image, notes: list[str]) -> Image.Image:
         out_mode = "RGBA" if im.mode == "RGBA" else "RGB"
         converted = ImageCms.profileToProfile(im, src, dst, outputMode=out_mode)
         if converted is not None:
+            if alpha is not None:
+                converted = converted.convert("RGBA")
+                converted.putalpha(alpha)
             return converted
     except (ImageCms.PyCMSError, OSError, ValueError):
         notes.append("colour profile unreadable; pixels kept as stored")
+    if alpha is not None:
+        im = im.convert("RGBA")
+        im.putalpha(alpha)
     return im
 
 
 def _to_rgb8(im: Image.Image) -> np.ndarray:
     """Any mode (8/16/32-bit, alpha, palette, CMYK) to H x W x 3 uint8."""
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        a = np.asarray(im, dtype=np.float64)
-        hi = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
-        a = np.clip(a / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        a = np.asarray(im, dtype=np.float32)
+        finite = np.isfinite(a)
+        top = float(a[finite].max()) if finite.any() else 0.0
+        if im.mode.startswith("I;16"):
+            hi = 65535.0
+        elif im.mode == "F" and top <= 1.0:
+            hi = 1.0  # floating-point samples in [0, 1] (a float TIFF): not near-black
+        elif top <= 255:
+            hi = 255.0
+        elif top <= 65535:
+            hi = 65535.0
+        else:
+            hi = top
+        a = np.where(finite, a, 0.0)
+        a = np.clip(a * (255.0 / hi) + 0.5, 0, 255).astype(np.uint8)
         return np.repeat(a[:, :, None], 3, axis=2)
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
         # Composite on white: hidden colour under transparent pixels must not survive.
@@ -103,6 +136,37 @@ def _to_rgb8(im: Image.Image) -> np.ndarray:
     if im.mode != "RGB":
         im = im.convert("RGB")
     return np.asarray(im)
+
+
+def _empty(v: object) -> bool:
+    try:
+        return len(v) == 0  # type: ignore[arg-type]
+    except TypeError:
+        return False
+
+
+_DNG_VERSION = 0xC612
+_NEW_SUBFILE_TYPE = 0x00FE
+
+
+def _refuse_raw(im: Image.Image) -> None:
+    """A raw camera file (DNG) is a TIFF whose first image is a small preview: Pillow decodes
+    that preview, not the photo, and a plan built from it would be useless. Refused, saying
+    what to send instead; so is any TIFF whose first image declares itself a reduced copy."""
+    tags = getattr(im, "tag_v2", None)
+    if tags is None:
+        return
+    try:
+        dng = _DNG_VERSION in tags
+        reduced = int(tags.get(_NEW_SUBFILE_TYPE, 0) or 0) & 1
+    except Exception:
+        return
+    if dng or reduced:
+        raise InvalidImage(
+            "raw_image",
+            "a raw camera file (DNG) or a reduced preview: only a preview could be read; "
+            "export the photo as JPEG or HEIC",
+        )
 
 
 def _orientation_applied(im: Image.Image, orientation: int) -> bool:
@@ -146,7 +210,12 @@ def decode(data: bytes, *, max_pixels: int) -> Decoded:
                 notes.append("EXIF unreadable; ignored")
             if orientation not in range(1, 9):
                 orientation = 1
-            info_keys = {str(k) for k in im.info}
+            # Keys with something in them: pillow-heif lists empty thumbnail and auxiliary-image
+            # entries on every HEIF.
+            info_keys = {str(k) for k, v in im.info.items() if v is not None and not _empty(v)}
+            if fmt == "TIFF":
+                _refuse_raw(im)
+            segments = [(str(m), bytes(b[:16])) for m, b in getattr(im, "applist", [])]
             im.load()
             turned = orientation != 1 and _orientation_applied(im, orientation)
             if turned and orientation in (5, 6, 7, 8):
@@ -174,4 +243,5 @@ def decode(data: bytes, *, max_pixels: int) -> Decoded:
         info_keys=info_keys,
         frames=frames,
         notes=notes,
+        segments=segments,
     )

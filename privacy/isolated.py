@@ -52,7 +52,7 @@ def read_source(data: bytes, max_pixels: int) -> tuple[SourceFacts, np.ndarray]:
         notes=list(dec.notes),
         focal_mm=focal_mm,
         focal_35mm=focal_35,
-        removed=inventory(dec.exif, dec.info_keys, data, dec.format),
+        removed=inventory(dec.exif, dec.info_keys, data, dec.format, frames=dec.frames, segments=dec.segments),
     )
     return facts, dec.rgb
 

@@ -28,6 +28,18 @@ ALLOWED_TAGS = {
 }
 
 
+# exiftool's group names (prefixes) for what the report's `removed` must then list.
+REPORTED_GROUPS = {
+    "GPS": ("GPS",),
+    "Thumbnail": ("IFD1",),
+    "XMP": ("XMP-",),
+    "IPTC": ("IPTC",),
+    "ICC": ("ICC_Profile",),
+    "MultiPicture": ("MPF",),
+    "JUMBF": ("JUMBF",),
+}
+
+
 def exiftool(paths: list[Path]) -> list[dict[str, object]]:
     exe = shutil.which("exiftool")
     assert exe, "exiftool (Debian libimage-exiftool-perl) is needed; `make test` installs it"
@@ -39,17 +51,26 @@ def exiftool(paths: list[Path]) -> list[dict[str, object]]:
 def test_every_shared_camera_file_leaves_nothing_identifying(data: Path, tmp_path: Path) -> None:
     files = sorted(p for p in (data / "exif").rglob("*") if p.is_file())
     outputs: list[Path] = []
-    gps_inputs = 0
+    reported: dict[str, list[str]] = {}
     for i, p in enumerate(files):
         e = anonymize_file(p, tmp_path / str(i))
         if e["error"] is None:
             outputs.append(tmp_path / str(i) / e["output"])
-            gps_inputs += "GPS" in e["removed"]
+            reported[str(p)] = e["removed"]
         else:
             assert e["output"] is None
             assert not list((tmp_path / str(i)).glob("*.jpg")) if (tmp_path / str(i)).exists() else True
     assert len(outputs) >= 140, "most camera files must decode"
-    assert gps_inputs >= 15, "the GPS-tagged samples were read and recognised"
+    # The report names what each source carried: what exiftool finds in the source is listed.
+    missed: dict[str, list[str]] = {}
+    for rec in exiftool([Path(f) for f in reported]):
+        groups = {k.split(":")[0] for k in rec if ":" in k}
+        expected = {name for name, prefixes in REPORTED_GROUPS.items() if any(g.startswith(prefixes) for g in groups)}
+        lost = sorted(expected - set(reported[str(rec["SourceFile"])]))
+        if lost:
+            missed[Path(str(rec["SourceFile"])).name] = lost
+    assert not missed, missed
+    assert sum("GPS" in r for r in reported.values()) >= 15, "the GPS-tagged samples were read and recognised"
     leaks: dict[str, list[str]] = {}
     for rec in exiftool(outputs):
         extra = [
@@ -142,6 +163,9 @@ def test_bad_inputs_get_clear_errors_and_no_output(tmp_path: Path) -> None:
     frames[0].save(src / "anim.gif", save_all=True, append_images=frames[1:])
     # A second file whose output would be anim.jpg too: refused, never written over the first.
     Image.new("RGB", (32, 32), (0, 0, 255)).save(src / "anim.webp")
+    # A non-image with a photo's stem takes no name from it: the photo was refused as a duplicate.
+    (src / "site.dat").write_bytes(b"not an image" * 10)
+    Image.new("RGB", (32, 32), (0, 200, 0)).save(src / "site.jpg")
     # Strips: a plate pass shrank them to 0 pixels and the whole batch crashed (cv2.error).
     (src / "wide.png").write_bytes(_png(3000, 1))
     (src / "tall.png").write_bytes(_png(1, 3000))
@@ -156,15 +180,17 @@ def test_bad_inputs_get_clear_errors_and_no_output(tmp_path: Path) -> None:
     assert entries["anim.gif"]["error"] is None and "first frame" in entries["anim.gif"]["notes"][0]
     assert "duplicate_name" in entries["anim.webp"]["error"]
     assert entries["wide.png"]["error"] is None and entries["tall.png"]["error"] is None
+    assert "not a supported image type" in entries["site.dat"]["error"]
+    assert entries["site.jpg"]["error"] is None
     for e in entries.values():
         if e["error"]:
             assert e["output"] is None
     written = sorted(p.name for p in out.iterdir())
-    assert written == ["anim.jpg", "png_named.jpg", "report.json", "tall.jpg", "tiny.jpg", "wide.jpg"]
+    assert written == ["anim.jpg", "png_named.jpg", "report.json", "site.jpg", "tall.jpg", "tiny.jpg", "wide.jpg"]
     assert np.asarray(Image.open(out / "anim.jpg"))[16, 16, 0] > 200  # the GIF's red frame, not the WebP
     report = json.loads((out / "report.json").read_text())
     assert [e["input"] for e in report["files"]] == sorted(entries)
-    assert len(report["files"]) == 10
+    assert len(report["files"]) == 12
 
 
 def test_cli_refuses_to_write_over_its_inputs_and_fails_when_nothing_passes(tmp_path: Path) -> None:
@@ -267,3 +293,63 @@ def test_orientation_is_applied_once_in_every_container(data: Path, fmt: str) ->
         assert img.shape == ref.shape, f"{fmt} orientation {k}"
         assert np.abs(img - ref).mean() < 3, f"{fmt} orientation {k} not upright"
         assert n >= faces - 1, f"{fmt} orientation {k}: faces missed"
+
+
+def test_raw_camera_files_are_refused_not_reduced_to_their_preview() -> None:
+    """A DNG's first image is a small preview: a plan built from it would be useless."""
+    for tags in ({0xC612: b"\x01\x04\x00\x00"}, {0x00FE: 1}):  # DNGVersion; a reduced image
+        buf = io.BytesIO()
+        Image.new("RGB", (256, 171), (90, 90, 90)).save(buf, "TIFF", tiffinfo=tags)
+        with pytest.raises(InvalidImage) as exc:
+            anonymize(buf.getvalue())
+        assert exc.value.code == "raw_image" and "JPEG or HEIC" in str(exc.value)
+
+
+def test_float_tiff_keeps_its_brightness() -> None:
+    """Floating-point samples run from 0 to 1: they came out black."""
+    ramp = np.tile(np.linspace(0.0, 1.0, 64, dtype=np.float32), (48, 1))
+    ramp[0, 0] = np.nan  # a hole in the data decodes as black, not as an error
+    buf = io.BytesIO()
+    Image.fromarray(ramp, mode="F").save(buf, "TIFF")
+    px = np.asarray(Image.open(io.BytesIO(anonymize(buf.getvalue()).jpeg)).convert("L"), float)
+    assert abs(px[24, 32] - 128) < 8 and px[24, -1] > 245 and px[24, 0] < 10
+
+
+def test_colour_profile_applies_to_palette_images(data: Path) -> None:
+    """A palette image with a Display P3 profile decodes as its RGB version does (it was left
+    unconverted); both differ from the stored numbers."""
+    from privacy.decode import decode
+
+    heic = Image.open(data / "exif" / "exif-samples" / "heic" / "mobile" / "iphone_13_pro_max.HEIC")
+    p3 = heic.info["icc_profile"]
+    colours = [(200, 60, 60), (40, 160, 70), (30, 60, 200), (230, 200, 40)]
+    rgb = Image.new("RGB", (40, 10))
+    for i, c in enumerate(colours):
+        rgb.paste(c, (10 * i, 0, 10 * i + 10, 10))
+    pal = rgb.quantize(len(colours))
+    decoded = {}
+    opaque = {"transparency": bytes([255] * len(colours))}  # a tRNS chunk: the alpha path
+    for name, im, extra in (("rgb", rgb, {}), ("palette", pal, {}), ("palette+alpha", pal, opaque)):
+        buf = io.BytesIO()
+        im.save(buf, "PNG", icc_profile=p3, **extra)
+        decoded[name] = decode(buf.getvalue(), max_pixels=10**6).rgb.astype(int)
+    assert np.abs(decoded["rgb"] - np.asarray(rgb, int)).max() > 10, "the profile converts"
+    assert np.abs(decoded["palette"] - decoded["rgb"]).max() <= 1
+    assert np.abs(decoded["palette+alpha"] - decoded["rgb"]).max() <= 1
+
+
+def test_absurd_focal_lengths_give_no_prior() -> None:
+    def intrinsics(focal: float, focal35: int) -> tuple[float | None, float | None]:
+        exif = Image.Exif()
+        sub = exif.get_ifd(0x8769)
+        sub[0x920A] = focal
+        sub[0xA405] = focal35
+        buf = io.BytesIO()
+        Image.new("RGB", (64, 48)).save(buf, "JPEG", exif=exif.tobytes())
+        intr = anonymize(buf.getvalue(), AnonymizationPolicy(blur_faces=False, blur_plates=False)).intrinsics
+        assert intr is not None
+        return intr.focal_mm, intr.focal_35mm
+
+    assert intrinsics(4.2, 26) == (4.2, 26)
+    assert intrinsics(9999.0, 9999) == (None, None)
+    assert intrinsics(0.01, 1) == (None, None)
