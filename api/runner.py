@@ -12,8 +12,9 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 
+from api.routes.common import IDEMPOTENCY_TTL
 from api.services import Services
 from api.uploads import expire_uploads
 from privacy import register
@@ -22,7 +23,7 @@ from privacy.ingest import ingest
 from privacy.sandbox import SandboxUnavailable
 from privacy.vault import VaultError
 from siteplan.consent import consent_problem
-from siteplan.db import Job, Photo, Project
+from siteplan.db import IdempotencyRecord, Job, Photo, Project
 
 log = logging.getLogger(__name__)
 
@@ -102,11 +103,20 @@ class Runner:
         self._timer: threading.Timer | None = None
 
     def _sweep(self) -> None:
-        """Delete expired unfinished uploads now, and again every hour while the server runs."""
+        """Delete expired unfinished uploads and idempotency records now, and again every hour
+        while the server runs (a replay record of a tenant that sends no more requests would
+        otherwise stay: they were purged only inside that tenant's next request)."""
         try:
             expire_uploads(self.svc)
         except Exception as exc:
             log.error("upload expiry sweep failed: %s", type(exc).__name__)
+        try:
+            with self.svc.factory.begin() as db:
+                db.execute(
+                    delete(IdempotencyRecord).where(IdempotencyRecord.created_at < datetime.now(UTC) - IDEMPOTENCY_TTL)
+                )
+        except Exception as exc:
+            log.error("replay record sweep failed: %s", type(exc).__name__)
         with self._lock:
             if not self._stopped:
                 self._timer = threading.Timer(SWEEP_EVERY_S, self._sweep)

@@ -9,6 +9,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,7 +23,7 @@ from sqlalchemy.orm import Session
 
 from api.errors import ApiError, not_found
 from api.services import Services
-from privacy.vault import UploadStaging
+from privacy.vault import UploadStaging, shred_file
 from siteplan.db import Photo, tenant_session
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,39 @@ def expire_uploads(svc: Services) -> int:
                 gone += 1
             except ApiError:  # busy, or completed meanwhile
                 continue
+    gone += _sweep_orphans(svc)
     if gone:
         log.info("expired %d unfinished uploads", gone)
+    return gone
+
+
+ORPHAN_AGE_S = 3600.0
+
+
+def _sweep_orphans(svc: Services) -> int:
+    """Staging directories and lock files no unfinished upload owns any more (a PATCH that
+    wrote after an erasure deleted its row; a crash between the steps of a deletion), untouched
+    for an hour: shredded. Without a row the expiry above never sees them."""
+    root = svc.settings.uploads_dir
+    if not root.is_dir():
+        return 0
+    with svc.factory() as db:
+        live = set(db.scalars(select(Photo.id).where(Photo.state == "uploading")))
+    cutoff = time.time() - ORPHAN_AGE_S
+    gone = 0
+    for contract_dir in (d for d in root.iterdir() if d.is_dir()):
+        for entry in list(contract_dir.iterdir()):
+            pid = entry.name[1:-5] if entry.name.startswith(".") and entry.name.endswith(".lock") else entry.name
+            try:
+                if pid in live or entry.stat().st_mtime > cutoff:
+                    continue
+                if entry.is_dir():
+                    for f in (f for f in entry.rglob("*") if f.is_file()):
+                        shred_file(f)
+                    shutil.rmtree(entry, ignore_errors=True)
+                    gone += 1
+                else:
+                    entry.unlink(missing_ok=True)
+            except OSError:
+                continue
     return gone

@@ -21,9 +21,10 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from privacy.rights import delete_contract_rows
+from privacy import register, signing
+from privacy.rights import delete_contract_rows, replay_erasures
 from privacy.vault import Vault
-from siteplan.db import Contract
+from siteplan.db import Certificate, Contract
 
 log = logging.getLogger(__name__)
 FORMAT = "siteplan.backup/v1"
@@ -49,7 +50,9 @@ def backup(*, db_file: Path, vault_root: Path, out: Path) -> dict[str, object]:
         meta = {"format": FORMAT, "created_at": datetime.now(UTC).isoformat(), "keys_included": False}
         (Path(tmp) / "backup.json").write_text(json.dumps(meta))
         part = out.with_name(f".tmp-{out.name}")
-        with tarfile.open(part, "w:gz") as tar:
+        # Owner-only: the archive holds sealed objects, but also the database's ids and clear fields.
+        fd = os.open(part, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w:gz") as tar:
             tar.add(Path(tmp) / "backup.json", arcname="backup.json")
             tar.add(snap, arcname="siteplan.db")
             if (vault_root / "objects").exists():
@@ -62,6 +65,8 @@ def backup(*, db_file: Path, vault_root: Path, out: Path) -> dict[str, object]:
 class RestoreReport:
     contracts: int
     unrecoverable: list[str]  # contracts whose key is gone: their data was not restored
+    erasures_replayed: int = 0  # subjects erased after the backup was made, erased again
+    certificates_restored: int = 0  # certificates of contracts ended after the backup, put back
 
 
 def restore(
@@ -72,6 +77,7 @@ def restore(
     factory_for: Callable[[], sessionmaker[Session]],
     vault: Vault,
     force: bool = False,
+    certificates_dir: Path | None = None,
 ) -> RestoreReport:
     """Unpack a backup over the data dir, then drop every contract whose data key no longer exists."""
     if db_file.exists() and not force:
@@ -96,6 +102,7 @@ def restore(
                 os.replace(Path(tmp) / "vault" / "objects", vault_root / "objects")
     factory = factory_for()
     gone: list[str] = []
+    certs = 0
     with factory.begin() as db:
         contracts = db.scalars(select(Contract)).all()
         for c in contracts:
@@ -105,7 +112,42 @@ def restore(
             delete_contract_rows(db, c.id)
             c.state = "ended"
             vault.drop_container(c.id)
+            certs += _restore_certificate(db, c, certificates_dir)
         n = len(contracts)
+        # Subjects erased since the backup was made: erased again, and the register says so.
+        replayed = replay_erasures(db, vault)
+        for tenant, sid in replayed:
+            register.record(
+                db,
+                tenant_id=tenant,
+                actor="operator",
+                action="subject_erased",
+                categories=["subject_identity", "subject_contact", "photos", "derived_media", "site_models"],
+                purpose="erasure (P7) applied again after a restore from a backup older than it",
+                ref=sid,
+            )
     for cid in gone:
         log.warning("contract %s: its data key was destroyed; its data cannot be restored and was removed", cid[:8])
-    return RestoreReport(n, gone)
+    if replayed:
+        log.warning("%d subjects erased after this backup was made were erased again", len(replayed))
+    return RestoreReport(n, gone, len(replayed), certs)
+
+
+def _restore_certificate(db: Session, contract: Contract, certificates_dir: Path | None) -> int:
+    """Put back the certificate of a contract that ended after the backup was made, from the
+    signed file the termination wrote (the backup holds the database only)."""
+    if certificates_dir is None:
+        return 0
+    path = certificates_dir / f"destruction-{contract.id}.json"
+    try:
+        signed = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return 0
+    doc = signed.get("document", {}) if isinstance(signed, dict) else {}
+    if not signing.verify(signed) or doc.get("contract") != contract.id or doc.get("controller") != contract.tenant_id:
+        return 0
+    if db.scalars(select(Certificate).where(Certificate.contract_id == contract.id)).first() is None:
+        db.add(Certificate(tenant_id=contract.tenant_id, contract_id=contract.id, document=signed))
+        contract.disposition = doc.get("disposition") or contract.disposition
+        return 1
+    return 0

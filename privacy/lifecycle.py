@@ -20,6 +20,8 @@ step leaves a readable copy behind:
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import io
 import json
@@ -35,6 +37,7 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -67,6 +70,21 @@ BILLING_RETENTION = timedelta(days=7 * 365 + 2)  # 7 years (P10), leap days incl
 
 class TerminationError(RuntimeError):
     """Termination cannot proceed as asked (the message says why)."""
+
+
+class InvalidRecipientKey(TerminationError):
+    """The receiving processor's key for a transfer is not an X25519 public key in PEM."""
+
+
+def recipient_key(pem: bytes) -> X25519PublicKey:
+    """The receiving processor's public key, checked before anything is frozen or exported."""
+    try:
+        pub = serialization.load_pem_public_key(pem)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise InvalidRecipientKey("the receiving processor's key is not a PEM public key") from None
+    if not isinstance(pub, X25519PublicKey):
+        raise InvalidRecipientKey("the receiving processor's key must be an X25519 public key (PEM)")
+    return pub
 
 
 @dataclass(frozen=True)
@@ -109,6 +127,35 @@ def _save(factory: sessionmaker[Session], contract_id: str, **changes: Any) -> d
 def _done(factory: sessionmaker[Session], contract_id: str, step: str, **changes: Any) -> None:
     t = _state(factory, contract_id)
     _save(factory, contract_id, steps=[*t.get("steps", []), step], **changes)
+
+
+RUNNING_MARK = ".running"
+
+
+def hold_scratch(scratch: Path) -> int:
+    """Create the job's scratch directory and hold a lock in it for as long as the job runs.
+    The lock goes with the process, so a termination can tell a job still writing there from
+    a directory a crashed worker left (``scratch_in_use``)."""
+    scratch.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(scratch / RUNNING_MARK, os.O_CREAT | os.O_RDWR, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def scratch_in_use(scratch: Path) -> bool:
+    """Whether a live job holds this scratch directory (see hold_scratch)."""
+    try:
+        fd = os.open(scratch / RUNNING_MARK, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    return False
 
 
 # -- export archives ----------------------------------------------------------------------------
@@ -163,9 +210,7 @@ _TRANSFER_MAGIC = b"SPX1"
 
 def encrypt_for(recipient_public_pem: bytes, data: bytes) -> bytes:
     """Seal ``data`` to an X25519 public key: ephemeral ECDH, HKDF-SHA256, AES-256-GCM."""
-    pub = serialization.load_pem_public_key(recipient_public_pem)
-    if not isinstance(pub, X25519PublicKey):
-        raise TerminationError("the receiving processor's key must be an X25519 public key (PEM)")
+    pub = recipient_key(recipient_public_pem)
     eph = X25519PrivateKey.generate()
     eph_raw = eph.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     key = HKDF(hashes.SHA256(), 32, salt=eph_raw, info=b"siteplan-transfer/v1").derive(eph.exchange(pub))
@@ -185,9 +230,10 @@ def decrypt_transfer(recipient_private_pem: bytes, blob: bytes) -> bytes:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Owner-only (an export holds the contract's data in clear), whole or not at all."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_name(f".tmp-{secrets.token_hex(6)}")
-    with open(tmp, "wb") as f:
+    with os.fdopen(os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600), "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
@@ -212,8 +258,10 @@ def terminate_contract(
     """Run (or resume) a termination; returns the signed certificate."""
     if disposition not in DISPOSITIONS:
         raise TerminationError(f"disposition must be one of {', '.join(DISPOSITIONS)}")
-    if disposition == "transfer" and recipient_public_pem is None:
-        raise TerminationError("a transfer needs the receiving processor's public key")
+    if disposition == "transfer":
+        if recipient_public_pem is None:
+            raise TerminationError("a transfer needs the receiving processor's public key")
+        recipient_key(recipient_public_pem)  # a bad key is refused before the contract is frozen
     hook = checkpoint or (lambda _step: None)
 
     with factory.begin() as db:
@@ -221,6 +269,10 @@ def terminate_contract(
         if c is None:
             raise TerminationError("no such contract")
         if c.state == "ended":
+            if c.disposition and c.disposition != disposition:
+                raise TerminationError(
+                    f"the contract has already ended with '{c.disposition}'; nothing is left to {disposition}"
+                )
             cert = db.scalars(select(Certificate).where(Certificate.contract_id == contract_id)).first()
             if cert is None:
                 raise TerminationError("the contract ended without a certificate")
@@ -243,15 +295,24 @@ def terminate_contract(
     if "freeze" not in steps:
         with factory.begin() as db:
             projects = select(Project.id).where(Project.contract_id == contract_id)
-            running = list(db.scalars(select(Job.id).where(Job.project_id.in_(projects), Job.state == "running")))
+            jobs = list(db.scalars(select(Job.id).where(Job.project_id.in_(projects))))
             n = db.execute(
                 update(Job)
                 .where(Job.project_id.in_(projects), Job.state.in_(("queued", "running")))
                 .values(state="cancelled", error="the contract ended")
             ).rowcount  # type: ignore[attr-defined]
+        # Every job of the contract, not only those running now: a resumed termination (the
+        # first run cancelled them) must wait for them too. A cancelled job notices within a
+        # second, kills its stage's task and wipes its scratch; a directory no live job holds
+        # (a crashed worker's) is shredded with the rest in step 5.
         deadline = time.monotonic() + wait_for_jobs_s
-        while any((paths.scratch / j).exists() for j in running) and time.monotonic() < deadline:
-            time.sleep(0.2)  # a cancelled job stops at its next stage and wipes its scratch
+        while (live := [j for j in jobs if scratch_in_use(paths.scratch / j)]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if live:
+            _save(factory, contract_id, jobs_cancelled=n)
+            raise TerminationError(
+                f"{len(live)} job(s) of this contract are still stopping; run the termination again to finish it"
+            )
         _done(factory, contract_id, "freeze", jobs_cancelled=n)
     hook("freeze")
 
@@ -272,7 +333,8 @@ def terminate_contract(
             _write_atomic(dest, data)
             export = {"file": name, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
             if disposition == "transfer":
-                pub = serialization.load_pem_public_key(recipient_public_pem)  # type: ignore[arg-type]
+                assert recipient_public_pem is not None
+                pub = recipient_key(recipient_public_pem)
                 raw = pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
                 export["recipient_key_fingerprint"] = "SHA256:" + hashlib.sha256(raw).hexdigest()[:32]
         _done(factory, contract_id, "export", export=export)
@@ -435,15 +497,29 @@ def verify_certificate(
     vault: Vault | None = None,
     data_dir: Path | None = None,
     service_public_key: str | None = None,
+    fingerprint: str | None = None,
 ) -> CertificateCheck:
-    """The signature; and, where the data dir is at hand, that nothing listed still exists."""
+    """The signature, and who made it; and, where the data dir is at hand, that nothing listed
+    still exists.
+
+    A signature only proves something against a key the verifier trusts: the service's own
+    (``service_public_key``, on the server) or the fingerprint the operator publishes
+    (``fingerprint``). With neither, anyone's key would do (a forged certificate signed with a
+    fresh key verified as valid), so the check fails and says what to pass."""
     ok = signing.verify(signed)
     problems: list[str] = []
     if not ok:
         return CertificateCheck(False, ["the signature does not match the document"])
     doc = signed["document"]
+    signer = signing.fingerprint(signed["signature"]["public_key"])
     if service_public_key is not None and signed["signature"]["public_key"] != service_public_key:
         problems.append("signed by a key that is not this service's")
+    if fingerprint is not None and signer.lower() != fingerprint.strip().lower():
+        problems.append(f"signed by key {signer}, not by the key {fingerprint.strip()} you trust")
+    if service_public_key is None and fingerprint is None:
+        problems.append(
+            f"the signer ({signer}) is not checked: pass the fingerprint the operator publishes (--fingerprint)"
+        )
     if vault is not None:
         cid = doc["contract"]
         if vault.keys.exists(cid):

@@ -7,16 +7,18 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import zipfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session
 
 from privacy.subjects import open_subject
-from privacy.vault import Vault
-from siteplan.db import Design, Job, Photo, PlanFile, Project, Subject, SubjectToken
+from privacy.vault import UploadStaging, Vault
+from siteplan.db import Design, IdempotencyRecord, Job, Photo, PlanFile, Project, Subject, SubjectToken
 
 
 def export_subject(db: Session, vault: Vault, subject: Subject) -> bytes:
@@ -76,10 +78,41 @@ def delete_project_rows(db: Session, project_ids: list[str]) -> dict[str, int]:
     return counts
 
 
+def _resource_ids(db: Session, project_ids: list[str]) -> list[str]:
+    """The ids of these projects and of everything hanging off them."""
+    ids = list(project_ids)
+    for col, parent in ((Photo.id, Photo.project_id), (Design.id, Design.project_id), (Job.id, Job.project_id)):
+        ids += list(db.scalars(select(col).where(parent.in_(project_ids))))
+    return ids
+
+
+def forget_replays(db: Session, ids: list[str]) -> int:
+    """Drop the idempotency records of the requests that created these resources. They hold
+    ids, a keyed hash of the request, and the first response (a project's reference among
+    them); left behind, a replayed creation answered with an erased project's details after
+    the data was gone, and its hash confirmed a guessed name. Matched by the record's
+    Location, which ends with the resource's id (random hex: no LIKE wildcards)."""
+    n = 0
+    for i in range(0, len(ids), 200):
+        chunk = [x for x in ids[i : i + 200] if x.isalnum()]
+        if chunk:
+            n += (
+                db.execute(  # type: ignore[attr-defined]
+                    delete(IdempotencyRecord).where(or_(*(IdempotencyRecord.location.like(f"%/{x}") for x in chunk)))
+                ).rowcount
+                or 0
+            )
+    return n
+
+
 def delete_contract_rows(db: Session, contract_id: str) -> dict[str, int]:
-    """Every row of one contract's personal data: its projects (as above) and its subjects."""
+    """Every row of one contract's personal data: its projects (as above) and its subjects, and
+    the replay records of the requests that created them."""
     project_ids = list(db.scalars(select(Project.id).where(Project.contract_id == contract_id)))
+    subject_ids = list(db.scalars(select(Subject.id).where(Subject.contract_id == contract_id)))
+    replays = forget_replays(db, [contract_id, *subject_ids, *_resource_ids(db, project_ids)])
     counts = delete_project_rows(db, project_ids)
+    counts["replay_records"] = replays
     subjects = select(Subject.id).where(Subject.contract_id == contract_id)
     for name, stmt in (
         ("subject_index", delete(SubjectToken).where(SubjectToken.subject_id.in_(subjects))),
@@ -96,9 +129,12 @@ class Erasure:
     project_ids: tuple[str, ...] = ()
 
 
-def erase_subject(db: Session, vault: Vault, subject: Subject) -> Erasure:
+def erase_subject(
+    db: Session, vault: Vault, subject: Subject, uploads_dir: Path | None = None, *, ledger: bool = True
+) -> Erasure:
     """The subject, their projects, and every photo, design and plan of those projects: rows
-    deleted, objects shredded. Running jobs of those projects are cancelled first."""
+    deleted, objects shredded, unfinished uploads (under ``uploads_dir``) shredded with what
+    arrived of them. Running jobs of those projects are cancelled first."""
     cid = subject.contract_id
     projects = list(db.scalars(select(Project.id).where(Project.subject_id == subject.id)))
     jobs = list(db.scalars(select(Job.id).where(Job.project_id.in_(projects))))
@@ -110,12 +146,65 @@ def erase_subject(db: Session, vault: Vault, subject: Subject) -> Erasure:
     objects: list[str] = []
     for ph in db.scalars(select(Photo).where(Photo.project_id.in_(projects))).all():
         objects += [o for o in (ph.object, ph.original_object) if o]
+        if ph.state == "uploading" and uploads_dir is not None:
+            UploadStaging(uploads_dir / cid / ph.id, vault, cid, ph.id).discard()
+            (uploads_dir / cid / f".{ph.id}.lock").unlink(missing_ok=True)
     for d in db.scalars(select(Design).where(Design.project_id.in_(projects))).all():
         objects += [d.object] if d.object else []
     objects += list(db.scalars(select(PlanFile.object).where(PlanFile.job_id.in_(jobs))))
+    forget_replays(db, [subject.id, *_resource_ids(db, projects)])
     delete_project_rows(db, projects)
     db.execute(delete(SubjectToken).where(SubjectToken.subject_id == subject.id))
     db.delete(subject)
     db.flush()
     shredded = sum(vault.delete(cid, o) for o in objects)
+    if ledger:
+        _log_erasure(vault, subject.tenant_id, subject.id)
     return Erasure(len(projects), shredded, tuple(projects))
+
+
+# Erasures are remembered beside the keys, which no backup holds: a restored backup made before
+# an erasure would otherwise bring the subject back, readable (they are sealed with the contract's
+# key, which lives on). The ledger holds random ids only; restore replays it (replay_erasures).
+ERASURE_LEDGER = "erasures.jsonl"
+
+
+def _ledger(vault: Vault) -> Path | None:
+    root = getattr(vault.keys, "root", None)
+    return Path(root) / ERASURE_LEDGER if root is not None else None
+
+
+def _log_erasure(vault: Vault, tenant_id: str, subject_id: str) -> None:
+    path = _ledger(vault)
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps({"tenant": tenant_id, "subject": subject_id, "at": datetime.now(UTC).isoformat()}) + "\n"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        os.write(fd, line.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replay_erasures(db: Session, vault: Vault, uploads_dir: Path | None = None) -> list[tuple[str, str]]:
+    """Erase again every subject the ledger says was erased and the (restored) database still
+    holds; returns their (tenant, subject) ids. Called by restore."""
+    path = _ledger(vault)
+    if path is None or not path.exists():
+        return []
+    done: list[tuple[str, str]] = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+            sid = str(rec["subject"])
+        except (ValueError, KeyError, TypeError):
+            continue  # a torn last line (a crash mid-append): the erasure it names was not committed
+        s = db.get(Subject, sid)
+        if s is None:
+            continue
+        tenant = s.tenant_id
+        erase_subject(db, vault, s, uploads_dir, ledger=False)
+        done.append((tenant, sid))
+    return done

@@ -245,7 +245,10 @@ def cmd_contract_end(args: argparse.Namespace) -> int:
     from siteplan.paths import lifecycle_paths
 
     settings, factory, vault = _services()
-    pem = Path(args.recipient_key).read_bytes() if args.recipient_key else None
+    try:
+        pem = Path(args.recipient_key).read_bytes() if args.recipient_key else None
+    except OSError as exc:
+        raise SystemExit(f"error: the recipient key file cannot be read ({exc.strerror})") from None
     try:
         signed = terminate_contract(
             factory,
@@ -292,12 +295,22 @@ def cmd_certificate_verify(args: argparse.Namespace) -> int:
     key_file = settings.key_dir / "signing.pem"
     service_key = signing.public_b64(signing.load_or_create(key_file)) if key_file.exists() else None
     check = verify_certificate(
-        signed, vault=vault, data_dir=settings.root if here else None, service_public_key=service_key
+        signed,
+        vault=vault,
+        data_dir=settings.root if here else None,
+        service_public_key=service_key,
+        fingerprint=args.fingerprint,
     )
+    try:
+        signer = signing.fingerprint(signed["signature"]["public_key"])
+    except (KeyError, TypeError, ValueError):
+        signer = None
     print(
         json.dumps(
             {
                 "signature_valid": check.signature_ok,
+                "signed_by": signer,
+                "signer_checked": check.signature_ok and (service_key is not None or args.fingerprint is not None),
                 "data_dir_checked": here,
                 "problems": check.problems,
                 "valid": check.ok,
@@ -306,6 +319,15 @@ def cmd_certificate_verify(args: argparse.Namespace) -> int:
         )
     )
     return 0 if check.ok else 1
+
+
+def cmd_certificate_fingerprint(args: argparse.Namespace) -> int:
+    from privacy import signing
+    from siteplan.settings import Settings
+
+    key = signing.load_or_create(Settings().key_dir / "signing.pem")
+    print(signing.fingerprint(signing.public_b64(key)))
+    return 0
 
 
 def cmd_register(args: argparse.Namespace) -> int:
@@ -340,14 +362,19 @@ def cmd_backup(args: argparse.Namespace) -> int:
         meta = backup(db_file=settings.root / "siteplan.db", vault_root=settings.vault_dir, out=Path(args.out))
     except BackupError as exc:
         raise SystemExit(f"error: {exc}") from None
+    except OSError as exc:
+        raise SystemExit(f"error: the backup cannot be written ({exc.strerror or type(exc).__name__})") from None
     print(json.dumps({"backup": args.out, **meta}))
     return 0
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
+    import tarfile
+
     from privacy.backup import BackupError, restore
     from privacy.vault import FileKeyStore, Vault
     from siteplan.db import init_db
+    from siteplan.paths import lifecycle_paths
     from siteplan.settings import Settings
 
     settings = Settings()
@@ -361,14 +388,19 @@ def cmd_restore(args: argparse.Namespace) -> int:
             factory_for=lambda: init_db(settings.db_url),
             vault=vault,
             force=args.force,
+            certificates_dir=lifecycle_paths(settings).certificates,
         )
     except BackupError as exc:
         raise SystemExit(f"error: {exc}") from None
+    except (OSError, tarfile.TarError) as exc:
+        raise SystemExit(f"error: the backup cannot be read ({type(exc).__name__})") from None
     print(
         json.dumps(
             {
                 "contracts": rep.contracts,
                 "unrecoverable_contracts": rep.unrecoverable,
+                "erasures_replayed": rep.erasures_replayed,
+                "certificates_restored": rep.certificates_restored,
                 "note": "contracts whose data key was destroyed stay destroyed" if rep.unrecoverable else "",
             }
         )
@@ -439,7 +471,7 @@ def cmd_subject(args: argparse.Namespace) -> int:
     from privacy.subjects import SubjectFields, read_fields, write_fields
     from siteplan.db import Subject
 
-    _, factory, vault = _services()
+    settings, factory, vault = _services()
     with factory.begin() as db:
         s = db.get(Subject, args.subject)
         if s is None:
@@ -452,7 +484,7 @@ def cmd_subject(args: argparse.Namespace) -> int:
             result: dict[str, Any] = {"exported": str(out)}
             categories += ["photos", "derived_media"]
         elif args.action == "erase":
-            er = erase_subject(db, vault, s)
+            er = erase_subject(db, vault, s, settings.uploads_dir)
             result = {"erased": sid, "projects": er.projects, "objects_shredded": er.objects}
             categories += ["photos", "derived_media", "site_models"]
         elif args.action in ("restrict", "lift"):
@@ -538,7 +570,13 @@ def build_parser() -> argparse.ArgumentParser:
     ctf = sub.add_parser("certificate", help="destruction certificates").add_subparsers(dest="action", required=True)
     cv = ctf.add_parser("verify", help="check a certificate's signature and, with the data dir, that nothing survives")
     cv.add_argument("file")
+    cv.add_argument(
+        "--fingerprint",
+        help="the signing key's fingerprint the operator publishes (SHA256:...); needed away from the server",
+    )
     cv.set_defaults(func=cmd_certificate_verify)
+    cf = ctf.add_parser("fingerprint", help="print this service's signing-key fingerprint, for the operator to publish")
+    cf.set_defaults(func=cmd_certificate_fingerprint)
 
     rg = sub.add_parser("register", help="the register of processing")
     rg.add_argument("action", choices=["verify", "export"])

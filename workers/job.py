@@ -62,6 +62,25 @@ class JobInputs:
         )
 
 
+class JobCancelled(Exception):
+    """The job was cancelled (its contract is ending, its client's data erased) while it ran."""
+
+
+def _await(ref: Any, cancelled: Callable[[], bool] | None) -> Any:
+    """``ray.get(ref)``, checking every second whether the job was cancelled meanwhile; if so
+    the task is killed (its worker process with it) and JobCancelled raised, so a cancelled job
+    stops within about a second, not at the end of a minute-long stage, and writes no more."""
+    if cancelled is None:
+        return ray.get(ref)
+    while True:
+        ready, _ = ray.wait([ref], timeout=1.0)
+        if ready:
+            return ray.get(ref)
+        if cancelled():
+            ray.cancel(ref, force=True)
+            raise JobCancelled()
+
+
 class JobFailed(RuntimeError):
     """The job stopped; the message says why, for a person to act on."""
 
@@ -98,25 +117,29 @@ def site_and_plan(
     resumed: bool = False,
     pool: Pool = "interactive",
     attempts_dir: Path | None = None,
+    cancelled: Callable[[], bool] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Stages 2 and 3 on anonymised photos (Ray must be up): the metric site, then the plan.
     ``resumed``: ``out`` already holds the site from an earlier attempt; go straight to the plan.
-    ``attempts_dir``: where each stage task marks its attempts (``workers.tasks.count_attempts``)."""
+    ``attempts_dir``: where each stage task marks its attempts (``workers.tasks.count_attempts``).
+    ``cancelled``: polled while a stage runs; when it turns true the stage's task is killed and
+    JobCancelled raised."""
     att = str(attempts_dir) if attempts_dir else None
     if resumed:
         info = json.loads((out / "site.json").read_text())
         progress("[2/4] reconstruct: done in an earlier attempt, resumed from its checkpoint")
-        return info, _plan_stage(out, design, placement, photos_out, progress, stage_done, fail, pool, att)
+        return info, _plan_stage(out, design, placement, photos_out, progress, stage_done, fail, pool, att, cancelled)
     # 2. Metric site.
     t = time.perf_counter()
     progress(f"[2/4] reconstruct: SIFT, matching and mapping on {len(good)} photos, then scale and up")
     intr = {e["output"]: e["intrinsics"] for e in good}
     try:
-        info = ray.get(
+        info = _await(
             # GPU-capable: PatchMatch dense stereo on a GPU node, SGBM on CPU otherwise.
             reconstruct_task.options(
                 **stage_options("gpu", pool=pool, memory_mb=STAGE_MEMORY_MB["reconstruct"])
-            ).remote(str(photos_out), sorted(intr), intr, reference.model_dump(), str(out), sfm.model_dump(), att)
+            ).remote(str(photos_out), sorted(intr), intr, reference.model_dump(), str(out), sfm.model_dump(), att),
+            cancelled,
         )
     except ray.exceptions.RayTaskError as exc:
         cause = exc.cause if isinstance(exc.cause, (ReconstructionError, ScaleReferenceError)) else None
@@ -131,7 +154,7 @@ def site_and_plan(
         f"(+-{100 * info['scale_sigma_rel']:.2f} %)"
     )
 
-    return info, _plan_stage(out, design, placement, photos_out, progress, stage_done, fail, pool, att)
+    return info, _plan_stage(out, design, placement, photos_out, progress, stage_done, fail, pool, att, cancelled)
 
 
 def _plan_stage(
@@ -144,15 +167,17 @@ def _plan_stage(
     fail: Callable[[str], JobFailed],
     pool: Pool = "interactive",
     attempts_dir: str | None = None,
+    cancelled: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
     # 3. Design merge, drawings, montages.
     t = time.perf_counter()
     progress("[3/4] plan: place the design, draw the plan, render montages")
     try:
-        plan_result = ray.get(
+        plan_result = _await(
             plan_task.options(**stage_options("gpu", pool=pool, memory_mb=STAGE_MEMORY_MB["plan"])).remote(
                 str(out), str(design), str(placement), str(out), str(photos_out), attempts_dir
-            )
+            ),
+            cancelled,
         )
     except ray.exceptions.RayTaskError as exc:
         cause = exc.cause

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from privacy import register
+from privacy.lifecycle import hold_scratch
 from privacy.metadata import orient_point
 from privacy.vault import Vault
 from reconstruct.errors import ScaleReferenceError
@@ -30,7 +32,7 @@ from siteplan import PIPELINE_VERSION
 from siteplan.consent import MESSAGES, consent_problem
 from siteplan.db import BillingRecord, Design, Job, Photo, PlanFile, Project
 from siteplan.settings import Settings
-from workers.job import SITE_KEYS, JobFailed, site_and_plan
+from workers.job import SITE_KEYS, JobCancelled, JobFailed, site_and_plan
 from workers.routing import Pool
 from workers.runtime import ray_runtime
 from workers.tasks import count_attempts
@@ -76,8 +78,19 @@ def run_project_job(
     progress: Callable[[str], None] | None = None,
 ) -> None:
     """Run one queued job to done or failed; never raises for a job's own failure."""
-    say = progress or (lambda m: log.info("%s", m))
     scratch = settings.scratch_dir / job_id
+
+    def cancelled() -> bool:
+        """Whether the job was cancelled (or its rows deleted) since it was claimed."""
+        with factory() as db:
+            state = db.scalar(select(Job.state).where(Job.id == job_id))
+        return state is None or state == "cancelled"
+
+    def say(message: str) -> None:
+        if cancelled():  # at each step of the job: a cancelled job goes no further
+            raise JobCancelled()
+        (progress or (lambda m: log.info("%s", m)))(message)
+
     t_job = time.perf_counter()
     timings: dict[str, float] = {}
     with factory.begin() as db:
@@ -90,6 +103,7 @@ def run_project_job(
         job = db.get(Job, job_id)
         assert job is not None
         job.attempts, job.stage, job.progress = job.attempts + 1, "prepare", 0.02
+    running = hold_scratch(scratch)
     try:
         with factory.begin() as db:
             job = db.get(Job, job_id)
@@ -180,7 +194,8 @@ def run_project_job(
             timings[name] = round(seconds, 2)
             with factory.begin() as db:
                 j = db.get(Job, job_id)
-                assert j is not None
+                if j is None or j.state == "cancelled":
+                    raise JobCancelled()
                 j.stage, j.timings = name, dict(timings)
                 j.progress = {"reconstruct": 0.7, "plan": 0.9}.get(name, j.progress)
                 j.stage_attempts = _add_attempts(j.stage_attempts, count_attempts(attempts_dir))
@@ -198,7 +213,8 @@ def run_project_job(
 
         with factory.begin() as db:
             j = db.get(Job, job_id)
-            assert j is not None
+            if j is None or j.state == "cancelled":
+                raise JobCancelled()
             j.stage, j.progress = "reconstruct", 0.1
         out = scratch / "out"
         out.mkdir(parents=True, exist_ok=True)
@@ -222,6 +238,7 @@ def run_project_job(
                 resumed=resumed,
                 pool=pool,
                 attempts_dir=attempts_dir,
+                cancelled=cancelled,
             )
         timings["total"] = round(time.perf_counter() - t_job, 2)
         report = {
@@ -240,8 +257,7 @@ def run_project_job(
         sealed = [(n, vault.put_file(key_id, out / n)) for n in names]
         with factory.begin() as db:
             j = db.get(Job, job_id)
-            assert j is not None
-            if j.state == "cancelled":
+            if j is None or j.state == "cancelled":
                 for _, o in sealed:
                     vault.delete(key_id, o.object_id)
                 return
@@ -280,10 +296,13 @@ def run_project_job(
                 "registered_photos": len(info.get("registered_images", [])),
             }
         say(f"job {job_id[:8]} done in {timings['total']:.1f} s")
+    except JobCancelled:
+        log.info("job %s stopped: cancelled", job_id[:8])
     except JobFailed as exc:
         with factory.begin() as db:
             j = db.get(Job, job_id)
-            assert j is not None
+            if j is None or j.state == "cancelled":  # cancelled meanwhile: that is what it is
+                return
             j.state = "cancelled" if isinstance(exc, JobRefused) else "failed"
             j.error = str(exc)
             j.stage_attempts = _add_attempts(j.stage_attempts, count_attempts(scratch / "attempts"))
@@ -292,11 +311,13 @@ def run_project_job(
         log.error("job %s failed unexpectedly (%s)", job_id[:8], type(exc).__name__)
         with factory.begin() as db:
             j = db.get(Job, job_id)
-            assert j is not None
+            if j is None or j.state == "cancelled":
+                return
             j.state, j.error = "failed", f"internal error ({type(exc).__name__}); the operators were told"
             j.stage_attempts = _add_attempts(j.stage_attempts, count_attempts(scratch / "attempts"))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+        os.close(running)  # the scratch is gone: a termination waiting for it may go on
 
 
 def _add_attempts(before: dict[str, int] | None, now: dict[str, int]) -> dict[str, int]:

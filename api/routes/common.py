@@ -62,16 +62,6 @@ def replay(db: Session, key: str | None, fp: str) -> IdempotencyRecord | None:
     return rec
 
 
-def forget(db: Session, tenant_id: str, locations: list[str]) -> None:
-    """Drop the replay records of the requests that created these resources (an erasure: they
-    hold keyed hashes and ids only, and would go within a day, but go with the data at once)."""
-    db.execute(
-        delete(IdempotencyRecord).where(
-            IdempotencyRecord.tenant_id == tenant_id, IdempotencyRecord.location.in_(locations)
-        )
-    )
-
-
 def remember(
     db: Session,
     *,

@@ -14,7 +14,6 @@ from api.routes.common import (
     commit_or_conflict,
     count,
     fingerprint,
-    forget,
     remember,
     replay,
     set_location,
@@ -213,8 +212,7 @@ def export(subject_id: str, db: DB, svc: ServicesDep, c: ReadCaller) -> Response
 def erase(subject_id: str, db: DB, svc: ServicesDep, c: UploadCaller) -> Response:
     """Erasure (P7): the subject, their projects and every photo, design and plan of those."""
     s = _get(db, subject_id)
-    erased = erase_subject(db, svc.vault, s)
-    forget(db, c.tenant_id, [f"/v1/subjects/{subject_id}", *(f"/v1/projects/{p}" for p in erased.project_ids)])
+    erase_subject(db, svc.vault, s, svc.settings.uploads_dir)
     register.record(
         db,
         tenant_id=c.tenant_id,

@@ -11,7 +11,7 @@ from api.deps import DB, AdminCaller, ReadCaller, ServicesDep
 from api.errors import ERROR_RESPONSES, ApiError, not_found
 from api.routes.common import IDEMPOTENCY_HELP, commit_or_conflict, count, fingerprint, remember, replay, set_location
 from api.schemas import ContractCreate, ContractList, ContractPublic, ContractTerminate, TenantPublic
-from privacy.lifecycle import TerminationError, terminate_contract
+from privacy.lifecycle import InvalidRecipientKey, TerminationError, terminate_contract
 from privacy.register import export_register, verify_entries
 from siteplan.db import Certificate, Contract, Tenant
 from siteplan.paths import lifecycle_paths
@@ -105,6 +105,8 @@ def post_terminate(
             actor=c.token_id,
             recipient_public_pem=body.recipient_public_key.encode() if body.recipient_public_key else None,
         )
+    except InvalidRecipientKey as exc:
+        raise ApiError(422, "invalid", str(exc), field="recipient_public_key") from None
     except TerminationError as exc:
         raise ApiError(409, "conflict", str(exc)) from None
     db.expire_all()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from api.runner import ingest_photo
+from privacy import signing
 from privacy.lifecycle import verify_certificate
 from tests.api.conftest import Api
 
@@ -33,6 +34,12 @@ def test_terminate_destroys_and_certifies(api: Api) -> None:
     ingest_photo(api.svc, photo_id)
     assert c.get(f"/v1/photos/{photo_id}", headers=t.auth).json()["state"] == "anonymised"
     assert c.get(f"/v1/contracts/{t.contract_id}/certificate", headers=t.auth).status_code == 409
+    # A transfer to a key that is not one: refused before anything is frozen (it was a 500,
+    # with the contract stuck in "terminating").
+    bad = {"disposition": "transfer", "recipient_public_key": "garbage"}
+    r = c.post(f"/v1/contracts/{t.contract_id}/terminate", json=bad, headers=t.auth)
+    assert r.status_code == 422 and r.json()["error"]["field"] == "recipient_public_key", r.text
+    assert c.get(f"/v1/contracts/{t.contract_id}", headers=t.auth).json()["state"] == "active"
 
     r = c.post(f"/v1/contracts/{t.contract_id}/terminate", json={"disposition": "destroy"}, headers=t.auth)
     assert r.status_code == 200, r.text
@@ -44,7 +51,10 @@ def test_terminate_destroys_and_certifies(api: Api) -> None:
     assert r.status_code == 409 and r.json()["error"]["code"] == "contract_not_active"
     cert = c.get(f"/v1/contracts/{t.contract_id}/certificate", headers=t.auth).json()
     assert cert["document"]["destroyed"]["objects"] >= 1
-    assert verify_certificate(cert, vault=api.svc.vault, data_dir=api.svc.settings.root).ok
+    service_key = signing.public_b64(signing.load_or_create(api.svc.settings.key_dir / "signing.pem"))
+    assert verify_certificate(
+        cert, vault=api.svc.vault, data_dir=api.svc.settings.root, service_public_key=service_key
+    ).ok
     reg = c.get("/v1/register", headers=t.auth).json()
     assert reg["chain_ok"]
     actions = [e["action"] for e in reg["entries"]]

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from privacy import register
+from privacy import register, signing
 from privacy.anonymize import AnonymizationPolicy
 from privacy.backup import backup, restore
 from privacy.ingest import ingest
@@ -161,6 +161,11 @@ def world(tmp_path: Path) -> World:
     return World(settings, factory, vault, tid, c1, c2)
 
 
+def _service_key(w: World) -> str:
+    """The service's public signing key: what a verifier on the server trusts."""
+    return signing.public_b64(signing.load_or_create(lifecycle_paths(w.settings).signing_key))
+
+
 def _scan(root: Path, needles: list[bytes]) -> list[str]:
     hits = []
     for p in root.rglob("*"):
@@ -204,7 +209,7 @@ def test_destroy_leaves_nothing_and_keeps_the_other_contract(world: World, tmp_p
     doc = signed["document"]
     assert sorted(doc["destroyed"]["object_ids"]) == sorted(w.c1.objects)
     assert doc["destroyed"]["scratch_files"] == 1 and doc["destroyed"]["uploads_in_progress_files"] >= 1
-    check = verify_certificate(signed, vault=w.vault, data_dir=w.settings.root)
+    check = verify_certificate(signed, vault=w.vault, data_dir=w.settings.root, service_public_key=_service_key(w))
     assert check.ok, check.problems
     assert (paths.certificates / f"destruction-{w.c1.id}.html").is_file()
     with w.factory() as db:
@@ -231,7 +236,7 @@ def test_termination_killed_at_any_step_resumes_to_the_same_result(world: World,
     assert sorted(signed["document"]["destroyed"]["object_ids"]) == sorted(w.c1.objects)
     assert _scan(w.settings.root, w.c1.plaintext + w.c1.ciphertext) == []
     assert not w.vault.keys.exists(w.c1.id)
-    assert verify_certificate(signed, vault=w.vault, data_dir=w.settings.root).ok
+    assert verify_certificate(signed, vault=w.vault, data_dir=w.settings.root, service_public_key=_service_key(w)).ok
     # A third run changes nothing and returns the same certificate.
     again = terminate_contract(w.factory, w.vault, paths, contract_id=w.c1.id, disposition="destroy")
     assert again == signed
@@ -244,6 +249,15 @@ def test_tampered_certificate_and_register_fail(world: World) -> None:
     )
     forged = {**signed, "document": {**signed["document"], "disposition": "return"}}
     assert not verify_certificate(forged).signature_ok
+    # Re-signed with a key of the forger's own: the signature holds, the signer does not.
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    resigned = signing.sign(Ed25519PrivateKey.generate(), forged["document"])
+    published = signing.fingerprint(_service_key(w))
+    for check in (verify_certificate(resigned), verify_certificate(resigned, fingerprint=published)):
+        assert check.signature_ok and not check.ok, check.problems
+    assert verify_certificate(signed, fingerprint=published).ok  # away from the server, pinned
+    assert not verify_certificate(signed).ok  # ... and not without a key to trust
 
     def entry(db: Session, seq: int) -> RegisterEntry:
         q = select(RegisterEntry).where(RegisterEntry.tenant_id == w.tenant_id, RegisterEntry.seq == seq)
@@ -291,6 +305,52 @@ def test_backup_restore_does_not_resurrect_an_ended_contract(world: World, tmp_p
         assert len(db.scalars(select(Photo).where(Photo.contract_id == w.c2.id)).all()) == len(PHOTOS)
     assert _scan(w.settings.root, w.c1.ciphertext) == []
     assert sorted(w.vault.objects(w.c2.id)) == sorted(w.c2.objects)
+
+
+def test_restore_does_not_bring_back_an_erased_subject_or_lose_a_certificate(world: World, tmp_path: Path) -> None:
+    """A backup made before an erasure and a termination: restored, the subject stays erased
+    (their fields are sealed with a contract key that still exists, so only a replay keeps the
+    erasure), the register says so, and the ended contract's certificate is back."""
+    from siteplan.db import Certificate
+
+    w = world
+    archive = tmp_path / "b.tar.gz"
+    backup(db_file=w.settings.root / "siteplan.db", vault_root=w.settings.vault_dir, out=archive)
+    assert archive.stat().st_mode & 0o077 == 0, "the backup is the owner's only"
+    with w.factory.begin() as db:
+        s = db.get(Subject, w.c2.subject_id)
+        assert s is not None
+        erase_subject(db, w.vault, s)
+    signed = terminate_contract(
+        w.factory, w.vault, lifecycle_paths(w.settings), contract_id=w.c1.id, disposition="destroy"
+    )
+    w.factory.kw["bind"].dispose()
+    rep = restore(
+        archive,
+        db_file=w.settings.root / "siteplan.db",
+        vault_root=w.settings.vault_dir,
+        factory_for=lambda: init_db(w.settings.db_url),
+        vault=w.vault,
+        force=True,
+        certificates_dir=lifecycle_paths(w.settings).certificates,
+    )
+    assert rep.erasures_replayed == 1 and rep.certificates_restored == 1
+    factory = init_db(w.settings.db_url)
+    with factory() as db:
+        assert db.get(Subject, w.c2.subject_id) is None
+        assert db.scalars(select(Photo).where(Photo.contract_id == w.c2.id)).all() == []
+        cert = db.scalars(select(Certificate).where(Certificate.contract_id == w.c1.id)).one()
+        assert cert.document == signed
+        assert register.verify_register(db, w.tenant_id).ok
+        actions = [e.action for e in db.scalars(select(RegisterEntry).where(RegisterEntry.tenant_id == w.tenant_id))]
+        assert actions[-1] == "subject_erased"
+    assert w.vault.objects(w.c2.id) == []
+    assert _scan(w.settings.root, [b"Marie Peeters"]) == []
+    # Asked again, the ended contract answers with its certificate, not "ended without one".
+    again = terminate_contract(
+        factory, w.vault, lifecycle_paths(w.settings), contract_id=w.c1.id, disposition="destroy"
+    )
+    assert again == signed
 
 
 def test_transfer_archive_opens_only_with_the_recipients_key(world: World) -> None:
@@ -453,7 +513,7 @@ def test_termination_survives_sigkill(world: World) -> None:
     assert not w.vault.keys.exists(w.c1.id)
     assert _scan(w.settings.root, w.c1.plaintext + w.c1.ciphertext) == []
     cert = json.loads((lifecycle_paths(w.settings).certificates / f"destruction-{w.c1.id}.json").read_text())
-    assert verify_certificate(cert, vault=w.vault, data_dir=w.settings.root).ok
+    assert verify_certificate(cert, vault=w.vault, data_dir=w.settings.root, service_public_key=_service_key(w)).ok
     assert sorted(cert["document"]["destroyed"]["object_ids"]) == sorted(w.c1.objects)
 
 
@@ -479,3 +539,89 @@ def test_subject_rights_from_the_cli(world: World, tmp_path: Path) -> None:
         assert {"subject_rectify", "subject_restrict", "subject_export", "subject_erase"} <= set(actions)
         assert register.verify_register(db, w.tenant_id).ok
     assert w.vault.objects(w.c2.id) == []
+
+
+def test_erasure_takes_unfinished_uploads_and_replay_records(world: World) -> None:
+    """An upload half sent for the subject's project, and the replay record of the request that
+    created the project (it holds the project's reference), go with the erasure; the other
+    contract's stay."""
+    from privacy.rights import erase_subject
+    from siteplan.db import IdempotencyRecord
+
+    w = world
+    with w.factory.begin() as db:
+        ph = Photo(
+            tenant_id=w.tenant_id, project_id=w.c2.project_id, contract_id=w.c2.id, length=10**6, state="uploading"
+        )
+        db.add(ph)
+        db.flush()
+        pid = ph.id
+        for key, cd in (("k2", w.c2), ("k1", w.c1)):
+            db.add(
+                IdempotencyRecord(
+                    tenant_id=w.tenant_id,
+                    key=key,
+                    fingerprint="f" * 64,
+                    status=201,
+                    body={"reference": "Driveway of " + cd.name},
+                    location=f"/v1/projects/{cd.project_id}",
+                )
+            )
+    staging = w.settings.uploads_dir / w.c2.id / pid
+    UploadStaging(staging, w.vault, w.c2.id, pid).append([PHOTOS[0].read_bytes()[:200_000]], limit=10**9)
+    (w.settings.uploads_dir / w.c2.id / f".{pid}.lock").write_bytes(b"")
+    assert any(staging.iterdir())
+    with w.factory.begin() as db:
+        s = db.get(Subject, w.c2.subject_id)
+        assert s is not None
+        erase_subject(db, w.vault, s, w.settings.uploads_dir)
+    assert not staging.exists() and not (w.settings.uploads_dir / w.c2.id / f".{pid}.lock").exists()
+    with w.factory() as db:
+        assert [r.key for r in db.scalars(select(IdempotencyRecord))] == ["k1"]
+    # Contract end takes the rest.
+    terminate_contract(w.factory, w.vault, lifecycle_paths(w.settings), contract_id=w.c1.id, disposition="destroy")
+    with w.factory() as db:
+        assert db.scalars(select(IdempotencyRecord)).all() == []
+
+
+def test_termination_waits_for_a_running_job_and_refuses_a_bad_recipient_key(world: World) -> None:
+    """A job still writing its scratch holds a lock there: termination waits for it, and when it
+    has not stopped in time says so and leaves the rest for a second run (it used to go on and
+    sign while the job kept rendering, on scratch it had shredded). A transfer key that is not
+    an X25519 public key is refused before the contract is frozen."""
+    import os
+
+    from privacy.lifecycle import TerminationError, hold_scratch, scratch_in_use
+
+    w = world
+    paths = lifecycle_paths(w.settings)
+    with pytest.raises(TerminationError, match=r"X25519|PEM"):
+        terminate_contract(
+            w.factory, w.vault, paths, contract_id=w.c1.id, disposition="transfer", recipient_public_pem=b"garbage"
+        )
+    with w.factory() as db:
+        assert db.get(Contract, w.c1.id).state == "active"  # type: ignore[union-attr]
+    with w.factory.begin() as db:
+        job = db.scalars(select(Job).where(Job.project_id == w.c1.project_id)).one()
+        job.state = "running"
+        job_id = job.id
+    scratch = w.settings.scratch_dir / job_id
+    fd = hold_scratch(scratch)  # the job's process, alive
+    assert scratch_in_use(scratch)
+    with pytest.raises(TerminationError, match="still stopping"):
+        terminate_contract(w.factory, w.vault, paths, contract_id=w.c1.id, disposition="destroy", wait_for_jobs_s=0.5)
+    assert w.vault.objects(w.c1.id), "nothing was destroyed under the running job"
+    with w.factory() as db:
+        assert db.get(Job, job_id).state == "cancelled"  # type: ignore[union-attr]
+    # A second run (the job is already cancelled) still waits for it.
+    with pytest.raises(TerminationError, match="still stopping"):
+        terminate_contract(w.factory, w.vault, paths, contract_id=w.c1.id, disposition="destroy", wait_for_jobs_s=0.5)
+    os.close(fd)  # the job stopped (a crashed worker's lock goes the same way)
+    assert not scratch_in_use(scratch)
+    signed = terminate_contract(w.factory, w.vault, paths, contract_id=w.c1.id, disposition="destroy")
+    assert (
+        not scratch.exists()
+        and verify_certificate(signed, vault=w.vault, data_dir=w.settings.root, service_public_key=_service_key(w)).ok
+    )
+    with pytest.raises(TerminationError, match="already ended with 'destroy'"):
+        terminate_contract(w.factory, w.vault, paths, contract_id=w.c1.id, disposition="return")
