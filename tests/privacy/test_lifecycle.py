@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from privacy import register, signing
 from privacy.anonymize import AnonymizationPolicy
-from privacy.backup import backup, restore
+from privacy.backup import RestoreReport, backup, restore
 from privacy.ingest import ingest
 from privacy.lifecycle import STEPS, decrypt_transfer, terminate_contract, verify_certificate
 from privacy.rights import erase_subject, export_subject
@@ -283,20 +283,26 @@ def test_tampered_certificate_and_register_fail(world: World) -> None:
         assert not r.ok and "entry 3 is missing" in (r.problem or "")
 
 
-def test_backup_restore_does_not_resurrect_an_ended_contract(world: World, tmp_path: Path) -> None:
-    w = world
-    archive = tmp_path / "b.tar.gz"
-    backup(db_file=w.settings.root / "siteplan.db", vault_root=w.settings.vault_dir, out=archive)
-    terminate_contract(w.factory, w.vault, lifecycle_paths(w.settings), contract_id=w.c1.id, disposition="destroy")
+def _restore(w: World, archive: Path) -> RestoreReport:
+    """Restore over the world's data dir, as `siteplan restore --force` does."""
     w.factory.kw["bind"].dispose()
-    rep = restore(
+    return restore(
         archive,
         db_file=w.settings.root / "siteplan.db",
         vault_root=w.settings.vault_dir,
         factory_for=lambda: init_db(w.settings.db_url),
         vault=w.vault,
         force=True,
+        certificates_dir=lifecycle_paths(w.settings).certificates,
     )
+
+
+def test_backup_restore_does_not_resurrect_an_ended_contract(world: World, tmp_path: Path) -> None:
+    w = world
+    archive = tmp_path / "b.tar.gz"
+    backup(db_file=w.settings.root / "siteplan.db", vault_root=w.settings.vault_dir, out=archive)
+    terminate_contract(w.factory, w.vault, lifecycle_paths(w.settings), contract_id=w.c1.id, disposition="destroy")
+    rep = _restore(w, archive)
     assert rep.unrecoverable == [w.c1.id]
     factory = init_db(w.settings.db_url)
     with factory() as db:
@@ -324,16 +330,7 @@ def test_restore_does_not_bring_back_an_erased_subject_or_lose_a_certificate(wor
     signed = terminate_contract(
         w.factory, w.vault, lifecycle_paths(w.settings), contract_id=w.c1.id, disposition="destroy"
     )
-    w.factory.kw["bind"].dispose()
-    rep = restore(
-        archive,
-        db_file=w.settings.root / "siteplan.db",
-        vault_root=w.settings.vault_dir,
-        factory_for=lambda: init_db(w.settings.db_url),
-        vault=w.vault,
-        force=True,
-        certificates_dir=lifecycle_paths(w.settings).certificates,
-    )
+    rep = _restore(w, archive)
     assert rep.erasures_replayed == 1 and rep.certificates_restored == 1
     factory = init_db(w.settings.db_url)
     with factory() as db:
