@@ -160,6 +160,11 @@ def pair_depth(
     num = int(math.ceil((hi - lo + 0.3 * span + 8) / 16.0) * 16)
     num = max(16, min(num, 384))
     block = 5
+    if min_d < -size[0] or min_d + num >= size[0] - block:
+        # The sparse disparities do not fit the rectified image (a wide or oblique baseline):
+        # SGBM would search outside it (OpenCV then asks for a negative-sized buffer).
+        log.debug("pair skipped: disparity range %d..%d does not fit %d px", min_d, min_d + num, size[0])
+        return None
     sgbm = cv2.StereoSGBM.create(
         minDisparity=min_d,
         numDisparities=num,
@@ -213,25 +218,45 @@ def dense_surface(
         block_count=40000,
     )
     pairs = choose_pairs(rec, vs, cfg)
-    used = 0
+    used = skipped = 0
     for a, b in pairs:
         va, vb = vs[a], vs[b]
         # Left is the one whose partner sits to its right (+x in its camera frame).
         left, right = (va, vb) if (va.R @ (vb.centre - va.centre))[0] > 0 else (vb, va)
-        res = pair_depth(rec, left, right, image_dir, cfg)
-        if res is None:
+        # One pair that cannot be matched (a baseline SGBM cannot search, a depth map with
+        # nothing valid in it) is skipped, never the end of the reconstruction: the sparse model
+        # is whole without it.
+        try:
+            res = pair_depth(rec, left, right, image_dir, cfg)
+            if res is None or not (res[0] > 0).any():
+                skipped += 1
+                continue
+            depth, colour, K, ext = res
+            far = float(depth.max() + 1.0)
+            dt = o3d.t.geometry.Image(np.ascontiguousarray(depth))
+            ct = o3d.t.geometry.Image(np.ascontiguousarray(colour.astype(np.float32)))
+            Kt = o3c.Tensor(K.astype(np.float64))
+            Et = o3c.Tensor(ext.astype(np.float64))
+            blocks = grid.compute_unique_block_coordinates(dt, Kt, Et, 1.0, far, trunc_voxel_multiplier=4.0)
+            grid.integrate(blocks, dt, ct, Kt, Kt, Et, 1.0, far, trunc_voxel_multiplier=4.0)
+        except (cv2.error, RuntimeError, ValueError) as exc:
+            log.warning("dense: a stereo pair was skipped (%s)", type(exc).__name__)
+            skipped += 1
             continue
-        depth, colour, K, ext = res
-        far = float(depth.max() + 1.0)
-        dt = o3d.t.geometry.Image(np.ascontiguousarray(depth))
-        ct = o3d.t.geometry.Image(np.ascontiguousarray(colour.astype(np.float32)))
-        Kt = o3c.Tensor(K.astype(np.float64))
-        Et = o3c.Tensor(ext.astype(np.float64))
-        blocks = grid.compute_unique_block_coordinates(dt, Kt, Et, 1.0, far, trunc_voxel_multiplier=4.0)
-        grid.integrate(blocks, dt, ct, Kt, Kt, Et, 1.0, far, trunc_voxel_multiplier=4.0)
         used += 1
-    # Where several pairs overlap, keep only what at least two of them saw.
-    mesh = grid.extract_triangle_mesh(weight_threshold=1.5 if used >= 3 else 0.5).to_legacy()
+    info: dict[str, Any] = {"backend": "sgbm+tsdf", "pairs": used, "pairs_skipped": skipped, "voxel_m": round(voxel, 4)}
+    try:
+        # Where several pairs overlap, keep only what at least two of them saw.
+        mesh = grid.extract_triangle_mesh(weight_threshold=1.5 if used >= 3 else 0.5).to_legacy() if used else None
+    except RuntimeError:  # nothing fused ("no block is touched")
+        mesh = None
+    if mesh is None or not len(mesh.triangles):
+        # No surface: the site keeps its sparse model, and the plan works from it (as with the
+        # dense stage switched off); site.json says why.
+        out_ply.unlink(missing_ok=True)
+        info.update(triangles=0, seconds=round(time.perf_counter() - t0, 2), note="no stereo pair gave a surface")
+        log.warning("dense surface: none (%d pairs tried, none usable)", len(pairs))
+        return info
     if mesh.has_vertex_colors():
         mesh.vertex_colors = o3d.utility.Vector3dVector(np.clip(np.asarray(mesh.vertex_colors) / 255.0, 0, 1))
     if len(mesh.triangles):
@@ -246,13 +271,7 @@ def dense_surface(
     if not o3d.io.write_triangle_mesh(str(tmp), mesh):
         raise OSError("the dense surface could not be written")
     tmp.replace(out_ply)
-    info = {
-        "backend": "sgbm+tsdf",
-        "pairs": used,
-        "voxel_m": round(voxel, 4),
-        "triangles": len(mesh.triangles),
-        "seconds": round(time.perf_counter() - t0, 2),
-    }
+    info.update(triangles=len(mesh.triangles), seconds=round(time.perf_counter() - t0, 2))
     log.info("dense surface: %s", info)
     return info
 

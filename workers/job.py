@@ -85,6 +85,26 @@ class JobFailed(RuntimeError):
     """The job stopped; the message says why, for a person to act on."""
 
 
+def map_placement(placement: dict[str, Any], entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """The placement's clicked points, given like the reference's in the uploaded photo's pixels
+    before orientation, carried to the anonymised (upright) output, as map_reference does. They
+    were passed on as given: a portrait photo's click landed elsewhere, or outside the photo."""
+    img = placement.get("image")
+    if img is None:
+        return placement
+    e = next((e for e in entries if e["input"] == img), None)
+    if e is None or e["output"] is None:
+        raise ScaleReferenceError(f"the placement is on photo '{img}', which could not be used")
+    intr = e["intrinsics"]
+    ow, oh, o = intr["original_width"], intr["original_height"], intr["orientation"]
+    out = dict(placement, image=e["output"])
+    if out.get("ground_points") is not None:
+        out["ground_points"] = [list(orient_point(p[0], p[1], ow, oh, o)) for p in out["ground_points"]]
+    if out.get("ground_point") is not None:
+        out["ground_point"] = list(orient_point(out["ground_point"][0], out["ground_point"][1], ow, oh, o))
+    return out
+
+
 def map_reference(ref: ScaleReference, entries: list[dict[str, Any]]) -> ScaleReference:
     """Reference segments name uploaded photos, in their pixels before orientation: rename them to
     the anonymised outputs and carry the coordinates through the orientation."""
@@ -302,15 +322,20 @@ def run_main_job(settings: Settings, inputs: JobInputs, progress: Progress = pri
             raise fail(f"only {len(good)} photos could be used; at least {inputs.sfm.min_photos} are needed")
         try:
             mref = map_reference(ref, entries)
+            placement = map_placement(json.loads(inputs.placement.read_text()), entries)
         except ScaleReferenceError as exc:
             raise fail(str(exc)) from None
+        except (ValueError, AttributeError, TypeError, IndexError, KeyError):
+            raise fail(f"{inputs.placement.name} is not a valid placement (JSON, see DESIGN.md)") from None
+        placed = out / ".placement.json"
+        placed.write_text(json.dumps(placement))
 
         info, plan_result = site_and_plan(
             photos_out=photos_out,
             good=good,
             reference=mref,
             design=inputs.design,
-            placement=inputs.placement,
+            placement=placed,
             out=out,
             sfm=inputs.sfm,
             progress=progress,
@@ -318,6 +343,7 @@ def run_main_job(settings: Settings, inputs: JobInputs, progress: Progress = pri
             fail=fail,
             attempts_dir=attempts_dir,
         )
+        placed.unlink(missing_ok=True)
 
     # 4. Report.
     t = time.perf_counter()
