@@ -12,9 +12,9 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import select, update
 
-from api.routes.common import IDEMPOTENCY_TTL
+from api.routes.common import expire_replays
 from api.services import Services
 from api.uploads import expire_uploads
 from privacy import register
@@ -23,7 +23,7 @@ from privacy.ingest import ingest
 from privacy.sandbox import SandboxUnavailable
 from privacy.vault import VaultError
 from siteplan.consent import consent_problem
-from siteplan.db import IdempotencyRecord, Job, Photo, Project
+from siteplan.db import Job, Photo, Project
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +112,7 @@ class Runner:
             log.error("upload expiry sweep failed: %s", type(exc).__name__)
         try:
             with self.svc.factory.begin() as db:
-                db.execute(
-                    delete(IdempotencyRecord).where(IdempotencyRecord.created_at < datetime.now(UTC) - IDEMPOTENCY_TTL)
-                )
+                expire_replays(db)
         except Exception as exc:
             log.error("replay record sweep failed: %s", type(exc).__name__)
         with self._lock:

@@ -9,7 +9,6 @@ import contextlib
 import fcntl
 import logging
 import os
-import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from api.errors import ApiError, not_found
 from api.services import Services
-from privacy.vault import UploadStaging, shred_file
+from privacy.vault import UploadStaging, VaultError, discard_upload, upload_lock_path, upload_staging
 from siteplan.db import Photo, tenant_session
 
 log = logging.getLogger(__name__)
@@ -39,7 +38,7 @@ class Upload:
 
 def staging_of(svc: Services, p: Photo | Upload) -> UploadStaging:
     # The quarantined original will be the vault object named after the photo (a random id).
-    return UploadStaging(svc.settings.uploads_dir / p.contract_id / p.id, svc.vault, p.contract_id, p.id)
+    return upload_staging(svc.settings.uploads_dir, svc.vault, p.contract_id, p.id)
 
 
 def reread(db: Session, photo_id: str) -> Photo:
@@ -53,7 +52,7 @@ def reread(db: Session, photo_id: str) -> Photo:
 
 
 def lock_path(svc: Services, p: Photo | Upload) -> Path:
-    return svc.settings.uploads_dir / p.contract_id / f".{p.id}.lock"
+    return upload_lock_path(svc.settings.uploads_dir, p.contract_id, p.id)
 
 
 @contextmanager
@@ -158,12 +157,10 @@ def _sweep_orphans(svc: Services) -> int:
                 if pid in live or entry.stat().st_mtime > cutoff:
                     continue
                 if entry.is_dir():
-                    for f in (f for f in entry.rglob("*") if f.is_file()):
-                        shred_file(f)
-                    shutil.rmtree(entry, ignore_errors=True)
+                    discard_upload(root, svc.vault, contract_dir.name, pid)
                     gone += 1
                 else:
                     entry.unlink(missing_ok=True)
-            except OSError:
+            except (OSError, VaultError):  # a name that is no upload id: not ours to touch
                 continue
     return gone

@@ -17,7 +17,7 @@ from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session
 
 from privacy.subjects import open_subject
-from privacy.vault import UploadStaging, Vault
+from privacy.vault import Vault, discard_upload
 from siteplan.db import Design, IdempotencyRecord, Job, Photo, PlanFile, Project, Subject, SubjectToken
 
 
@@ -147,8 +147,7 @@ def erase_subject(
     for ph in db.scalars(select(Photo).where(Photo.project_id.in_(projects))).all():
         objects += [o for o in (ph.object, ph.original_object) if o]
         if ph.state == "uploading" and uploads_dir is not None:
-            UploadStaging(uploads_dir / cid / ph.id, vault, cid, ph.id).discard()
-            (uploads_dir / cid / f".{ph.id}.lock").unlink(missing_ok=True)
+            discard_upload(uploads_dir, vault, cid, ph.id)
     for d in db.scalars(select(Design).where(Design.project_id.in_(projects))).all():
         objects += [d.object] if d.object else []
     objects += list(db.scalars(select(PlanFile.object).where(PlanFile.job_id.in_(jobs))))

@@ -370,6 +370,23 @@ def open_field(key: bytes, sealed: str, *, context: str) -> str:
 # -- Resumable uploads, encrypted while in progress ----------------------------------------------
 
 
+def upload_staging(uploads_dir: Path, vault: Vault, contract_id: str, upload_id: str) -> UploadStaging:
+    """Where an upload in progress lives: ``<uploads>/<contract>/<upload id>/``. The tus routes,
+    the expiry sweep, erasure and termination all find it here."""
+    return UploadStaging(uploads_dir / contract_id / upload_id, vault, contract_id, upload_id)
+
+
+def upload_lock_path(uploads_dir: Path, contract_id: str, upload_id: str) -> Path:
+    """The upload's writer lock, beside its staging directory (finishing deletes that one)."""
+    return uploads_dir / contract_id / f".{upload_id}.lock"
+
+
+def discard_upload(uploads_dir: Path, vault: Vault, contract_id: str, upload_id: str) -> None:
+    """Shred what arrived of an unfinished upload, and its lock file."""
+    upload_staging(uploads_dir, vault, contract_id, upload_id).discard()
+    upload_lock_path(uploads_dir, contract_id, upload_id).unlink(missing_ok=True)
+
+
 class UploadStaging:
     """An upload in progress, addressed by the vault object it will become.
 

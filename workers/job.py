@@ -85,6 +85,11 @@ class JobFailed(RuntimeError):
     """The job stopped; the message says why, for a person to act on."""
 
 
+def _upright(pt: list[float] | tuple[float, float], intr: dict[str, Any]) -> tuple[float, float]:
+    """A pixel of the uploaded photo (before orientation) in the anonymised, upright one."""
+    return orient_point(pt[0], pt[1], intr["original_width"], intr["original_height"], intr["orientation"])
+
+
 def map_placement(placement: dict[str, Any], entries: list[dict[str, Any]]) -> dict[str, Any]:
     """The placement's clicked points, given like the reference's in the uploaded photo's pixels
     before orientation, carried to the anonymised (upright) output, as map_reference does. They
@@ -95,13 +100,11 @@ def map_placement(placement: dict[str, Any], entries: list[dict[str, Any]]) -> d
     e = next((e for e in entries if e["input"] == img), None)
     if e is None or e["output"] is None:
         raise ScaleReferenceError(f"the placement is on photo '{img}', which could not be used")
-    intr = e["intrinsics"]
-    ow, oh, o = intr["original_width"], intr["original_height"], intr["orientation"]
     out = dict(placement, image=e["output"])
     if out.get("ground_points") is not None:
-        out["ground_points"] = [list(orient_point(p[0], p[1], ow, oh, o)) for p in out["ground_points"]]
+        out["ground_points"] = [list(_upright(p, e["intrinsics"])) for p in out["ground_points"]]
     if out.get("ground_point") is not None:
-        out["ground_point"] = list(orient_point(out["ground_point"][0], out["ground_point"][1], ow, oh, o))
+        out["ground_point"] = list(_upright(out["ground_point"], e["intrinsics"]))
     return out
 
 
@@ -114,10 +117,7 @@ def map_reference(ref: ScaleReference, entries: list[dict[str, Any]]) -> ScaleRe
         e = by_input.get(s.image)
         if e is None or e["output"] is None:
             raise ScaleReferenceError(f"reference segment {i} is on photo '{s.image}', which could not be used")
-        intr = e["intrinsics"]
-        ow, oh, o = intr["original_width"], intr["original_height"], intr["orientation"]
-        a = orient_point(s.a[0], s.a[1], ow, oh, o)
-        b = orient_point(s.b[0], s.b[1], ow, oh, o)
+        a, b = _upright(s.a, e["intrinsics"]), _upright(s.b, e["intrinsics"])
         segs.append(s.model_copy(update={"image": e["output"], "a": a, "b": b}))
     return ScaleReference(segments=segs, markers=ref.markers)
 

@@ -22,7 +22,6 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from privacy import register
 from privacy.lifecycle import hold_scratch
-from privacy.metadata import orient_point
 from privacy.vault import Vault
 from reconstruct.errors import ScaleReferenceError
 from reconstruct.reference import ScaleReference, check_reference
@@ -32,7 +31,7 @@ from siteplan import PIPELINE_VERSION
 from siteplan.consent import MESSAGES, consent_problem
 from siteplan.db import BillingRecord, Design, Job, Photo, PlanFile, Project
 from siteplan.settings import Settings
-from workers.job import SITE_KEYS, JobCancelled, JobFailed, site_and_plan
+from workers.job import SITE_KEYS, JobCancelled, JobFailed, map_placement, map_reference, site_and_plan
 from workers.routing import Pool
 from workers.runtime import ray_runtime
 from workers.tasks import count_attempts
@@ -66,10 +65,6 @@ def check_consent(db: Session, job: Job) -> Project:
     return project
 
 
-def _orient(pt: list[float] | tuple[float, float], intr: dict[str, Any]) -> tuple[float, float]:
-    return orient_point(pt[0], pt[1], intr["original_width"], intr["original_height"], intr["orientation"])
-
-
 def run_project_job(
     settings: Settings,
     factory: sessionmaker[Session],
@@ -86,10 +81,12 @@ def run_project_job(
             state = db.scalar(select(Job.state).where(Job.id == job_id))
         return state is None or state == "cancelled"
 
+    emit = progress or (lambda m: log.info("%s", m))
+
     def say(message: str) -> None:
         if cancelled():  # at each step of the job: a cancelled job goes no further
             raise JobCancelled()
-        (progress or (lambda m: log.info("%s", m)))(message)
+        emit(message)
 
     t_job = time.perf_counter()
     timings: dict[str, float] = {}
@@ -144,12 +141,10 @@ def run_project_job(
         photos_out = scratch / "photos"
         photos_out.mkdir(parents=True, exist_ok=True)
         good: list[dict[str, Any]] = []
-        intr_by_id: dict[str, dict[str, Any]] = {}
         for pid, obj, intr in photo_rows:
             assert obj is not None and intr is not None
             vault.export_to(key_id, obj, photos_out / f"{pid}.jpg")
             good.append({"input": pid, "output": f"{pid}.jpg", "intrinsics": intr})
-            intr_by_id[pid] = intr
         obj, fmt, descriptor = design_row
         design_dir = scratch / "design"
         assert obj is not None
@@ -160,34 +155,11 @@ def run_project_job(
         # Reference and placement name photos by id, in pixels as uploaded: orient them.
         ref = ScaleReference.model_validate(inputs["reference"])
         try:
-            check_reference(ref, set(intr_by_id))
+            check_reference(ref, {g["input"] for g in good})
+            mref = map_reference(ref, good)
+            placement = map_placement(dict(inputs["placement"]), good)
         except ScaleReferenceError as exc:
             raise JobFailed(str(exc)) from None
-        segs = [
-            s.model_copy(
-                update={
-                    "image": f"{s.image}.jpg",
-                    "a": _orient(s.a, intr_by_id[s.image]),
-                    "b": _orient(s.b, intr_by_id[s.image]),
-                }
-            )
-            for s in ref.segments
-        ]
-        mref = ScaleReference(segments=segs, markers=ref.markers)
-        placement = dict(inputs["placement"])
-        if placement.get("image") is not None:
-            img = placement["image"]
-            if img not in intr_by_id:
-                raise JobFailed("the placement names a photo that is not in this project")
-            for k in ("ground_points", "ground_point"):
-                if placement.get(k) is not None:
-                    v = placement[k]
-                    placement[k] = (
-                        [list(_orient(p, intr_by_id[img])) for p in v]
-                        if k == "ground_points"
-                        else list(_orient(v, intr_by_id[img]))
-                    )
-            placement["image"] = f"{img}.jpg"
         (scratch / "placement.json").write_text(json.dumps(placement))
 
         def stage_done(name: str, seconds: float) -> None:

@@ -41,16 +41,21 @@ def fingerprint(svc: Services, tenant_id: str, method: str, path: str, body: Any
     return hmac.new(key, b"siteplan-idempotency/v1\0" + raw, hashlib.sha256).hexdigest()
 
 
+def expire_replays(db: Session, tenant_id: str | None = None) -> None:
+    """Delete replay records past IDEMPOTENCY_TTL: one tenant's (before a replay), or all (the
+    runner's hourly sweep, for tenants that send no more requests)."""
+    stmt = delete(IdempotencyRecord).where(IdempotencyRecord.created_at < datetime.now(UTC) - IDEMPOTENCY_TTL)
+    if tenant_id is not None:
+        stmt = stmt.where(IdempotencyRecord.tenant_id == tenant_id)
+    db.execute(stmt)
+
+
 def replay(db: Session, key: str | None, fp: str) -> IdempotencyRecord | None:
     if not key:
         return None
     if len(key) > 100:
         raise ApiError(422, "invalid", "Idempotency-Key is at most 100 characters", field="Idempotency-Key")
-    tenant = db.info.get("tenant_id")
-    cutoff = datetime.now(UTC) - IDEMPOTENCY_TTL
-    db.execute(
-        delete(IdempotencyRecord).where(IdempotencyRecord.tenant_id == tenant, IdempotencyRecord.created_at < cutoff)
-    )
+    expire_replays(db, db.info.get("tenant_id"))
     rec = db.scalars(select(IdempotencyRecord).where(IdempotencyRecord.key == key)).first()
     if rec is not None and rec.fingerprint != fp:
         raise ApiError(

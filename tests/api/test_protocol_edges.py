@@ -227,5 +227,20 @@ def test_unfinished_uploads_expire_with_what_arrived(api: Api) -> None:
     assert api.client.head(old, headers=t.auth | TUS).status_code == 404
     assert not staged.exists()
     assert api.client.head(fresh, headers=t.auth | TUS).headers["Upload-Offset"] == "5000"
+    # Staging whose row is gone (a PATCH that wrote after an erasure deleted it) has no upload
+    # for the expiry to find: it is shredded once idle for an hour, a live upload's is not.
+    orphan = create(api, t, pid, len(data))
+    assert patch(api, orphan, t.auth, 0, data[:5000]).status_code == 204  # type: ignore[attr-defined]
+    orphan_id = orphan.rsplit("/", 1)[1]
+    with api.scoped(t.id) as db:
+        db.delete(db.get(Photo, orphan_id))
+        db.commit()
+    left = [api.svc.settings.uploads_dir / t.contract_id / n for n in (orphan_id, f".{orphan_id}.lock")]
+    hour_ago = time.time() - 3700
+    for f in left:
+        os.utime(f, (hour_ago, hour_ago))
+    expire_uploads(api.svc)
+    assert not any(f.exists() for f in left)
+    assert api.client.head(fresh, headers=t.auth | TUS).headers["Upload-Offset"] == "5000"
     opts = api.client.options("/v1/uploads", headers=t.auth | TUS)
     assert "expiration" in opts.headers["Tus-Extension"]
