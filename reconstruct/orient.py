@@ -1,11 +1,16 @@
 """Orientation (+Z up) and the site's planes.
 
-Up comes first from the cameras: people hold phones upright, so the mean of the cameras' "up"
-directions is a good prior (photos are already rotated upright by the privacy gate). The ground
-is then the largest RANSAC plane (open3d) whose normal is within 25 degrees of that prior and
-that lies below the cameras; its normal becomes +Z and its height z = 0. Near-vertical planes
-are the facades. Without a ground plane the prior and the lowest points are used, and
-site.json says so.
+Up comes first from gravity as the photos show it: the vertical edges of buildings, posts and
+frames (reconstruct/vertical.py). Without enough edges, from the cameras: people hold phones
+upright, so the mean of the cameras' "up" directions is a rough prior (off by the phones' mean
+pitch). The ground is then the largest RANSAC plane (open3d) whose normal is near that up and
+that lies below the cameras (or, when walls win RANSAC, the same among the points well below
+the cameras). With the edges' vertical, +Z is gravity; the ground is kept as a sloped plane (on
+which placement clicks land) when it slopes more than 1 degree and its points spread enough to
+say which way, else as a level plane at its height (the foot of a wall is a strip, whose plane
+may lean any way). Without edges, the ground plane's normal is +Z. The ground is z = 0 at the
+origin. Near-vertical planes are the facades. Without a ground plane the ground is taken
+1.5 m below the cameras (phones held by people standing on it), and site.json says so.
 """
 
 from __future__ import annotations
@@ -19,8 +24,13 @@ import numpy as np
 import open3d as o3d
 
 from reconstruct.geometry import View
+from reconstruct.vertical import VerticalEstimate
 
 log = logging.getLogger(__name__)
+
+
+PHONE_HEIGHT_M = 1.5  # a phone held to take a photo, above the ground the photographer stands on
+NO_GROUND = f"ground height {PHONE_HEIGHT_M} m below the cameras (no ground plane found)"
 
 
 @dataclass
@@ -30,6 +40,7 @@ class Orientation:
     ground: dict[str, Any]
     facades: list[dict[str, Any]] = field(default_factory=list)
     up_source: str = ""
+    vertical: VerticalEstimate | None = None  # in the frame orient() was given
 
 
 def camera_up(vs: list[View]) -> np.ndarray:
@@ -39,13 +50,19 @@ def camera_up(vs: list[View]) -> np.ndarray:
 
 
 def find_planes(
-    pts: np.ndarray, *, threshold: float, max_planes: int = 6, min_share: float = 0.03, seed: int = 0
+    pts: np.ndarray,
+    *,
+    threshold: float,
+    max_planes: int = 6,
+    min_share: float = 0.03,
+    min_points: int = 100,
+    seed: int = 0,
 ) -> list[tuple[np.ndarray, float, np.ndarray]]:
     """Successive RANSAC planes: (unit normal n, d with n.X = d, inlier mask over ``pts``)."""
     o3d.utility.random.seed(seed)
     remaining = np.arange(len(pts))
     out = []
-    min_count = max(100, int(min_share * len(pts)))
+    min_count = max(min_points, int(min_share * len(pts)))
     for _ in range(max_planes):
         if len(remaining) < min_count:
             break
@@ -63,31 +80,96 @@ def find_planes(
     return out
 
 
-def orient(pts: np.ndarray, vs: list[View], *, threshold_m: float = 0.03) -> Orientation:
-    """Rotation and translation taking metric model coordinates to the site frame (+Z up)."""
-    up0 = camera_up(vs)
-    centres = np.array([v.centre for v in vs])
-    planes = find_planes(pts, threshold=threshold_m)
-    ground = None
-    cos_ground = math.cos(math.radians(25))
+def _pick_ground(
+    planes: list[tuple[np.ndarray, float, np.ndarray]],
+    pts: np.ndarray,
+    up0: np.ndarray,
+    centres: np.ndarray,
+    cos_max: float,
+) -> tuple[np.ndarray, float, np.ndarray] | None:
+    """The largest plane near level (normal within acos(cos_max) of up0) below the cameras:
+    (normal, d, its inlier points)."""
     for n, d, mask in sorted(planes, key=lambda p: -int(p[2].sum())):
         if n @ up0 < 0:
             n, d = -n, -d
-        if n @ up0 < cos_ground:
+        if n @ up0 < cos_max:
             continue
         heights = centres @ n - d
         if np.mean(heights > 0) < 0.8:  # the ground is below the cameras
             continue
-        ground = (n, d, mask)
-        break
+        return n, d, pts[mask]
+    return None
+
+
+def _well_spread(inliers: np.ndarray, n: np.ndarray) -> bool:
+    """Whether a plane's inliers pin its tilt in both directions: not a strip (the foot of a
+    wall, a kerb), whose plane may lean any way about its length."""
+    q = inliers - inliers.mean(axis=0)
+    q = q - np.outer(q @ n, n)
+    ev = np.linalg.eigvalsh(q.T @ q / max(1, len(q)))
+    return bool(ev[1] >= 0.3**2 * ev[2])
+
+
+def orient(
+    pts: np.ndarray,
+    vs: list[View],
+    *,
+    threshold_m: float = 0.03,
+    vertical: VerticalEstimate | None = None,
+    min_slope_deg: float = 1.0,
+) -> Orientation:
+    """Rotation and translation taking metric model coordinates to the site frame (+Z up).
+
+    With ``vertical`` (gravity, from the photos' edges) +Z is gravity and the ground is searched
+    near level; it is kept as a sloped plane when it slopes more than ``min_slope_deg`` and its
+    points pin the slope down, else as a level plane at its height. Without it, the cameras'
+    up is the prior and a ground plane found near it decides +Z."""
+    cam_up = camera_up(vs)
+    up0 = vertical.up if vertical is not None else cam_up
+    centres = np.array([v.centre for v in vs])
+    # Sparse points are noisier further from the cameras: a fixed tolerance finds no ground
+    # on a castle's forecourt photographed from 30 m.
+    depth = float(np.median(np.linalg.norm(pts[:: max(1, len(pts) // 2000)][:, None] - centres[None], axis=2)))
+    threshold = max(threshold_m, 0.004 * depth)
+    planes = find_planes(pts, threshold=threshold)
+    cos_ground = math.cos(math.radians(25 if vertical is None else 15))
+    ground = _pick_ground(planes, pts, up0, centres, cos_ground)
+    if ground is None:
+        # Walls and roofs win the first RANSAC rounds on a building's photos: look again among
+        # the points well below the cameras only, where the ground is when it was photographed.
+        low = pts[pts @ up0 < float(np.median(centres @ up0)) - 0.5]
+        if len(low) >= 50:
+            lows = find_planes(low, threshold=threshold, max_planes=3, min_share=0.1, min_points=50)
+            ground = _pick_ground(lows, low, up0, centres, cos_ground)
+    slope = None
     if ground is not None:
+        slope = math.degrees(math.acos(min(1.0, float(ground[0] @ up0))))
+    if vertical is not None:
+        # Gravity is known: it is +Z (a gate's posts are plumb, whatever the driveway does). The
+        # ground is a level plane at its inliers' height unless it clearly slopes and its points
+        # spread enough to say which way.
+        up = vertical.up
+        up_source = vertical.describe()
+        if ground is None:
+            up_source += f"; {NO_GROUND}"
+            gn, gd = up, float(np.median(centres @ up)) - PHONE_HEIGHT_M
+        elif slope is not None and slope > min_slope_deg and _well_spread(ground[2], ground[0]):
+            gn, gd = ground[0], ground[1]
+            up_source += f"; the ground plane (RANSAC) slopes {slope:.1f} deg"
+        else:
+            gn, gd = up, float(np.median(ground[2] @ up))
+            up_source += "; ground height from a level plane (RANSAC)"
+            slope = 0.0
+    elif ground is not None:
         up = ground[0]
-        z0 = ground[1]
         up_source = "ground plane (RANSAC), checked against the cameras' up direction"
+        gn, gd = ground[0], ground[1]
     else:
         up = up0
-        z0 = float(np.percentile(pts @ up, 2))
-        up_source = "cameras' up direction; ground height from the lowest points (no ground plane found)"
+        up_source = f"cameras' up direction; {NO_GROUND}"
+        # The photographers stand on it: their median height less a hand-held phone's. The
+        # lowest points are no guide (noise below the ground; on a building's steps, above it).
+        gn, gd = up, float(np.median(centres @ up)) - PHONE_HEIGHT_M
     # Plans are drawn square to the main facade, as an architect would: +Y points from the
     # photographers into the largest near-vertical plane, X runs along it. Without a facade,
     # +Y is the first photo's viewing direction on the ground.
@@ -106,13 +188,19 @@ def orient(pts: np.ndarray, vs: list[View], *, threshold_m: float = 0.03) -> Ori
     R = np.vstack([x, y, up])
     # Origin: the ground point below the centre of the site's points.
     c = np.median(pts, axis=0)
-    c = c - (c @ up - z0) * up
+    c = c + (gd - gn @ c) / (gn @ up) * up  # along +Z onto the ground
     t = -R @ c
+    plane = [0.0, 0.0, 1.0, 0.0]
+    if ground is not None:  # level unless the ground clearly slopes
+        gw = R @ gn
+        plane = [round(float(v), 6) for v in (*gw, gd + float(gw @ t))]
     ground_json: dict[str, Any] = {
-        "plane": [0.0, 0.0, 1.0, 0.0],
+        "plane": plane,
         "found": ground is not None,
-        "inliers": int(ground[2].sum()) if ground is not None else 0,
-        "tilt_from_camera_up_deg": round(math.degrees(math.acos(min(1.0, float(up @ up0)))), 2),
+        "inliers": len(ground[2]) if ground is not None else 0,
+        "tilt_from_camera_up_deg": round(math.degrees(math.acos(min(1.0, float(up @ cam_up)))), 2),
+        "slope_deg": round(slope, 2) if slope is not None else None,
+        "ransac_tolerance_m": round(threshold, 3),
     }
     facades = []
     for n, d, mask in planes:
@@ -120,4 +208,4 @@ def orient(pts: np.ndarray, vs: list[View], *, threshold_m: float = 0.03) -> Ori
             nw = R @ n
             dw = d + float(nw @ t)  # n.X = d  ->  nw.(R X + t) = d + nw.t
             facades.append({"plane": [round(float(v), 5) for v in (*nw, dw)], "inliers": int(mask.sum())})
-    return Orientation(R, t, ground_json, facades, up_source)
+    return Orientation(R, t, ground_json, facades, up_source, vertical)

@@ -74,17 +74,27 @@ def load_placement(path: Path) -> PlacementSpec:
     return load_model(path, PlacementSpec, PlacementError, "placement")
 
 
-def lift_to_ground(view: View, uv: tuple[float, float], *, max_range_m: float = 200.0) -> np.ndarray:
-    """Intersect a pixel's ray with the ground plane z = 0."""
+FLAT_GROUND = (0.0, 0.0, 1.0, 0.0)
+
+
+def lift_to_ground(
+    view: View,
+    uv: tuple[float, float],
+    *,
+    ground: tuple[float, float, float, float] | list[float] = FLAT_GROUND,
+    max_range_m: float = 200.0,
+) -> np.ndarray:
+    """Intersect a pixel's ray with the ground plane (n.X = d; z = 0 unless the ground slopes)."""
     if not (0 <= uv[0] <= view.width and 0 <= uv[1] <= view.height):
         raise PlacementError(f"the placement point {list(uv)} lies outside photo {view.name}")
+    n, dist = np.asarray(ground[:3], dtype=np.float64), float(ground[3])
     C, d = view.ray(uv)
-    if d[2] >= -1e-6 or C[2] <= 0:
+    if n @ d >= -1e-6 or n @ C - dist <= 0:
         raise PlacementError(
             f"the placement point {list(uv)} in photo {view.name} is not on the ground "
             "(its ray does not meet the ground plane)"
         )
-    s = -C[2] / d[2]
+    s = (dist - n @ C) / (n @ d)
     X = C + s * d
     if np.linalg.norm(X - C) > max_range_m:
         raise PlacementError(f"the placement point {list(uv)} meets the ground {s:.0f} m away; click nearer")
@@ -98,6 +108,7 @@ def resolve(
     *,
     scale_sigma_rel: float = 0.0,
     ground_sigma_m: float = 0.02,
+    ground: tuple[float, float, float, float] | list[float] = FLAT_GROUND,
 ) -> Placement:
     warnings: list[str] = []
     if spec.site is not None:
@@ -110,16 +121,15 @@ def resolve(
         raise PlacementError(f"photo {spec.image} of the placement could not be placed in the model")
     view = views[spec.image]
     if spec.ground_points is not None:
-        A = lift_to_ground(view, spec.ground_points[0])
-        B = lift_to_ground(view, spec.ground_points[1])
+        A = lift_to_ground(view, spec.ground_points[0], ground=ground)
+        B = lift_to_ground(view, spec.ground_points[1], ground=ground)
         ab = B - A
         opening = float(np.linalg.norm(ab[:2]))
         if opening < 0.05:
             raise PlacementError("the two placement points are the same spot on the ground")
         x = np.array([ab[0], ab[1], 0.0]) / opening
         y = np.cross([0.0, 0.0, 1.0], x)
-        mid = (A + B) / 2
-        mid[2] = 0.0
+        mid = (A + B) / 2  # on the ground plane (z = 0 where it is level)
         to_cam = view.centre - mid
         if y @ to_cam < 0:  # the design's front faces the photographer
             x, y = -x, -y
@@ -134,7 +144,6 @@ def resolve(
         sigma = math.hypot(opening * scale_sigma_rel, math.sqrt(2) * ground_sigma_m)
         return Placement(R, mid, sx, opening, sigma, "two ground points", warnings)
     if spec.ground_point is not None:
-        P = lift_to_ground(view, spec.ground_point)
-        P[2] = 0.0
+        P = lift_to_ground(view, spec.ground_point, ground=ground)
         return Placement(rotation_z(spec.rotation_deg), P, 1.0, None, None, "ground point and rotation", warnings)
     raise PlacementError("the placement names a photo but neither 'ground_points' nor 'ground_point'")

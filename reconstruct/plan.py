@@ -22,7 +22,7 @@ from reconstruct.design import Design, describe, load_design
 from reconstruct.drawing import elevation, top_view, write_dxf, write_svg
 from reconstruct.errors import ReconstructionError
 from reconstruct.geometry import View, views
-from reconstruct.placement import Placement, load_placement, resolve
+from reconstruct.placement import FLAT_GROUND, Placement, load_placement, resolve
 from reconstruct.render import Mesh, montage
 from reconstruct.site import Site, load_site
 
@@ -126,7 +126,13 @@ def plan(
     vs = views(site.reconstruction)
     if not vs:
         raise ReconstructionError("the site model has no registered photos")
-    placement = resolve(spec, design, vs, scale_sigma_rel=float(site.info.get("scale_sigma_rel", 0.0)))
+    placement = resolve(
+        spec,
+        design,
+        vs,
+        scale_sigma_rel=float(site.info.get("scale_sigma_rel", 0.0)),
+        ground=site.info.get("ground_plane", {}).get("plane", FLAT_GROUND),
+    )
     meshes = placed_meshes(design, placement)
     out_dir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}

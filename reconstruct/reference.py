@@ -51,8 +51,11 @@ def load_reference(path: Path) -> ScaleReference:
     return load_model(path, ScaleReference, ScaleReferenceError, "scale reference")
 
 
-def check_reference(ref: ScaleReference, image_names: set[str]) -> None:
-    """Fail before any compute when the reference cannot give a scale."""
+def check_reference(
+    ref: ScaleReference, image_names: set[str], sizes: dict[str, tuple[int, int]] | None = None
+) -> None:
+    """Fail before any compute when the reference cannot give a scale. ``sizes``: each photo's
+    (width, height) as the reference's pixels are given, when known."""
     if not ref.segments and not ref.markers:
         raise ScaleReferenceError("the scale reference has no segments and no markers")
     for i, s in enumerate(ref.segments):
@@ -62,6 +65,14 @@ def check_reference(ref: ScaleReference, image_names: set[str]) -> None:
             raise ScaleReferenceError(f"reference segment {i} needs a positive length_m (got {s.length_m})")
         if math.dist(s.a, s.b) < 5.0:
             raise ScaleReferenceError(f"reference segment {i} is shorter than 5 pixels in its photo")
+        size = (sizes or {}).get(s.image)
+        if size is not None:
+            for end, (u, v) in (("a", s.a), ("b", s.b)):
+                if not (0 <= u <= size[0] and 0 <= v <= size[1]):
+                    raise ScaleReferenceError(
+                        f"reference segment {i}: point {end} {[u, v]} lies outside its photo "
+                        f"({size[0]} x {size[1]} pixels, upright)"
+                    )
     import cv2
 
     for i, m in enumerate(ref.markers):

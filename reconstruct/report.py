@@ -28,20 +28,49 @@ def _row(*cells: Any, head: bool = False) -> str:
     return "<tr>" + "".join(f"<{tag}>{escape(str(c))}</{tag}>" for c in cells) + "</tr>"
 
 
+SITE_KEYS = (
+    "scale",
+    "scale_sigma_rel",
+    "scale_source",
+    "ground_plane",
+    "up_source",
+    "registered_images",
+    "unregistered_images",
+    "num_points",
+    "mean_reprojection_error_px",
+    "choices",
+    "timings",
+)
+
+
+def plan_report(site_info: dict[str, Any], plan_result: dict[str, Any]) -> dict[str, Any]:
+    """The report of a plan made from a RUN_DIR (``siteplan plan``): no job, no privacy gate run."""
+    timings = {f"plan: {k.removesuffix('_s')}": v for k, v in plan_result.get("timings", {}).items()}
+    return {
+        "site": {k: site_info.get(k) for k in SITE_KEYS},
+        "plan": plan_result,
+        "timings_s": timings,
+    }
+
+
 def write_report_html(report: dict[str, Any], path: Path) -> None:
+    """report.html from a report dict (report.json's content; ``job`` and ``privacy`` optional)."""
     plan = report["plan"]
     site = report["site"]
-    priv = report["privacy"]
+    priv = report.get("privacy")
+    job = report.get("job")
     pl = plan["placement"]
     design = plan["design"]
-    scale = site["scale"]
+    scale = site.get("scale")
     parts = [
         f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>Site plan</title>"
         f"<style>{_CSS}</style></head><body>",
         f"<h1>{escape(design['name'])} on site</h1>",
-        f"<div class='sub'>Project {escape(report['job']['project'][:8])} - pipeline "
-        f"{escape(report['job']['pipeline_version'])}</div>",
     ]
+    if job is not None:
+        parts.append(
+            f"<div class='sub'>Project {escape(job['project'][:8])} - pipeline {escape(job['pipeline_version'])}</div>"
+        )
     mont = [m for m in plan["montages"] if "file" in m]
     parts.append("<h2>Photomontages</h2><div class='grid'>")
     for m in mont:
@@ -87,36 +116,46 @@ def write_report_html(report: dict[str, Any], path: Path) -> None:
         if d["label"] == "opening" and pl.get("opening_sigma_m") is not None:
             sig = f"{pl['opening_sigma_m']:.3f} m"
         elif d["label"] != "design width":
-            sig = f"{d['value_m'] * site['scale_sigma_rel']:.3f} m (scale only)"
+            sig = f"{d['value_m'] * (site.get('scale_sigma_rel') or 0.0):.3f} m (scale only)"
         parts.append(_row(d["label"], f"{d['value_m']:.3f} m", sig))
     parts.append(_row("design", f"{design['width_m']:.3f} x {design['depth_m']:.3f} x {design['height_m']:.3f} m", ""))
     parts.append("</table>")
     for w in pl.get("warnings", []) + design.get("warnings", []):
         parts.append(f"<p class='warn'>{escape(w)}</p>")
     parts.append("<h2>Scale and model</h2><table>")
-    parts.append(_row("scale source", site["scale_source"]))
-    parts.append(_row("scale uncertainty (1-sigma)", f"{100 * site['scale_sigma_rel']:.2f} %"))
-    for w in scale.get("warnings", []):
+    if site.get("scale_source") is not None:
+        parts.append(_row("scale source", site["scale_source"]))
+    if site.get("scale_sigma_rel") is not None:
+        parts.append(_row("scale uncertainty (1-sigma)", f"{100 * site['scale_sigma_rel']:.2f} %"))
+    for w in (scale or {}).get("warnings", []):
         parts.append(_row("warning", w))
-    parts.append(_row("up direction", site["up_source"]))
-    parts.append(_row("photos placed", f"{len(site['registered_images'])}"))
-    if site["unregistered_images"]:
+    if site.get("up_source") is not None:
+        parts.append(_row("up direction", site["up_source"]))
+    slope = (site.get("ground_plane") or {}).get("slope_deg")
+    if slope is not None and slope > 3.0:
+        parts.append(_row("ground slope", f"{slope:.1f} deg"))
+    if site.get("registered_images") is not None:
+        parts.append(_row("photos placed", f"{len(site['registered_images'])}"))
+    if site.get("unregistered_images"):
         parts.append(_row("photos not placed", ", ".join(site["unregistered_images"])))
-    parts.append(_row("points", site["num_points"]))
-    parts.append(_row("mean reprojection error", f"{site['mean_reprojection_error_px']:.2f} px"))
+    if site.get("num_points") is not None:
+        parts.append(_row("points", site["num_points"]))
+    if site.get("mean_reprojection_error_px") is not None:
+        parts.append(_row("mean reprojection error", f"{site['mean_reprojection_error_px']:.2f} px"))
     parts.append("</table>")
-    parts.append("<h2>Privacy</h2><table>")
-    parts.append(_row("photos anonymised", f"{priv['anonymised']} of {priv['photos']}"))
-    parts.append(_row("faces blurred", priv["faces_blurred"]))
-    parts.append(_row("licence plates blurred", priv["plates_blurred"]))
-    for e in priv["errors"]:
-        parts.append(_row(f"refused: {e['input']}", e["error"]))
-    parts.append(
-        "</table><p class='sub'>All metadata was dropped except focal length and image size; "
-        "details per photo in <a href='photos/report.json'>photos/report.json</a>.</p>"
-    )
+    if priv is not None:
+        parts.append("<h2>Privacy</h2><table>")
+        parts.append(_row("photos anonymised", f"{priv['anonymised']} of {priv['photos']}"))
+        parts.append(_row("faces blurred", priv["faces_blurred"]))
+        parts.append(_row("licence plates blurred", priv["plates_blurred"]))
+        for e in priv["errors"]:
+            parts.append(_row(f"refused: {e['input']}", e["error"]))
+        parts.append(
+            "</table><p class='sub'>All metadata was dropped except focal length and image size; "
+            "details per photo in <a href='photos/report.json'>photos/report.json</a>.</p>"
+        )
     parts.append("<h2>Files</h2><ul>")
-    for f, what in (
+    files = [
         ("plan.glb", "3D plan (glTF binary: site points, design, cameras)"),
         ("plan.dxf", "top view for CAD (metres)"),
         ("plan.svg", "top view"),
@@ -124,8 +163,11 @@ def write_report_html(report: dict[str, Any], path: Path) -> None:
         ("model/", "COLMAP model (metres, +Z up)"),
         ("site.json", "site facts"),
         ("report.json", "this report as data"),
-    ):
-        parts.append(f"<li><a href='{f}'>{f}</a>: {escape(what)}</li>")
+        ("plan.json", "the plan as data"),
+    ]
+    for f, what in files:
+        if (path.parent / f).exists():
+            parts.append(f"<li><a href='{f}'>{f}</a>: {escape(what)}</li>")
     parts.append("</ul><h2>Timings</h2><table>")
     for k, v in report["timings_s"].items():
         parts.append(_row(k, f"{v:.1f} s"))

@@ -11,7 +11,7 @@ import logging
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +21,11 @@ import pycolmap
 from reconstruct.dense import DenseConfig, dense_surface, load_surface, transform_surface
 from reconstruct.errors import ReconstructionError
 from reconstruct.geometry import views
-from reconstruct.orient import Orientation, orient
+from reconstruct.orient import Orientation, camera_up, orient
 from reconstruct.reference import ScaleReference, check_reference
 from reconstruct.scale import estimate_scale
 from reconstruct.sfm import SfmConfig, run_sfm
+from reconstruct.vertical import vertical_from_lines
 from siteplan import PIPELINE_VERSION
 
 log = logging.getLogger(__name__)
@@ -56,12 +57,13 @@ def reconstruct(
     """Build the metric, +Z-up site model from the photos in ``image_dir``."""
     t_all = time.perf_counter()
     if names is None:
-        names = sorted(
-            p.name for p in image_dir.iterdir() if p.is_file() and p.suffix.lower() in {".jpg", ".jpeg", ".png"}
-        )
+        names = photo_names(image_dir)
     if intrinsics is None:
         intrinsics = _intrinsics_from_files(image_dir, names)
-    check_reference(reference, set(names))
+    sizes = {
+        n: (int(i["width"]), int(i["height"])) for n, i in intrinsics.items() if i.get("width") and i.get("height")
+    }
+    check_reference(reference, set(names), sizes)
     cfg = config or SfmConfig()
     if len(names) < cfg.min_photos:
         raise ReconstructionError(f"{len(names)} usable photos; at least {cfg.min_photos} are needed")
@@ -85,7 +87,8 @@ def reconstruct(
     rec.transform(pycolmap.Sim3d(scale.scale, pycolmap.Rotation3d(np.eye(3)), np.zeros(3)))
     pts = np.array([p.xyz for p in rec.points3D.values()])
     vs = [views(rec)[n] for n in sfm.registered]
-    ori = orient(pts, vs)
+    vertical = vertical_from_lines(image_dir, vs, camera_up(vs))
+    ori = orient(pts, vs, vertical=vertical)
     rec.transform(pycolmap.Sim3d(1.0, pycolmap.Rotation3d(ori.R), ori.t))
     timings["scale_orient_s"] = time.perf_counter() - t0
 
@@ -151,13 +154,54 @@ def _refine_with_surface(
         verts = verts[np.random.default_rng(0).choice(len(verts), 150_000, replace=False)]
     pts = np.vstack([np.array([p.xyz for p in rec.points3D.values()]), verts])
     vs = [views(rec)[n] for n in registered]
-    again = orient(pts, vs)
+    vertical = None
+    if ori.vertical is not None:  # the model has since been turned by ori.R
+        vertical = replace(ori.vertical, up=ori.R @ ori.vertical.up)
+    again = orient(pts, vs, vertical=vertical)
     if not again.ground["found"]:
         return ori
     rec.transform(pycolmap.Sim3d(1.0, pycolmap.Rotation3d(again.R), again.t))
     transform_surface(surface_path, again.R, again.t)
-    again.up_source = "ground plane found on the dense surface (RANSAC), checked against the cameras' up direction"
+    again.up_source = again.up_source.replace(
+        "ground plane (RANSAC)", "ground plane found on the dense surface (RANSAC)"
+    )
     return again
+
+
+PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png"}
+GATE_ONLY_SUFFIXES = {".heic", ".heif", ".hif", ".avif", ".tif", ".tiff", ".webp", ".dng"}
+
+
+def photo_names(image_dir: Path) -> list[str]:
+    """The photos of a folder given to ``siteplan reconstruct``: upright JPEG or PNG, as the privacy
+    gate writes them. A rotated or HEIC photo is refused with what to do: SfM reads pixels as
+    stored, and the reference's clicks were made on the upright photo."""
+    from PIL import Image
+
+    names = []
+    for p in sorted(image_dir.iterdir()):
+        if not p.is_file() or p.name.startswith("."):
+            continue
+        suffix = p.suffix.lower()
+        if suffix in GATE_ONLY_SUFFIXES:
+            raise ReconstructionError(
+                f"{p.name}: {suffix} photos are read by the privacy gate only; "
+                "run `siteplan anonymize` on the folder first (it writes upright JPEGs)"
+            )
+        if suffix not in PHOTO_SUFFIXES:
+            continue
+        try:
+            with Image.open(p) as im:
+                orientation = im.getexif().get(0x0112, 1)
+        except OSError:
+            raise ReconstructionError(f"{p.name} is not a readable image") from None
+        if orientation not in (0, 1):
+            raise ReconstructionError(
+                f"{p.name} is stored rotated (EXIF orientation {orientation}); "
+                "run `siteplan anonymize` on the folder first (it writes upright photos)"
+            )
+        names.append(p.name)
+    return names
 
 
 def _intrinsics_from_files(image_dir: Path, names: list[str]) -> dict[str, dict[str, Any]]:

@@ -114,6 +114,7 @@ def cmd_measure(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from reconstruct.plan import plan
+    from reconstruct.report import plan_report, write_report_html
 
     run_dir = Path(args.run_dir)
     images = Path(args.images) if args.images else None
@@ -121,7 +122,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
         info_path = run_dir / "site.json"
         rel = json.loads(info_path.read_text()).get("images_dir") if info_path.is_file() else None
         images = (run_dir / rel) if rel else run_dir / "images"
-    res = plan(run_dir, Path(args.design), Path(args.placement), Path(args.out), images_dir=images)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"error: {out} exists and is not a directory")
+    for p in (Path(args.design), Path(args.placement)):
+        if not p.is_file():
+            raise SystemExit(f"error: {p} does not exist")
+    res = plan(run_dir, Path(args.design), Path(args.placement), out, images_dir=images)
+    info_path = run_dir / "site.json"
+    site_info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    write_report_html(plan_report(site_info, res), out / "report.html")
     made = [m["file"] for m in res["montages"] if "file" in m]
     print(json.dumps({"placement": res["placement"], "montages": made, "drawings": res["drawings"]}, indent=1))
     return 0

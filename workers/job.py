@@ -20,9 +20,9 @@ import ray
 
 from privacy.anonymize import AnonymizationPolicy, duplicate_entry, list_images, output_names, write_report
 from privacy.metadata import orient_point
-from reconstruct.errors import ReconstructionError, ScaleReferenceError
+from reconstruct.errors import DesignError, PlacementError, ReconstructionError, ScaleReferenceError
 from reconstruct.reference import ScaleReference, check_reference, load_reference
-from reconstruct.report import write_report_html
+from reconstruct.report import SITE_KEYS, write_report_html
 from reconstruct.sfm import SfmConfig
 from siteplan import PIPELINE_VERSION
 from siteplan.db import Contract, Job, Project, Tenant, init_db
@@ -122,6 +122,15 @@ def map_reference(ref: ScaleReference, entries: list[dict[str, Any]]) -> ScaleRe
     return ScaleReference(segments=segs, markers=ref.markers)
 
 
+def unexpected(exc: BaseException | None) -> str:
+    """A failure we have no message for, named by its qualified type only (an exception's text
+    may hold paths): 'an unexpected error (cv2.error); ...', not 'failed (error)'."""
+    if exc is None:
+        return "an unexpected error; try again, and report it if it persists"
+    name = f"{type(exc).__module__}.{type(exc).__qualname__}".removeprefix("builtins.")
+    return f"an unexpected error ({name}); try again, and report it with the job id if it persists"
+
+
 def site_and_plan(
     *,
     photos_out: Path,
@@ -163,7 +172,7 @@ def site_and_plan(
         )
     except ray.exceptions.RayTaskError as exc:
         cause = exc.cause if isinstance(exc.cause, (ReconstructionError, ScaleReferenceError)) else None
-        raise fail(str(cause) if cause else f"reconstruction failed ({type(exc.cause).__name__})") from None
+        raise fail(str(cause) if cause else f"reconstruction failed: {unexpected(exc.cause)}") from None
     except ray.exceptions.RayError as exc:  # workers or nodes lost more often than the retries allow
         raise fail(f"reconstruction lost its worker too often ({type(exc).__name__}); try again") from None
     info["images_dir"] = "photos"
@@ -200,27 +209,13 @@ def _plan_stage(
             cancelled,
         )
     except ray.exceptions.RayTaskError as exc:
-        cause = exc.cause
-        raise fail(f"planning failed: {cause}" if cause else "planning failed") from None
+        # Our own errors speak to the designer; anything else may carry paths: its type only.
+        known = isinstance(exc.cause, (PlacementError, DesignError, ReconstructionError))
+        raise fail(f"planning failed: {exc.cause if known else unexpected(exc.cause)}") from None
     except ray.exceptions.RayError as exc:
         raise fail(f"planning lost its worker too often ({type(exc).__name__}); try again") from None
     stage_done("plan", time.perf_counter() - t)
     return plan_result
-
-
-SITE_KEYS = (
-    "scale",
-    "scale_sigma_rel",
-    "scale_source",
-    "ground_plane",
-    "up_source",
-    "registered_images",
-    "unregistered_images",
-    "num_points",
-    "mean_reprojection_error_px",
-    "choices",
-    "timings",
-)
 
 
 def run_main_job(settings: Settings, inputs: JobInputs, progress: Progress = print) -> dict[str, Any]:

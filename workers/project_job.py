@@ -25,13 +25,13 @@ from privacy.lifecycle import hold_scratch
 from privacy.vault import Vault
 from reconstruct.errors import ScaleReferenceError
 from reconstruct.reference import ScaleReference, check_reference
-from reconstruct.report import write_report_html
+from reconstruct.report import SITE_KEYS, write_report_html
 from reconstruct.sfm import SfmConfig
 from siteplan import PIPELINE_VERSION
 from siteplan.consent import MESSAGES, consent_problem
 from siteplan.db import BillingRecord, Design, Job, Photo, PlanFile, Project
 from siteplan.settings import Settings
-from workers.job import SITE_KEYS, JobCancelled, JobFailed, map_placement, map_reference, site_and_plan
+from workers.job import JobCancelled, JobFailed, map_placement, map_reference, site_and_plan
 from workers.routing import Pool
 from workers.runtime import ray_runtime
 from workers.tasks import count_attempts

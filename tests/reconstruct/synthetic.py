@@ -44,7 +44,7 @@ def look_at(C: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return R, -R @ C
 
 
-def make_scene(seed: int = 0, scale: float = 0.37, n_cams: int = 5) -> Scene:
+def make_scene(seed: int = 0, scale: float = 0.37, n_cams: int = 5, target_z: float = 1.0) -> Scene:
     rng = np.random.default_rng(seed)
     gx, gy = np.meshgrid(np.linspace(-4, 4, 33), np.linspace(-1.5, 4.9, 27))
     ground = np.column_stack([gx.ravel(), gy.ravel(), np.zeros(gx.size)])
@@ -56,7 +56,7 @@ def make_scene(seed: int = 0, scale: float = 0.37, n_cams: int = 5) -> Scene:
     cams = []
     for k in range(n_cams):
         C = np.array([-2.0 + 4.0 * k / max(1, n_cams - 1), -4.0, 1.6 + 0.05 * k])
-        cams.append(look_at(C, np.array([0.0, 5.0, 1.0])))
+        cams.append(look_at(C, np.array([0.0, 5.0, target_z])))
     rec = pycolmap.Reconstruction()
     cam = pycolmap.Camera(model="PINHOLE", width=W, height=H, params=[F, F, W / 2, H / 2], camera_id=1)
     rec.add_camera_with_trivial_rig(cam)

@@ -120,3 +120,23 @@ def test_principal_point_is_refined_where_enough_photos_share_the_camera() -> No
     assert abs(got.principal_point_x - true_pp[0]) < 1.0 and abs(got.principal_point_y - true_pp[1]) < 1.0
     same, info = _refine_principal_points(start, 11)
     assert not info["refined"] and same is start
+
+
+def test_photos_the_stage_cannot_read_upright_are_refused_with_what_to_do(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from reconstruct.site import photo_names
+
+    for k in range(3):
+        Image.new("RGB", (64, 48), (k, 0, 0)).save(tmp_path / f"{k}.jpg")
+    (tmp_path / "notes.txt").write_text("not a photo")
+    assert photo_names(tmp_path) == ["0.jpg", "1.jpg", "2.jpg"]
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown portrait
+    Image.new("RGB", (64, 48)).save(tmp_path / "3.jpg", exif=exif)
+    with pytest.raises(ReconstructionError, match=r"3.jpg is stored rotated .*siteplan anonymize"):
+        photo_names(tmp_path)
+    (tmp_path / "3.jpg").unlink()
+    (tmp_path / "4.HEIC").write_bytes(b"\0\0\0\x18ftypheic")
+    with pytest.raises(ReconstructionError, match=r"4.HEIC: .heic photos are read by the privacy gate only"):
+        photo_names(tmp_path)

@@ -124,3 +124,29 @@ def test_placement_off_the_ground_is_refused(site_dir: tuple[Path, object]) -> N
     (tmp / "sky.json").write_text(json.dumps({"image": "0000.jpg", "ground_points": [[100, 5], [300, 5]]}))
     with pytest.raises(PlacementError, match="not on the ground"):
         plan(tmp / "run", GATE, tmp / "sky.json", tmp / "plan")
+
+
+def test_plan_command_writes_every_promised_file(
+    site_dir: tuple[Path, object], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from siteplan.cli import main
+
+    tmp, _ = site_dir
+    out = tmp / "plan"
+    assert main(["plan", str(tmp / "run"), "--design", str(GATE), "--placement", str(tmp / "placement.json"),
+                 "--out", str(out)]) == 0  # fmt: skip
+    # DESIGN.md's fixed interface: plan.glb, plan.svg, plan.dxf, montage_<image>.jpg and report.html.
+    for f in ("plan.glb", "plan.svg", "plan.dxf", "report.html"):
+        assert (out / f).is_file(), f
+    montages = sorted(p.name for p in out.glob("montage_*.jpg"))
+    assert montages
+    html = (out / "report.html").read_text()
+    for m in montages:
+        assert f"src='{m}'" in html
+    assert "data:model/gltf-binary;base64," in html and "3.600 m" in html  # the 3D plan and the opening
+    assert "Privacy" not in html  # no privacy gate ran in this command: the page claims none
+    # A file where the output folder should be: a clear error, no traceback.
+    (tmp / "taken").write_text("x")
+    with pytest.raises(SystemExit, match="not a directory"):
+        main(["plan", str(tmp / "run"), "--design", str(GATE), "--placement", str(tmp / "placement.json"),
+              "--out", str(tmp / "taken")])  # fmt: skip

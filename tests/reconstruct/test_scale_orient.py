@@ -102,6 +102,11 @@ def test_reference_errors_name_the_problem(tmp_path: Path) -> None:
     zero = ScaleReference(segments=[Segment(image="a.jpg", a=(0, 0), b=(100, 0), length_m=0.0)])
     with pytest.raises(ScaleReferenceError, match="positive length_m"):
         check_reference(zero, {"a.jpg"})
+    # Clicks outside the photo are refused before SfM runs (they failed after it).
+    check_reference(ref, {"a.jpg"}, {"a.jpg": (100, 80)})
+    off = ScaleReference(segments=[Segment(image="a.jpg", a=(10, 10), b=(130, 10), length_m=1.0)])
+    with pytest.raises(ScaleReferenceError, match=r"point b \[130.0, 10.0\] lies outside its photo \(100 x 80"):
+        check_reference(off, {"a.jpg"}, {"a.jpg": (100, 80)})
     (tmp_path / "r.json").write_text('{"segments": [{"image": "a.jpg", "a": [0, 0]}]}')
     with pytest.raises(ScaleReferenceError, match="invalid"):
         load_reference(tmp_path / "r.json")

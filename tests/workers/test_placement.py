@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from reconstruct.errors import ScaleReferenceError
@@ -22,3 +23,17 @@ def test_placement_points_follow_the_photos_orientation() -> None:
     assert map_placement({"anchor": [0, 0, 0]}, [entry]) == {"anchor": [0, 0, 0]}  # no photo named
     with pytest.raises(ScaleReferenceError):
         map_placement({"image": "missing.jpg", "ground_point": [1.0, 1.0]}, [entry])
+
+
+def test_an_unexpected_failure_is_named_without_its_text() -> None:
+    import cv2
+
+    from workers.job import unexpected
+
+    try:
+        cv2.resize(np.zeros((0, 0), np.uint8), (0, 0))
+    except cv2.error as exc:
+        msg = unexpected(exc)
+    assert "cv2.error" in msg and "resize" not in msg  # OpenCV's text names its source files
+    assert "(KeyError)" in unexpected(KeyError("/home/someone/photo.jpg"))
+    assert "someone" not in unexpected(KeyError("/home/someone/photo.jpg"))
