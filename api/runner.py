@@ -20,10 +20,12 @@ from api.uploads import expire_uploads
 from privacy import register
 from privacy.anonymize import AnonymizationPolicy
 from privacy.ingest import ingest
+from privacy.lifecycle import expire_exports
 from privacy.sandbox import SandboxUnavailable
 from privacy.vault import VaultError
 from siteplan.consent import consent_problem
 from siteplan.db import Job, Photo, Project
+from siteplan.paths import lifecycle_paths
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +105,8 @@ class Runner:
         self._timer: threading.Timer | None = None
 
     def _sweep(self) -> None:
-        """Delete expired unfinished uploads and idempotency records now, and again every hour
+        """Delete expired unfinished uploads, idempotency records and unclaimed contract exports
+        (30 days) now, and again every hour
         while the server runs (a replay record of a tenant that sends no more requests would
         otherwise stay: they were purged only inside that tenant's next request)."""
         try:
@@ -115,6 +118,10 @@ class Runner:
                 expire_replays(db)
         except Exception as exc:
             log.error("replay record sweep failed: %s", type(exc).__name__)
+        try:
+            expire_exports(self.svc.factory, lifecycle_paths(self.svc.settings))
+        except Exception as exc:
+            log.error("export expiry sweep failed: %s", type(exc).__name__)
         with self._lock:
             if not self._stopped:
                 self._timer = threading.Timer(SWEEP_EVERY_S, self._sweep)

@@ -65,6 +65,7 @@ log = logging.getLogger(__name__)
 
 DISPOSITIONS = ("destroy", "return", "transfer")
 STEPS = ("freeze", "export", "inventory", "rows", "objects", "key", "close")
+EXPORT_KEEP_DAYS = 30  # an export archive waits this long for the controller, then is shredded
 BILLING_RETENTION = timedelta(days=7 * 365 + 2)  # 7 years (P10), leap days included
 
 
@@ -243,6 +244,71 @@ def _write_atomic(path: Path, data: bytes) -> None:
 # -- the termination ------------------------------------------------------------------------------
 
 
+def export_file(paths: Paths, contract_id: str) -> Path | None:
+    """The export archive a ``return`` or ``transfer`` termination left for the controller."""
+    for suffix in (".zip", ".zip.x25519"):
+        p = paths.exports / f"{contract_id}-export{suffix}"
+        if p.is_file():
+            return p
+    return None
+
+
+def note_export_download(factory: sessionmaker[Session], contract_id: str, *, actor: str) -> None:
+    """The register says when the controller fetched its data (a disclosure, P9)."""
+    with factory.begin() as db:
+        c = db.get(Contract, contract_id)
+        assert c is not None
+        register.record(
+            db,
+            tenant_id=c.tenant_id,
+            actor=actor,
+            action="export_downloaded",
+            categories=list(_EXPORT_CATEGORIES),
+            purpose="end of service: the controller fetched its export",
+            ref=contract_id,
+        )
+
+
+def delete_export(factory: sessionmaker[Session], paths: Paths, contract_id: str, *, actor: str, why: str) -> bool:
+    """Shred the service's copy of a contract's export (received, or past its deadline) and
+    record it; False when there is none. The certificate promised this deletion."""
+    p = export_file(paths, contract_id)
+    if p is None:
+        return False
+    with factory.begin() as db:
+        c = db.get(Contract, contract_id)
+        if c is not None:  # an export whose contract row is gone (restored elsewhere) is shredded all the same
+            register.record(
+                db,
+                tenant_id=c.tenant_id,
+                actor=actor,
+                action="export_deleted",
+                categories=list(_EXPORT_CATEGORIES),
+                purpose=why,
+                ref=contract_id,
+            )
+        shred_file(p)
+    log.info("export of contract %s shredded (%s)", contract_id[:8], why)
+    return True
+
+
+def expire_exports(factory: sessionmaker[Session], paths: Paths, *, keep_days: int = EXPORT_KEEP_DAYS) -> int:
+    """Shred export archives older than ``keep_days`` that nobody confirmed; their count."""
+    if not paths.exports.is_dir():
+        return 0
+    cutoff = time.time() - keep_days * 86400
+    n = 0
+    for p in sorted(paths.exports.glob("*-export.zip*")):
+        if p.stat().st_mtime < cutoff:
+            cid = p.name.split("-export", 1)[0]
+            why = f"end of service: export not confirmed within {keep_days} days, deleted"
+            n += delete_export(factory, paths, cid, actor="system", why=why)
+    return n
+
+
+_EXPORT_CATEGORIES = ("photos", "derived_media", "site_models", "subject_identity", "subject_contact")
+
+
 def terminate_contract(
     factory: sessionmaker[Session],
     vault: Vault,
@@ -331,7 +397,13 @@ def terminate_contract(
                 name += ".x25519"
             dest = paths.exports / name
             _write_atomic(dest, data)
-            export = {"file": name, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+            export = {
+                "file": name,
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "size": len(data),
+                # The service's copy goes when the controller confirms receipt, or at this date.
+                "service_copy_deleted_by": (date.today() + timedelta(days=EXPORT_KEEP_DAYS)).isoformat(),
+            }
             if disposition == "transfer":
                 assert recipient_public_pem is not None
                 pub = recipient_key(recipient_public_pem)
@@ -403,7 +475,7 @@ def terminate_contract(
             tenant_id=tenant_id,
             actor=actor,
             action="contract_terminated",
-            categories=["photos", "derived_media", "site_models", "subject_identity", "subject_contact"],
+            categories=list(_EXPORT_CATEGORIES),
             purpose=f"end of service: {disposition}",
             ref=contract_id,
         )
@@ -455,12 +527,16 @@ def write_certificate(directory: Path, signed: dict[str, Any]) -> tuple[Path, Pa
     _write_atomic(base.with_suffix(".json"), json.dumps(signed, indent=1).encode())
     rows = "".join(f"<tr><td>{escape(k)}</td><td>{v}</td></tr>" for k, v in doc["destroyed"]["rows"].items())
     export = doc.get("export")
-    export_line = (
-        "<p>Before destruction an export archive was handed over "
-        f"(SHA-256 <code>{escape(export['sha256'])}</code>).</p>"
-        if export
-        else ""
-    )
+    export_line = ""
+    if export:
+        to = "the receiving processor (sealed to its key)" if doc["disposition"] == "transfer" else "the controller"
+        export_line = (
+            f"<p>Before destruction an export archive was made for {to} "
+            f"(SHA-256 <code>{escape(export['sha256'])}</code>). The service deletes its copy when the "
+            "controller confirms receipt, and at the latest on "
+            f"{escape(str(export.get('service_copy_deleted_by', 'its deadline')))}; the register records "
+            "the download and the deletion.</p>"
+        )
     html = f"""<!doctype html><meta charset="utf-8"><title>Destruction certificate</title>
 <style>body{{font:15px system-ui;max-width:760px;margin:2em auto}}td{{padding:2px 10px}}code{{font-size:12px}}</style>
 <h1>Certificate of destruction</h1>

@@ -289,6 +289,41 @@ def cmd_contract_end(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_contract_export(args: argparse.Namespace) -> int:
+    import shutil
+
+    from privacy.lifecycle import delete_export, export_file, note_export_download
+    from siteplan.paths import lifecycle_paths
+
+    settings, factory, _ = _services()
+    paths = lifecycle_paths(settings)
+    if args.delete:
+        why = "end of service: the operator confirmed the controller received its export"
+        if not delete_export(factory, paths, args.contract, actor="operator", why=why):
+            raise SystemExit("error: this contract has no export archive waiting")
+        print(json.dumps({"contract": args.contract, "export": "shredded"}))
+        return 0
+    src = export_file(paths, args.contract)
+    if src is None:
+        raise SystemExit("error: this contract has no export archive waiting")
+    if args.out is None:
+        raise SystemExit("error: give --out FILE to copy the export out, or --delete once it was received")
+    out = Path(args.out)
+    if out.exists():
+        raise SystemExit(f"error: {out} exists; choose a new file name")
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        with src.open("rb") as f, os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as g:
+            shutil.copyfileobj(f, g)
+        tmp.replace(out)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise SystemExit(f"error: the export cannot be written there ({exc.strerror})") from None
+    note_export_download(factory, args.contract, actor="operator")
+    print(json.dumps({"contract": args.contract, "export": str(out), "next": "--delete once received"}))
+    return 0
+
+
 def cmd_certificate_verify(args: argparse.Namespace) -> int:
     from privacy import signing
     from privacy.lifecycle import verify_certificate
@@ -440,12 +475,15 @@ def cmd_retention(args: argparse.Namespace) -> int:
 
     from sqlalchemy import delete
 
+    from privacy.lifecycle import expire_exports
     from siteplan.db import BillingRecord
+    from siteplan.paths import lifecycle_paths
 
-    _, factory, _ = _services()
+    settings, factory, _ = _services()
     with factory.begin() as db:
         n = db.execute(delete(BillingRecord).where(BillingRecord.delete_after < date.today())).rowcount
-    print(json.dumps({"billing_records_deleted": n}))
+    exports = expire_exports(factory, lifecycle_paths(settings))
+    print(json.dumps({"billing_records_deleted": n, "exports_shredded": exports}))
     return 0
 
 
@@ -576,6 +614,15 @@ def build_parser() -> argparse.ArgumentParser:
     ce.add_argument("--disposition", choices=["destroy", "return", "transfer"], required=True)
     ce.add_argument("--recipient-key", help="for transfer: the receiving processor's X25519 public key (PEM file)")
     ce.set_defaults(func=cmd_contract_end)
+    cx = co.add_parser(
+        "export",
+        help="copy an ended contract's export archive out (--out), or shred the service's copy (--delete); "
+        "unclaimed exports are shredded 30 days after the end",
+    )
+    cx.add_argument("contract")
+    cx.add_argument("--out", help="where to write the archive (owner-only)")
+    cx.add_argument("--delete", action="store_true", help="the controller has it: shred the service's copy")
+    cx.set_defaults(func=cmd_contract_export)
 
     ctf = sub.add_parser("certificate", help="destruction certificates").add_subparsers(dest="action", required=True)
     cv = ctf.add_parser("verify", help="check a certificate's signature and, with the data dir, that nothing survives")

@@ -5,13 +5,21 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Response
+from fastapi.responses import FileResponse
 from sqlalchemy import select
 
 from api.deps import DB, AdminCaller, ReadCaller, ServicesDep
 from api.errors import ERROR_RESPONSES, ApiError, not_found
 from api.routes.common import IDEMPOTENCY_HELP, commit_or_conflict, count, fingerprint, remember, replay, set_location
 from api.schemas import ContractCreate, ContractList, ContractPublic, ContractTerminate, TenantPublic
-from privacy.lifecycle import InvalidRecipientKey, TerminationError, terminate_contract
+from privacy.lifecycle import (
+    InvalidRecipientKey,
+    TerminationError,
+    delete_export,
+    export_file,
+    note_export_download,
+    terminate_contract,
+)
 from privacy.register import export_register, verify_entries
 from siteplan.db import Certificate, Contract, Tenant
 from siteplan.paths import lifecycle_paths
@@ -130,6 +138,60 @@ def get_certificate(contract_id: str, db: DB, _: AdminCaller) -> dict[str, Any]:
     if cert is None:
         raise ApiError(409, "not_ready", "the contract has not ended; there is no certificate yet")
     return dict(cert.document)
+
+
+_NO_EXPORT = (
+    "this contract has no export archive waiting: it has not ended, it ended with 'destroy', "
+    "or its export was already deleted"
+)
+
+
+@router.get(
+    "/contracts/{contract_id}/export",
+    response_class=FileResponse,
+    responses={
+        200: {
+            "description": "the export archive of a contract ended with 'return' (zip) or 'transfer' "
+            "(sealed to the receiving processor's key)",
+            "content": {"application/zip": {}, "application/octet-stream": {}},
+        },
+        409: ERROR_RESPONSES[401] | {"description": "no export archive is waiting"},
+    },
+)
+def get_export(contract_id: str, db: DB, svc: ServicesDep, c: AdminCaller) -> FileResponse:
+    """Download the contract's export. The service keeps its copy until DELETE confirms receipt,
+    or for 30 days after the end; the register records the download."""
+    if db.get(Contract, contract_id) is None:
+        raise not_found("contract")
+    path = export_file(lifecycle_paths(svc.settings), contract_id)
+    if path is None:
+        raise ApiError(409, "not_ready", _NO_EXPORT)
+    db.rollback()
+    note_export_download(svc.factory, contract_id, actor=c.token_id)
+    sealed = path.name.endswith(".x25519")
+    return FileResponse(
+        path,
+        media_type="application/octet-stream" if sealed else "application/zip",
+        filename=path.name,
+        headers={"Cache-Control": "private, no-store"},
+    )
+
+
+@router.delete(
+    "/contracts/{contract_id}/export",
+    status_code=204,
+    response_class=Response,
+    responses={409: ERROR_RESPONSES[401] | {"description": "no export archive is waiting"}},
+)
+def delete_contract_export(contract_id: str, db: DB, svc: ServicesDep, c: AdminCaller) -> Response:
+    """Confirm receipt of the export: the service shreds its copy now and records it."""
+    if db.get(Contract, contract_id) is None:
+        raise not_found("contract")
+    db.rollback()
+    why = "end of service: the controller confirmed receipt of its export"
+    if not delete_export(svc.factory, lifecycle_paths(svc.settings), contract_id, actor=c.token_id, why=why):
+        raise ApiError(409, "not_ready", _NO_EXPORT)
+    return Response(status_code=204)
 
 
 @router.get("/register", responses={200: {"description": "the register of processing, oldest first"}})

@@ -61,3 +61,43 @@ def test_terminate_destroys_and_certifies(api: Api) -> None:
     for a in ("contract_started", "subject_created", "photo_received", "photo_anonymised", "contract_terminated"):
         assert a in actions
     assert "Janssens" not in str(reg)  # the register names objects by id, never people
+
+
+def test_a_returned_export_is_handed_over_then_shredded(api: Api) -> None:
+    """P8 'return': the archive reaches the controller through the API and the service's copy
+    goes when receipt is confirmed (it used to sit in exports/ in clear, with no way to fetch or
+    delete it, while the certificate said it had been handed over)."""
+    import hashlib
+    import io
+    import zipfile
+
+    from siteplan.tenancy import create_token
+
+    c = api.client
+    t = api.tenant()
+    s = c.post("/v1/subjects", json={"contract_id": t.contract_id, "name": "Jan Janssens"}, headers=t.auth).json()
+    c.post("/v1/projects", json={"contract_id": t.contract_id, "reference": "P", "subject_id": s["id"]}, headers=t.auth)
+    url = f"/v1/contracts/{t.contract_id}/export"
+    assert c.get(url, headers=t.auth).status_code == 409  # not ended: nothing waiting
+    r = c.post(f"/v1/contracts/{t.contract_id}/terminate", json={"disposition": "return"}, headers=t.auth)
+    assert r.status_code == 200, r.text
+    cert = c.get(f"/v1/contracts/{t.contract_id}/certificate", headers=t.auth).json()["document"]
+    assert cert["export"]["service_copy_deleted_by"]  # the promised deadline is in the signed text
+    with api.svc.factory.begin() as db:
+        reader = create_token(db, tenant_id=t.id, name="reader", scopes=["read"]).secret
+    assert c.get(url, headers={"Authorization": f"Bearer {reader}"}).status_code == 403  # admin scope only
+    r = c.get(url, headers=t.auth)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/zip"
+    assert r.headers["cache-control"] == "private, no-store"
+    assert hashlib.sha256(r.content).hexdigest() == cert["export"]["sha256"]
+    names = zipfile.ZipFile(io.BytesIO(r.content)).namelist()
+    assert any("subject" in n for n in names), names
+    exports = api.svc.settings.root / "exports"
+    assert [p.name for p in exports.iterdir()] == [f"{t.contract_id}-export.zip"]
+    r = c.delete(url, headers=t.auth)
+    assert r.status_code == 204
+    assert not any(exports.iterdir()), "the service's copy is gone"
+    assert c.get(url, headers=t.auth).status_code == 409
+    assert c.delete(url, headers=t.auth).status_code == 409
+    actions = [e["action"] for e in c.get("/v1/register", headers=t.auth).json()["entries"]]
+    assert actions[-2:] == ["export_downloaded", "export_deleted"]

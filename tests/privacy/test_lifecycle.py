@@ -622,3 +622,48 @@ def test_termination_waits_for_a_running_job_and_refuses_a_bad_recipient_key(wor
     )
     with pytest.raises(TerminationError, match="already ended with 'destroy'"):
         terminate_contract(w.factory, w.vault, paths, contract_id=w.c1.id, disposition="return")
+
+
+def test_a_returned_export_leaves_the_service_on_receipt_or_after_30_days(world: World, tmp_path: Path) -> None:
+    """The 'return' archive holds the contract's data in clear: the operator copies it out and
+    shreds it (CLI), and one nobody claimed is shredded by the retention sweep after 30 days."""
+    import os
+    import time
+
+    from privacy.lifecycle import EXPORT_KEEP_DAYS, expire_exports, export_file
+    from siteplan.cli import main
+
+    w = world
+    paths = lifecycle_paths(w.settings)
+    for c in (w.c1, w.c2):
+        terminate_contract(w.factory, w.vault, paths, contract_id=c.id, disposition="return")
+    first, second = export_file(paths, w.c1.id), export_file(paths, w.c2.id)
+    assert first is not None and second is not None
+    assert expire_exports(w.factory, paths) == 0  # both fresh
+    os.environ["SITEPLAN_DATA_DIR"] = str(w.settings.data_dir)
+    try:
+        out = tmp_path / "handed-over.zip"
+        assert main(["contract", "export", w.c1.id, "--out", str(out)]) == 0
+        assert out.read_bytes() == first.read_bytes() and (out.stat().st_mode & 0o077) == 0
+        with pytest.raises(SystemExit, match="exists"):
+            main(["contract", "export", w.c1.id, "--out", str(out)])
+        assert main(["contract", "export", w.c1.id, "--delete"]) == 0
+        assert not first.exists()
+        with pytest.raises(SystemExit, match="no export archive waiting"):
+            main(["contract", "export", w.c1.id, "--delete"])
+        # Unclaimed for longer than the deadline: the retention run shreds it.
+        old = time.time() - (EXPORT_KEEP_DAYS + 1) * 86400
+        os.utime(second, (old, old))
+        assert main(["retention"]) == 0
+    finally:
+        del os.environ["SITEPLAN_DATA_DIR"]
+    assert not second.exists() and not any(paths.exports.iterdir())
+    with w.factory() as db:
+        entries = register.export_register(db, w.tenant_id)
+        assert register.verify_register(db, w.tenant_id).ok
+    by_actor = [(e["action"], e["actor"], e["ref"]) for e in entries if e["action"].startswith("export_")]
+    assert by_actor == [
+        ("export_downloaded", "operator", w.c1.id),
+        ("export_deleted", "operator", w.c1.id),
+        ("export_deleted", "system", w.c2.id),
+    ]
