@@ -253,20 +253,25 @@ def export_file(paths: Paths, contract_id: str) -> Path | None:
     return None
 
 
-def note_export_download(factory: sessionmaker[Session], contract_id: str, *, actor: str) -> None:
-    """The register says when the controller fetched its data (a disclosure, P9)."""
-    with factory.begin() as db:
-        c = db.get(Contract, contract_id)
-        assert c is not None
+def _record_export(db: Session, contract_id: str, *, actor: str, action: str, purpose: str) -> None:
+    c = db.get(Contract, contract_id)
+    if c is not None:  # an export whose contract row is gone (restored elsewhere) still goes
         register.record(
             db,
             tenant_id=c.tenant_id,
             actor=actor,
-            action="export_downloaded",
+            action=action,
             categories=list(_EXPORT_CATEGORIES),
-            purpose="end of service: the controller fetched its export",
+            purpose=purpose,
             ref=contract_id,
         )
+
+
+def note_export_download(factory: sessionmaker[Session], contract_id: str, *, actor: str) -> None:
+    """The register says when the controller fetched its data (a disclosure, P9)."""
+    with factory.begin() as db:
+        purpose = "end of service: the controller fetched its export"
+        _record_export(db, contract_id, actor=actor, action="export_downloaded", purpose=purpose)
 
 
 def delete_export(factory: sessionmaker[Session], paths: Paths, contract_id: str, *, actor: str, why: str) -> bool:
@@ -276,17 +281,7 @@ def delete_export(factory: sessionmaker[Session], paths: Paths, contract_id: str
     if p is None:
         return False
     with factory.begin() as db:
-        c = db.get(Contract, contract_id)
-        if c is not None:  # an export whose contract row is gone (restored elsewhere) is shredded all the same
-            register.record(
-                db,
-                tenant_id=c.tenant_id,
-                actor=actor,
-                action="export_deleted",
-                categories=list(_EXPORT_CATEGORIES),
-                purpose=why,
-                ref=contract_id,
-            )
+        _record_export(db, contract_id, actor=actor, action="export_deleted", purpose=why)
         shred_file(p)
     log.info("export of contract %s shredded (%s)", contract_id[:8], why)
     return True
