@@ -133,7 +133,8 @@ def top_view(
     # Site context within a radius of the design.
     r = max(6.0, 2.0 * float(np.ptp(allv[:, :2], axis=0).max()))
     near = np.linalg.norm(site_points[:, :2] - centre, axis=1) < r
-    ctx = site_points[near & (site_points[:, 2] > 0.1)]
+    base = float(placement["position_m"][2])  # the ground under the design (z = 0 unless it slopes)
+    ctx = site_points[near & (site_points[:, 2] > base + 0.1)]
     if len(ctx) > 6000:
         ctx = ctx[np.random.default_rng(0).choice(len(ctx), 6000, replace=False)]
     sheet.points = ctx[:, :2]
@@ -189,8 +190,8 @@ def elevation(
     fr = np.array([-math.sin(yaw), math.cos(yaw), 0.0])
     origin = np.asarray(placement["position_m"], float)
 
-    def to2(v: np.ndarray) -> np.ndarray:
-        return np.column_stack([(v - origin) @ ax, v[:, 2]])
+    def to2(v: np.ndarray) -> np.ndarray:  # heights from the design's base, on the ground
+        return np.column_stack([(v - origin) @ ax, v[:, 2] - origin[2]])
 
     sheet = Sheet(title=f"Front elevation: {design_name}")
     allv = np.vstack([v for v, _ in design_world])
@@ -201,7 +202,7 @@ def elevation(
     # Site behind the design, within 8 m, as context.
     rel = site_points - origin
     depth = rel @ -fr
-    keep = (depth > 0) & (depth < 8) & (np.abs(rel @ ax) < 8) & (site_points[:, 2] > -0.5)
+    keep = (depth > 0) & (depth < 8) & (np.abs(rel @ ax) < 8) & (rel[:, 2] > -0.5)
     ctx = to2(site_points[keep])
     if len(ctx) > 6000:
         ctx = ctx[np.random.default_rng(0).choice(len(ctx), 6000, replace=False)]

@@ -1,16 +1,17 @@
 """Orientation (+Z up) and the site's planes.
 
 Up comes first from gravity as the photos show it: the vertical edges of buildings, posts and
-frames (reconstruct/vertical.py). Without enough edges, from the cameras: people hold phones
+frames (reconstruct/vertical.py). Without decisive edges, from the cameras: people hold phones
 upright, so the mean of the cameras' "up" directions is a rough prior (off by the phones' mean
-pitch). The ground is then the largest RANSAC plane (open3d) whose normal is near that up and
-that lies below the cameras (or, when walls win RANSAC, the same among the points well below
-the cameras). With the edges' vertical, +Z is gravity; the ground is kept as a sloped plane (on
-which placement clicks land) when it slopes more than 1 degree and its points spread enough to
-say which way, else as a level plane at its height (the foot of a wall is a strip, whose plane
-may lean any way). Without edges, the ground plane's normal is +Z. The ground is z = 0 at the
-origin. Near-vertical planes are the facades. Without a ground plane the ground is taken
-1.5 m below the cameras (phones held by people standing on it), and site.json says so.
+pitch). The ground is the largest RANSAC plane (open3d) whose normal is near that up and that
+lies below the cameras (or, when walls win RANSAC, the same among the points well below the
+cameras). +Z is gravity when the edges decide it; the ground is then refitted through its
+inliers with +Z fixed and keeps only the slope its points pin down (three standard errors, and
+none across a strip such as a street or the foot of a wall), so it is level or a sloped plane on
+which placement clicks land. Without edges, a well-spread ground plane's normal is +Z (as
+before), else the cameras' up is. The ground is z = 0 at the origin. Near-vertical planes are
+the facades. Without a ground plane the ground is taken 1.5 m below the cameras (phones held by
+people standing on it), and site.json says so.
 """
 
 from __future__ import annotations
@@ -101,6 +102,40 @@ def _pick_ground(
     return None
 
 
+def ground_under(inliers: np.ndarray, up: np.ndarray, *, min_slope_deg: float = 1.0) -> tuple[np.ndarray, float, float]:
+    """The ground through a plane's inlier points, with +Z known: (normal, d, slope in degrees).
+
+    Heights are fitted by least squares against the two horizontal axes of the points' spread;
+    a slope along an axis is kept only where it is three times its standard error, and across a
+    strip (the points spread little that way: a street, the foot of a wall) not at all. Below
+    ``min_slope_deg`` the ground is level. RANSAC's own normal is not used: it is a 3-point
+    hypothesis that leans any way about a strip, and open3d's is not repeatable run to run."""
+    c = inliers.mean(axis=0)
+    q = inliers - c
+    z = q @ up
+    h = q - np.outer(z, up)
+    evals, evecs = np.linalg.eigh(h.T @ h / len(q))  # ascending; the last two span the horizontal
+    axes = [evecs[:, 2], evecs[:, 1]]
+    spread = [float(evals[2]), float(evals[1])]
+    X = np.column_stack([h @ a for a in axes])
+    g = np.zeros(2)
+    if len(q) >= 10:
+        sol, *_ = np.linalg.lstsq(X, z, rcond=None)
+        resid = z - X @ sol
+        sigma = math.sqrt(float(resid @ resid) / max(1, len(q) - 3))
+        for i in range(2):
+            se = sigma / math.sqrt(max(len(q) * spread[i], 1e-12))
+            pinned = i == 0 or spread[1] >= 0.3**2 * spread[0]
+            if pinned and abs(sol[i]) > 3 * se:
+                g[i] = sol[i]
+    slope = math.degrees(math.atan(float(np.linalg.norm(g))))
+    if slope < min_slope_deg:
+        g[:], slope = 0.0, 0.0
+    n = up - g[0] * axes[0] - g[1] * axes[1]
+    n /= np.linalg.norm(n)
+    return n, float(n @ c), round(slope, 2)
+
+
 def _well_spread(inliers: np.ndarray, n: np.ndarray) -> bool:
     """Whether a plane's inliers pin its tilt in both directions: not a strip (the foot of a
     wall, a kerb), whose plane may lean any way about its length."""
@@ -142,34 +177,26 @@ def orient(
             lows = find_planes(low, threshold=threshold, max_planes=3, min_share=0.1, min_points=50)
             ground = _pick_ground(lows, low, up0, centres, cos_ground)
     slope = None
-    if ground is not None:
-        slope = math.degrees(math.acos(min(1.0, float(ground[0] @ up0))))
-    if vertical is not None:
-        # Gravity is known: it is +Z (a gate's posts are plumb, whatever the driveway does). The
-        # ground is a level plane at its inliers' height unless it clearly slopes and its points
-        # spread enough to say which way.
-        up = vertical.up
-        up_source = vertical.describe()
-        if ground is None:
-            up_source += f"; {NO_GROUND}"
-            gn, gd = up, float(np.median(centres @ up)) - PHONE_HEIGHT_M
-        elif slope is not None and slope > min_slope_deg and _well_spread(ground[2], ground[0]):
-            gn, gd = ground[0], ground[1]
-            up_source += f"; the ground plane (RANSAC) slopes {slope:.1f} deg"
-        else:
-            gn, gd = up, float(np.median(ground[2] @ up))
-            up_source += "; ground height from a level plane (RANSAC)"
-            slope = 0.0
-    elif ground is not None:
+    if vertical is None and ground is not None and _well_spread(ground[2], ground[0]):
+        # No edges: a ground plane whose points pin its tilt gives +Z (the earlier behaviour).
         up = ground[0]
         up_source = "ground plane (RANSAC), checked against the cameras' up direction"
-        gn, gd = ground[0], ground[1]
+        gn, gd, slope = ground[0], ground[1], 0.0
     else:
-        up = up0
-        up_source = f"cameras' up direction; {NO_GROUND}"
-        # The photographers stand on it: their median height less a hand-held phone's. The
-        # lowest points are no guide (noise below the ground; on a building's steps, above it).
-        gn, gd = up, float(np.median(centres @ up)) - PHONE_HEIGHT_M
+        # Gravity from the edges (or, without them, the cameras' up) is +Z: a gate's posts are
+        # plumb, whatever the driveway does; the ground keeps only the slope its points show.
+        up = vertical.up if vertical is not None else up0
+        up_source = vertical.describe() if vertical is not None else "cameras' up direction"
+        if ground is None:
+            up_source += f"; {NO_GROUND}"
+            # The photographers stand on it: their median height less a hand-held phone's. The
+            # lowest points are no guide (noise below the ground; on a building's steps, above it).
+            gn, gd = up, float(np.median(centres @ up)) - PHONE_HEIGHT_M
+        else:
+            gn, gd, slope = ground_under(ground[2], up, min_slope_deg=min_slope_deg)
+            up_source += (
+                f"; the ground (RANSAC plane) slopes {slope:.1f} deg" if slope > 0 else "; ground level (RANSAC plane)"
+            )
     # Plans are drawn square to the main facade, as an architect would: +Y points from the
     # photographers into the largest near-vertical plane, X runs along it. Without a facade,
     # +Y is the first photo's viewing direction on the ground.
@@ -199,7 +226,7 @@ def orient(
         "found": ground is not None,
         "inliers": len(ground[2]) if ground is not None else 0,
         "tilt_from_camera_up_deg": round(math.degrees(math.acos(min(1.0, float(up @ cam_up)))), 2),
-        "slope_deg": round(slope, 2) if slope is not None else None,
+        "slope_deg": slope,
         "ransac_tolerance_m": round(threshold, 3),
     }
     facades = []

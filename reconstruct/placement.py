@@ -140,6 +140,12 @@ def resolve(
             sx = opening / width
         elif width > opening * 1.02:
             warnings.append(f"the design ({width:.3f} m) is wider than the opening ({opening:.3f} m)")
+        fall = abs(float(ab[2]))
+        if fall > 0.05:  # the design stands level at the middle: one end floats, the other is buried
+            warnings.append(
+                f"the ground falls {100 * fall:.0f} cm across the opening; the design is drawn level at its "
+                "middle: plan the posts' footings for the difference"
+            )
         # Opening sigma: scale uncertainty plus the lift of each clicked point onto the ground.
         sigma = math.hypot(opening * scale_sigma_rel, math.sqrt(2) * ground_sigma_m)
         return Placement(R, mid, sx, opening, sigma, "two ground points", warnings)

@@ -182,7 +182,7 @@ def plan(
             montages.append(entry)
             continue
         occ = [Mesh(push_back(surface[0], v.centre), surface[1], (0, 0, 0, 0))] if surface else None
-        img, mask = montage(photo, v, meshes, occluders=occ)
+        img, mask = montage(photo, v, meshes, occluders=occ, ground_z=float(placement.t[2]))
         share = float((mask > 127).mean())
         if share < MIN_VISIBLE_SHARE:
             entry["skipped"] = f"the design covers only {100 * share:.2f} % of this photo"

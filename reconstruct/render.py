@@ -203,12 +203,14 @@ def montage(
     *,
     occluders: list[Mesh] | None = None,
     shadow_strength: float = 0.45,
+    ground_z: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Composite the design into ``photo`` (H x W x 3 uint8). Returns (image, design alpha mask)."""
+    """Composite the design into ``photo`` (H x W x 3 uint8). Returns (image, design alpha mask).
+    The shadow falls on the level ground at ``ground_z`` (the design's base)."""
     if photo.shape[:2] != (view.height, view.width):
         raise ValueError("the photo's size differs from its camera's")
     light = default_light(view)
-    sh = shadow_meshes(meshes, light) if shadow_strength > 0 else []
+    sh = shadow_meshes(meshes, light, ground_z) if shadow_strength > 0 else []
     k = max(3, int(0.006 * max(view.width, view.height)) | 1)  # shadow softness
     # Render only the window the design and its shadow can reach: a 12 MP frame costs memory and
     # time the design (often a few % of the photo) does not need.

@@ -162,9 +162,7 @@ def _refine_with_surface(
         return ori
     rec.transform(pycolmap.Sim3d(1.0, pycolmap.Rotation3d(again.R), again.t))
     transform_surface(surface_path, again.R, again.t)
-    again.up_source = again.up_source.replace(
-        "ground plane (RANSAC)", "ground plane found on the dense surface (RANSAC)"
-    )
+    again.up_source += "; the ground was found on the dense surface"
     return again
 
 

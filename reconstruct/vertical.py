@@ -41,6 +41,10 @@ class VerticalConfig:
     max_prior_angle_deg: float = 35.0  # a result further than this from the prior is refused
     inlier_deg: float = 0.75  # angle between the vertical and a segment's plane
     min_segments: int = 12
+    min_images: int = 2
+    min_share: float = 0.3  # of the steep segments' weight that must agree
+    max_rival: float = 0.5  # a second direction this strong makes the answer ambiguous
+    rotation_error_deg: float = 0.5  # of one photo's SfM rotation, shared by its segments
     max_sigma_deg: float = 1.0  # refused when less certain than this
     max_images: int = 24  # evenly chosen among the registered photos
     iterations: int = 600
@@ -124,8 +128,9 @@ def detect_segments(path: Path, view: View, cfg: VerticalConfig) -> np.ndarray:
     if read is None:
         return np.zeros((0, 4))
     img, factor = read
-    if img.shape[1] * factor < view.width * 0.9 or img.shape[1] * factor > view.width * 1.1:
-        return np.zeros((0, 4))  # not the photo the camera was built from
+    h, w = img.shape[:2]
+    if abs(w * factor - view.width) > 0.1 * view.width or abs(h * factor - view.height) > 0.1 * view.height:
+        return np.zeros((0, 4))  # not the photo the camera was built from (another size or a crop)
     lsd = cv2.createLineSegmentDetector()
     lines = lsd.detect(img)[0]
     if lines is None:
@@ -140,26 +145,28 @@ def detect_segments(path: Path, view: View, cfg: VerticalConfig) -> np.ndarray:
                             (seg[:, 2] + 0.5) * sx - 0.5, (seg[:, 3] + 0.5) * sy - 0.5])  # fmt: skip
 
 
-def vertical_from_normals(
+@dataclass(frozen=True)
+class DirectionFit:
+    up: np.ndarray
+    inliers: np.ndarray  # mask over the planes
+    sigma_deg: float  # least squares over the inliers
+    share: float  # of the planes' total weight held by the inliers
+    rival: float  # the strongest other direction's support, relative to this one's
+
+
+def _ransac_direction(
     normals: np.ndarray,
     weights: np.ndarray,
     prior_up: np.ndarray,
-    *,
-    inlier_deg: float,
-    max_prior_angle_deg: float,
-    iterations: int = 600,
-    seed: int = 0,
-) -> tuple[np.ndarray, np.ndarray, float] | None:
-    """The direction orthogonal to most planes (RANSAC over pairs, then least squares).
-
-    Returns (unit up, inlier mask, 1-sigma angle in degrees), or None when too few planes agree.
-    """
+    sin_tol: float,
+    cos_prior: float,
+    iterations: int,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, float] | None:
+    """The direction within the prior's cone orthogonal to the most plane weight, and that weight."""
     n = len(normals)
     if n < 2:
         return None
-    rng = np.random.default_rng(seed)
-    sin_tol = math.sin(math.radians(inlier_deg))
-    cos_prior = math.cos(math.radians(max_prior_angle_deg))
     best_score, best_u = -1.0, None
     for _ in range(iterations):
         i, j = rng.choice(n, 2, replace=False)
@@ -175,25 +182,55 @@ def vertical_from_normals(
         score = float(weights[np.abs(normals @ u) < sin_tol].sum())
         if score > best_score:
             best_score, best_u = score, u
-    if best_u is None:
+    return None if best_u is None else (best_u, best_score)
+
+
+def vertical_from_normals(
+    normals: np.ndarray,
+    weights: np.ndarray,
+    prior_up: np.ndarray,
+    *,
+    inlier_deg: float,
+    max_prior_angle_deg: float,
+    iterations: int = 600,
+    seed: int = 0,
+) -> DirectionFit | None:
+    """The direction orthogonal to most planes (RANSAC over pairs, then least squares), with
+    what it takes to judge it: its share of all the planes, and how strong the runner-up is (a
+    roof's seams, a row of leaning trees, or clutter with no direction at all)."""
+    rng = np.random.default_rng(seed)
+    sin_tol = math.sin(math.radians(inlier_deg))
+    cos_prior = math.cos(math.radians(max_prior_angle_deg))
+    found = _ransac_direction(normals, weights, prior_up, sin_tol, cos_prior, iterations, rng)
+    if found is None:
         return None
-    u = best_u
+    u = found[0]
     for _ in range(3):
         inl = np.abs(normals @ u) < sin_tol
         if inl.sum() < 2:
             return None
         w = weights[inl] / weights[inl].sum()
-        m = (normals[inl] * w[:, None]).T @ normals[inl]
-        evals, evecs = np.linalg.eigh(m)
+        _, evecs = np.linalg.eigh((normals[inl] * w[:, None]).T @ normals[inl])
         u = evecs[:, 0] * (1 if evecs[:, 0] @ prior_up >= 0 else -1)
+    if u @ prior_up < cos_prior:  # least squares drifted out of the cone RANSAC searched
+        return None
     inl = np.abs(normals @ u) < sin_tol
+    k = int(inl.sum())
+    if k < 2:
+        return None
+    w = weights[inl] / weights[inl].sum()
+    evals = np.linalg.eigvalsh((normals[inl] * w[:, None]).T @ normals[inl])
     # Least-squares spread: residual angles around u, and how well the planes pin u down in
     # both directions orthogonal to it (all planes through one line leave u free: large sigma).
     resid = normals[inl] @ u
-    k = int(inl.sum())
     s_res = math.sqrt(float(np.mean(resid**2)) + 1e-12)
     sigma = math.degrees(s_res / math.sqrt(max(k * float(evals[1]), 1e-12)))
-    return u, inl, sigma
+    score = float(weights[inl].sum())
+    # The runner-up, among the planes that are not this direction's (nor near it).
+    rest = np.abs(normals @ u) >= 3 * sin_tol
+    other = _ransac_direction(normals[rest], weights[rest], prior_up, sin_tol, cos_prior, iterations, rng)
+    rival = 0.0 if other is None else other[1] / max(score, 1e-12)
+    return DirectionFit(u, inl, sigma, score / max(float(weights.sum()), 1e-12), rival)
 
 
 def vertical_from_lines(
@@ -207,7 +244,7 @@ def vertical_from_lines(
     if len(vs) > cfg.max_images:
         idx = np.linspace(0, len(vs) - 1, cfg.max_images).round().astype(int)
         chosen = [vs[i] for i in sorted(set(idx.tolist()))]
-    normals, lengths, owner = [], [], []
+    normals, weights, owner = [], [], []
     for k, v in enumerate(chosen):
         try:
             seg = detect_segments(image_dir / v.name, v, cfg)
@@ -215,47 +252,50 @@ def vertical_from_lines(
             continue
         n_w, ln = segment_normals(seg, v, prior_up, max_image_angle_deg=cfg.max_image_angle_deg)
         normals.append(n_w)
-        lengths.append(ln)
+        # Length counts, up to a tenth of the photo's diagonal: a few long roof seams must not
+        # outweigh many posts and frames.
+        weights.append(np.minimum(ln, 0.1 * math.hypot(v.width, v.height)))
         owner.append(np.full(len(ln), k))
     if not normals:
         return None
-    nn, ll, oo = np.vstack(normals), np.concatenate(lengths), np.concatenate(owner)
+    nn, ww, oo = np.vstack(normals), np.concatenate(weights), np.concatenate(owner)
     if len(nn) < cfg.min_segments:
         log.info("vertical: %d candidate segments, too few", len(nn))
         return None
-    res = vertical_from_normals(
+    fit = vertical_from_normals(
         nn,
-        ll,
+        ww,
         prior_up,
         inlier_deg=cfg.inlier_deg,
         max_prior_angle_deg=cfg.max_prior_angle_deg,
         iterations=cfg.iterations,
         seed=cfg.seed,
     )
-    if res is None:
+    if fit is None:
         return None
-    up, inl, sigma = res
-    # The least-squares sigma trusts every segment as independent; the cameras' rotation errors
-    # are shared by a photo's segments. The photos' own verticals must agree as well.
-    apart = []
-    for k in set(oo[inl].tolist()):
-        sel = inl & (oo == k)
-        if sel.sum() >= 3:
-            w = ll[sel] / ll[sel].sum()
-            ev, evec = np.linalg.eigh((nn[sel] * w[:, None]).T @ nn[sel])
-            if ev[1] > 1e-4:  # the photo's segments pin a direction down
-                apart.append(math.degrees(math.acos(min(1.0, abs(float(evec[:, 0] @ up))))))
-    if len(apart) >= 2:
-        sigma = max(sigma, math.sqrt(float(np.mean(np.square(apart))) / len(apart)))
+    up, inl = fit.up, fit.inliers
+    images = len(set(oo[inl].tolist()))
+    # The least-squares sigma trusts every segment as independent; a photo's segments share its
+    # camera's rotation error (about half a degree from SfM), so the photos count, not segments.
+    sigma = max(fit.sigma_deg, cfg.rotation_error_deg / math.sqrt(max(images, 1)))
     est = VerticalEstimate(
         up=up,
         segments=int(inl.sum()),
-        images=len(set(oo[inl].tolist())),
+        images=images,
         sigma_deg=round(sigma, 3),
         prior_angle_deg=round(math.degrees(math.acos(min(1.0, float(up @ prior_up)))), 2),
     )
-    if est.segments < cfg.min_segments or est.sigma_deg > cfg.max_sigma_deg:
-        log.info("vertical: %d inlier segments, sigma %.2f deg: not decisive", est.segments, est.sigma_deg)
+    why = None
+    if est.segments < cfg.min_segments or images < cfg.min_images:
+        why = f"{est.segments} segments in {images} photos"
+    elif fit.share < cfg.min_share:
+        why = f"only {100 * fit.share:.0f} % of the steep segments agree (no dominant vertical)"
+    elif fit.rival > cfg.max_rival:
+        why = f"a second family of steep lines is {100 * fit.rival:.0f} % as strong (a roof, leaning trees?)"
+    elif est.sigma_deg > cfg.max_sigma_deg:
+        why = f"sigma {est.sigma_deg:.2f} deg"
+    if why is not None:
+        log.info("vertical: not decided: %s", why)
         return None
     log.info("vertical: %s, %.1f deg from the cameras' prior", est.describe(), est.prior_angle_deg)
     return est

@@ -51,14 +51,36 @@ def test_normals_orthogonal_to_a_direction_are_found_among_outliers() -> None:
     bad = rng.normal(size=(60, 3))
     bad /= np.linalg.norm(bad, axis=1)[:, None]
     normals = np.vstack([good, bad])
-    res = vertical_from_normals(
+    fit = vertical_from_normals(
         normals, np.ones(len(normals)), np.array([0.0, 0.0, 1.0]), inlier_deg=0.5, max_prior_angle_deg=35
     )
-    assert res is not None
-    u, inl, sigma = res
-    assert _deg(u, up) < 0.05 and u @ up > 0  # a few random planes fall inside the tolerance
-    assert inl[:80].all() and inl[80:].sum() < 6
-    assert sigma < 0.01
+    assert fit is not None
+    assert _deg(fit.up, up) < 0.05 and fit.up @ up > 0  # a few random planes fall inside the tolerance
+    assert fit.inliers[:80].all() and fit.inliers[80:].sum() < 6
+    assert fit.sigma_deg < 0.01
+    assert fit.share > 0.55 and fit.rival < 0.15
+
+
+def test_clutter_and_a_rival_family_leave_the_vertical_undecided() -> None:
+    """Clutter with no direction, or a second strong family (a steep roof's seams, leaning trees),
+    must not become gravity with a tiny sigma: the fit reports its share and its rival."""
+    rng = np.random.default_rng(5)
+    z = np.array([0.0, 0.0, 1.0])
+
+    def family(direction: np.ndarray, n: int) -> np.ndarray:
+        d = direction / np.linalg.norm(direction)
+        out = np.cross(d, rng.normal(size=(n, 3)))
+        return out / np.linalg.norm(out, axis=1)[:, None]
+
+    clutter = rng.normal(size=(200, 3))
+    clutter /= np.linalg.norm(clutter, axis=1)[:, None]
+    fit = vertical_from_normals(clutter, np.ones(200), z, inlier_deg=0.75, max_prior_angle_deg=35)
+    assert fit is None or fit.share < 0.3
+    seams = family(np.array([0.0, np.sin(0.35), np.cos(0.35)]), 40)  # 20 degrees off plumb
+    posts = family(z, 50)
+    both = np.vstack([posts, seams])
+    fit = vertical_from_normals(both, np.ones(len(both)), z, inlier_deg=0.75, max_prior_angle_deg=35)
+    assert fit is not None and fit.rival > 0.5
 
 
 def test_pitched_cameras_get_gravity_from_the_edges(tmp_path: Path) -> None:
@@ -80,7 +102,7 @@ def test_pitched_cameras_get_gravity_from_the_edges(tmp_path: Path) -> None:
     ori = orient(pts, vs, vertical=est)
     assert ori.ground["found"] and ori.ground["slope_deg"] == 0.0
     assert _deg(ori.R[2], truth_up) < 0.1
-    assert "vertical edges" in ori.up_source and "level plane" in ori.up_source
+    assert "vertical edges" in ori.up_source and "ground level" in ori.up_source
     ground_truth = np.array([X for X in sc.truth_points if abs(X[2]) < 1e-6])
     z = (ori.R @ sc.to_model(ground_truth).T).T[:, 2] + ori.t[2]
     assert np.abs(z).max() < 0.6 * 0.01  # mm over the 8 m site (0.1 deg), in model units
@@ -139,3 +161,40 @@ def test_a_sloping_ground_keeps_gravity_up_and_placement_lands_on_the_slope() ->
     assert np.linalg.norm(got - want) < 0.02  # the plane is a RANSAC fit of the noisy ground
     level = lift_to_ground(v, uv)
     assert np.linalg.norm(level - want) > 0.3
+
+
+def test_a_design_on_a_slope_is_drawn_and_shaded_from_its_own_ground() -> None:
+    """On a sloping site the design's base is not at z = 0: the elevation measures from the
+    base, the montage's shadow lies at its height, and a cross-fall is warned about."""
+    from reconstruct.design import load_design
+    from reconstruct.drawing import elevation
+    from reconstruct.placement import PlacementSpec, resolve
+    from reconstruct.plan import placed_meshes
+    from reconstruct.render import default_light, shadow_meshes
+    from tests.conftest import SAMPLE
+
+    sc = make_scene(scale=1.0)
+    s, Rm, tm = sc.model_from_truth
+    rec = pycolmap.Reconstruction(sc.rec)
+    rec.transform(pycolmap.Sim3d(1.0 / s, pycolmap.Rotation3d(Rm.T), -(Rm.T @ tm) / s))  # the true frame
+    vs = views(rec)
+    slope = math.tan(math.radians(6.0))
+    plane = [0.0, -slope / math.hypot(1, slope), 1 / math.hypot(1, slope), 0.0]  # z = slope * y
+    A, B = np.array([-1.8, 3.0, 3.0 * slope]), np.array([1.8, 3.0, 3.0 * slope])
+    spec = PlacementSpec.model_validate({"image": "0002.jpg", "ground_points": [sc.pixel(2, A), sc.pixel(2, B)]})
+    design = load_design(SAMPLE / "design" / "gate.json")
+    pl = resolve(spec, design, vs, ground=plane)
+    assert pl.t[2] == pytest.approx(3.0 * slope, abs=1e-6) and pl.opening_m == pytest.approx(3.6, abs=1e-6)
+    assert not pl.warnings  # level across the opening (the slope runs towards the wall)
+    meshes = placed_meshes(design, pl)
+    world = [(m.vertices, m.faces) for m in meshes]
+    elev = elevation(world, pl.to_json(), np.zeros((0, 3)), design_name="gate")
+    dims = {d.label: d.value_m for d in elev.dims}
+    assert dims["height"] == pytest.approx(1.75, abs=1e-3)  # the gate's own height, not 1.75 + 0.31
+    light = default_light(vs["0002.jpg"])
+    shadow = shadow_meshes(meshes, light, float(pl.t[2]))
+    assert min(float(m.vertices[:, 2].min()) for m in shadow) == pytest.approx(pl.t[2] + 0.002, abs=1e-6)
+    # Across a cross-fall the designer is told.
+    A2, B2 = np.array([-1.8, 1.0, 1.0 * slope]), np.array([1.8, 4.0, 4.0 * slope])
+    spec2 = PlacementSpec.model_validate({"image": "0002.jpg", "ground_points": [sc.pixel(2, A2), sc.pixel(2, B2)]})
+    assert any("falls 32 cm across the opening" in w for w in resolve(spec2, design, vs, ground=plane).warnings)
