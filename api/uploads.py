@@ -6,12 +6,10 @@ writer per upload across threads and server processes, deletion, and expiry. The
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
-import os
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import UTC
 from email.utils import formatdate
@@ -22,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from api.errors import ApiError, not_found
 from api.services import Services
-from privacy.vault import UploadStaging, VaultError, discard_upload, upload_lock_path, upload_staging
+from privacy.vault import UploadStaging, VaultError, discard_upload, file_lock, upload_lock_path, upload_staging
 from siteplan.db import Photo, tenant_session
 
 log = logging.getLogger(__name__)
@@ -62,24 +60,12 @@ def locked(svc: Services, p: Photo | Upload, *, exclusive: bool, wait_s: float =
     The lock file sits beside the staging directory, not in it: finishing an upload deletes that
     directory, and a request waiting on the lock must still hold the same file when it gets it.
     Every holder reads the upload's state again once it has the lock."""
-    path = lock_path(svc, p)
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
-    try:
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise ApiError(
-                        409, "upload_busy", "another request is writing this upload; retry shortly"
-                    ) from None
-                time.sleep(0.02)
+    with ExitStack() as held:
+        try:
+            held.enter_context(file_lock(lock_path(svc, p), exclusive=exclusive, wait_s=wait_s))
+        except TimeoutError:
+            raise ApiError(409, "upload_busy", "another request is writing this upload; retry shortly") from None
         yield
-    finally:
-        os.close(fd)
 
 
 def drop_upload(db: Session, svc: Services, p: Photo, *, wait_s: float = 1.0) -> None:

@@ -31,7 +31,7 @@ import secrets
 import shutil
 import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -48,7 +48,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from privacy import register, signing
 from privacy.rights import delete_contract_rows
 from privacy.subjects import open_subject
-from privacy.vault import Vault, shred_file
+from privacy.vault import Vault, file_lock, shred_file
 from siteplan.db import (
     BillingRecord,
     Certificate,
@@ -244,13 +244,25 @@ def _write_atomic(path: Path, data: bytes) -> None:
 # -- the termination ------------------------------------------------------------------------------
 
 
+EXPORT_SUFFIXES = (".zip", ".zip.x25519")
+
+
 def export_file(paths: Paths, contract_id: str) -> Path | None:
     """The export archive a ``return`` or ``transfer`` termination left for the controller."""
-    for suffix in (".zip", ".zip.x25519"):
+    for suffix in EXPORT_SUFFIXES:
         p = paths.exports / f"{contract_id}-export{suffix}"
         if p.is_file():
             return p
     return None
+
+
+@contextlib.contextmanager
+def export_lock(paths: Paths, contract_id: str, *, shared: bool, wait_s: float = 30.0) -> Iterator[None]:
+    """Readers (downloads) share it, a deletion holds it alone: a download never streams bytes
+    being shredded, and two deletions (a double click, two server processes' sweeps) never both
+    record one. Raises TimeoutError when it cannot be had within ``wait_s``."""
+    with file_lock(paths.exports / f".{contract_id}.lock", exclusive=not shared, wait_s=wait_s, poll_s=0.1):
+        yield
 
 
 def _record_export(db: Session, contract_id: str, *, actor: str, action: str, purpose: str) -> None:
@@ -267,37 +279,113 @@ def _record_export(db: Session, contract_id: str, *, actor: str, action: str, pu
         )
 
 
-def note_export_download(factory: sessionmaker[Session], contract_id: str, *, actor: str) -> None:
-    """The register says when the controller fetched its data (a disclosure, P9)."""
-    with factory.begin() as db:
-        purpose = "end of service: the controller fetched its export"
-        _record_export(db, contract_id, actor=actor, action="export_downloaded", purpose=purpose)
+class _ExportStream:
+    """The chunks of one download, holding the shared lock until the last is read or the stream
+    is dropped (a client gone before the first byte must not keep deletions waiting)."""
+
+    def __init__(self, f: Any, lock: contextlib.AbstractContextManager[None], done: Callable[[], None], chunk: int):
+        self._f, self._lock, self._done, self._chunk = f, lock, done, chunk
+        self._size = os.fstat(f.fileno()).st_size
+        self._sent = 0
+        self._closed = False
+
+    def __iter__(self) -> _ExportStream:
+        return self
+
+    def __next__(self) -> bytes:
+        if self._closed:
+            raise StopIteration
+        block = self._f.read(self._chunk)
+        if not block:
+            if self._sent == self._size:
+                self._done()
+            self.close()
+            raise StopIteration
+        self._sent += len(block)
+        return bytes(block)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._f.close()
+            self._lock.__exit__(None, None, None)
+
+    def __del__(self) -> None:
+        self.close()
 
 
-def delete_export(factory: sessionmaker[Session], paths: Paths, contract_id: str, *, actor: str, why: str) -> bool:
-    """Shred the service's copy of a contract's export (received, or past its deadline) and
-    record it; False when there is none. The certificate promised this deletion."""
+def stream_export(
+    factory: sessionmaker[Session], paths: Paths, contract_id: str, *, actor: str, chunk: int = 1 << 20
+) -> tuple[int, str, Iterator[bytes]] | None:
+    """(size, file name, chunks) of the export for a download, or None when there is none. The
+    register records the download once the last byte was read; a deletion waits until then."""
+    lock = export_lock(paths, contract_id, shared=True)
+    lock.__enter__()
     p = export_file(paths, contract_id)
     if p is None:
-        return False
-    with factory.begin() as db:
-        _record_export(db, contract_id, actor=actor, action="export_deleted", purpose=why)
-        shred_file(p)
+        lock.__exit__(None, None, None)
+        return None
+
+    def done() -> None:
+        with factory.begin() as db:
+            purpose = "end of service: the controller fetched its export"
+            _record_export(db, contract_id, actor=actor, action="export_downloaded", purpose=purpose)
+
+    stream = _ExportStream(p.open("rb"), lock, done, chunk)
+    return stream._size, p.name, stream
+
+
+def delete_export(
+    factory: sessionmaker[Session], paths: Paths, contract_id: str, *, actor: str, why: str, wait_s: float = 30.0
+) -> bool:
+    """Shred the service's copy of a contract's export (received, or past its deadline) and
+    record it; False when there is none. The certificate promised this deletion. Waits up to
+    ``wait_s`` for downloads under way (TimeoutError after)."""
+    with export_lock(paths, contract_id, shared=False, wait_s=wait_s):
+        p = export_file(paths, contract_id)
+        if p is None:
+            return False
+        with factory.begin() as db:
+            _record_export(db, contract_id, actor=actor, action="export_deleted", purpose=why)
+            shred_file(p)
     log.info("export of contract %s shredded (%s)", contract_id[:8], why)
     return True
 
 
+def export_deadline(factory: sessionmaker[Session], p: Path, contract_id: str, keep_days: int) -> date:
+    """The date the certificate promised (its termination record), else the file's age."""
+    with factory() as db:
+        c = db.get(Contract, contract_id)
+        promised = ((c.termination or {}).get("export") or {}).get("service_copy_deleted_by") if c else None
+    if promised:
+        return date.fromisoformat(promised)
+    return date.fromtimestamp(p.stat().st_mtime) + timedelta(days=keep_days)
+
+
 def expire_exports(factory: sessionmaker[Session], paths: Paths, *, keep_days: int = EXPORT_KEEP_DAYS) -> int:
-    """Shred export archives older than ``keep_days`` that nobody confirmed; their count."""
+    """Shred the export archives whose deadline has come (nobody confirmed receipt), and
+    temporary files a killed export left; the count of archives."""
     if not paths.exports.is_dir():
         return 0
-    cutoff = time.time() - keep_days * 86400
     n = 0
-    for p in sorted(paths.exports.glob("*-export.zip*")):
-        if p.stat().st_mtime < cutoff:
-            cid = p.name.split("-export", 1)[0]
-            why = f"end of service: export not confirmed within {keep_days} days, deleted"
-            n += delete_export(factory, paths, cid, actor="system", why=why)
+    today = date.today()
+    for p in sorted(paths.exports.iterdir()):
+        if p.name.startswith(".tmp-") and p.stat().st_mtime < time.time() - 86400:
+            shred_file(p)  # a whole archive in clear, from a termination killed before its rename
+            continue
+        if p.name.startswith(".") and p.name.endswith(".lock"):
+            if export_file(paths, p.name[1:-5]) is None:  # its export is gone for good: so is its use
+                p.unlink(missing_ok=True)
+            continue
+        cid = next((p.name.removesuffix(f"-export{x}") for x in EXPORT_SUFFIXES if p.name.endswith(f"-export{x}")), "")
+        if not cid or export_file(paths, cid) != p:
+            continue
+        if today >= export_deadline(factory, p, cid, keep_days):
+            why = "end of service: export not confirmed by its deadline, deleted"
+            try:
+                n += delete_export(factory, paths, cid, actor="system", why=why)
+            except TimeoutError:
+                continue  # being downloaded: the next sweep takes it
     return n
 
 

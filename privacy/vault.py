@@ -19,12 +19,15 @@
 from __future__ import annotations
 
 import base64
+import contextlib
+import fcntl
 import hashlib
 import logging
 import os
 import secrets
 import shutil
 import struct
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -374,6 +377,27 @@ def upload_staging(uploads_dir: Path, vault: Vault, contract_id: str, upload_id:
     """Where an upload in progress lives: ``<uploads>/<contract>/<upload id>/``. The tus routes,
     the expiry sweep, erasure and termination all find it here."""
     return UploadStaging(uploads_dir / contract_id / upload_id, vault, contract_id, upload_id)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, *, exclusive: bool, wait_s: float = 0.0, poll_s: float = 0.02) -> Iterator[None]:
+    """An flock on ``path`` (created owner-only), across threads and processes: shared or
+    exclusive, waiting up to ``wait_s``; TimeoutError when it cannot be had."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise TimeoutError("the file is locked") from None
+                time.sleep(poll_s)
+        yield
+    finally:
+        os.close(fd)
 
 
 def upload_lock_path(uploads_dir: Path, contract_id: str, upload_id: str) -> Path:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import base64
 import shutil
+from collections.abc import Collection
 from html import escape
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 VIEWER_JS = "model-viewer.min.js"
@@ -53,8 +55,20 @@ def plan_report(site_info: dict[str, Any], plan_result: dict[str, Any]) -> dict[
     }
 
 
-def write_report_html(report: dict[str, Any], path: Path) -> None:
-    """report.html from a report dict (report.json's content; ``job`` and ``privacy`` optional)."""
+def _href(name: str) -> str:
+    """A file name as a relative link: URL-quoted (a photo named 'IMG #2' must not end at '#'),
+    then HTML-escaped."""
+    return escape(quote(name))
+
+
+def write_report_html(report: dict[str, Any], path: Path, *, published: Collection[str] | None = None) -> None:
+    """report.html from a report dict (report.json's content; ``job`` and ``privacy`` optional).
+    ``published``: the files the page may link besides montages (the API serves only some);
+    by default those present beside it."""
+
+    def linkable(name: str) -> bool:
+        return name in published if published is not None else (path.parent / name).exists()
+
     plan = report["plan"]
     site = report["site"]
     priv = report.get("privacy")
@@ -75,7 +89,7 @@ def write_report_html(report: dict[str, Any], path: Path) -> None:
     parts.append("<h2>Photomontages</h2><div class='grid'>")
     for m in mont:
         parts.append(
-            f"<figure><a href='{escape(m['file'])}'><img src='{escape(m['file'])}' "
+            f"<figure><a href='{_href(m['file'])}'><img src='{_href(m['file'])}' "
             f"alt='montage {escape(m['image'])}'></a><figcaption>{escape(m['image'])}</figcaption></figure>"
         )
     parts.append("</div>")
@@ -150,9 +164,13 @@ def write_report_html(report: dict[str, Any], path: Path) -> None:
         parts.append(_row("licence plates blurred", priv["plates_blurred"]))
         for e in priv["errors"]:
             parts.append(_row(f"refused: {e['input']}", e["error"]))
+        details = (
+            " details per photo in <a href='photos/report.json'>photos/report.json</a>."
+            if linkable("photos/report.json")
+            else ""
+        )
         parts.append(
-            "</table><p class='sub'>All metadata was dropped except focal length and image size; "
-            "details per photo in <a href='photos/report.json'>photos/report.json</a>.</p>"
+            "</table><p class='sub'>All metadata was dropped except focal length and image size;" + details + "</p>"
         )
     parts.append("<h2>Files</h2><ul>")
     files = [
@@ -166,7 +184,7 @@ def write_report_html(report: dict[str, Any], path: Path) -> None:
         ("plan.json", "the plan as data"),
     ]
     for f, what in files:
-        if (path.parent / f).exists():
+        if linkable(f):
             parts.append(f"<li><a href='{f}'>{f}</a>: {escape(what)}</li>")
     parts.append("</ul><h2>Timings</h2><table>")
     for k, v in report["timings_s"].items():

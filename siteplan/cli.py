@@ -290,9 +290,7 @@ def cmd_contract_end(args: argparse.Namespace) -> int:
 
 
 def cmd_contract_export(args: argparse.Namespace) -> int:
-    import shutil
-
-    from privacy.lifecycle import delete_export, export_file, note_export_download
+    from privacy.lifecycle import delete_export, stream_export
     from siteplan.paths import lifecycle_paths
 
     settings, factory, _ = _services()
@@ -303,23 +301,25 @@ def cmd_contract_export(args: argparse.Namespace) -> int:
             raise SystemExit("error: this contract has no export archive waiting")
         print(json.dumps({"contract": args.contract, "export": "shredded"}))
         return 0
-    src = export_file(paths, args.contract)
-    if src is None:
-        raise SystemExit("error: this contract has no export archive waiting")
-    if args.out is None:
-        raise SystemExit("error: give --out FILE to copy the export out, or --delete once it was received")
     out = Path(args.out)
     if out.exists():
         raise SystemExit(f"error: {out} exists; choose a new file name")
+    found = stream_export(factory, paths, args.contract, actor="operator")
+    if found is None:
+        raise SystemExit("error: this contract has no export archive waiting")
+    _, _, chunks = found
     tmp = out.with_name(f".{out.name}.tmp")
     try:
-        with src.open("rb") as f, os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as g:
-            shutil.copyfileobj(f, g)
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as g:
+            for block in chunks:  # the register records the download after the last block
+                g.write(block)
+            g.flush()
+            os.fsync(g.fileno())
         tmp.replace(out)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise SystemExit(f"error: the export cannot be written there ({exc.strerror})") from None
-    note_export_download(factory, args.contract, actor="operator")
+    finally:
+        tmp.unlink(missing_ok=True)  # a copy cut short (an error, Ctrl-C) leaves no data behind
     print(json.dumps({"contract": args.contract, "export": str(out), "next": "--delete once received"}))
     return 0
 
@@ -620,8 +620,9 @@ def build_parser() -> argparse.ArgumentParser:
         "unclaimed exports are shredded 30 days after the end",
     )
     cx.add_argument("contract")
-    cx.add_argument("--out", help="where to write the archive (owner-only)")
-    cx.add_argument("--delete", action="store_true", help="the controller has it: shred the service's copy")
+    what = cx.add_mutually_exclusive_group(required=True)
+    what.add_argument("--out", help="where to write the archive (owner-only)")
+    what.add_argument("--delete", action="store_true", help="the controller has it: shred the service's copy")
     cx.set_defaults(func=cmd_contract_export)
 
     ctf = sub.add_parser("certificate", help="destruction certificates").add_subparsers(dest="action", required=True)

@@ -221,7 +221,7 @@ def run_project_job(
             "timings_s": timings,
         }
         (out / "report.json").write_text(json.dumps(report, indent=2))
-        write_report_html(report, out / "report.html")
+        write_report_html(report, out / "report.html", published=OUTPUTS)
 
         # Seal the outputs, then publish them in one transaction.
         names = [n for n in OUTPUTS if (out / n).is_file()]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Response
-from fastapi.responses import FileResponse
+from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 
 from api.deps import DB, AdminCaller, ReadCaller, ServicesDep
@@ -16,8 +16,7 @@ from privacy.lifecycle import (
     InvalidRecipientKey,
     TerminationError,
     delete_export,
-    export_file,
-    note_export_download,
+    stream_export,
     terminate_contract,
 )
 from privacy.register import export_register, verify_entries
@@ -140,40 +139,49 @@ def get_certificate(contract_id: str, db: DB, _: AdminCaller) -> dict[str, Any]:
     return dict(cert.document)
 
 
-_NO_EXPORT = (
-    "this contract has no export archive waiting: it has not ended, it ended with 'destroy', "
-    "or its export was already deleted"
-)
+_NO_EXPORT = "this contract has no export archive waiting: it ended with 'destroy', or its export was already deleted"
+
+
+def _ended(db: Any, contract_id: str) -> None:
+    ct = db.get(Contract, contract_id)
+    if ct is None:
+        raise not_found("contract")
+    if ct.state != "ended":  # mid-termination the archive may still be rebuilt: not yet the controller's
+        raise ApiError(409, "not_ready", "the contract has not ended; its export is not ready")
 
 
 @router.get(
     "/contracts/{contract_id}/export",
-    response_class=FileResponse,
+    response_class=StreamingResponse,
     responses={
         200: {
             "description": "the export archive of a contract ended with 'return' (zip) or 'transfer' "
             "(sealed to the receiving processor's key)",
             "content": {"application/zip": {}, "application/octet-stream": {}},
         },
-        409: ERROR_RESPONSES[401] | {"description": "no export archive is waiting"},
+        409: ERROR_RESPONSES[401] | {"description": "no export archive is waiting, or it is being deleted"},
     },
 )
-def get_export(contract_id: str, db: DB, svc: ServicesDep, c: AdminCaller) -> FileResponse:
-    """Download the contract's export. The service keeps its copy until DELETE confirms receipt,
-    or for 30 days after the end; the register records the download."""
-    if db.get(Contract, contract_id) is None:
-        raise not_found("contract")
-    path = export_file(lifecycle_paths(svc.settings), contract_id)
-    if path is None:
-        raise ApiError(409, "not_ready", _NO_EXPORT)
+def get_export(contract_id: str, db: DB, svc: ServicesDep, c: AdminCaller) -> StreamingResponse:
+    """Download the contract's export, whole (no ranges). The service keeps its copy until DELETE
+    confirms receipt, or until the deadline in the certificate; the register records the download."""
+    _ended(db, contract_id)
     db.rollback()
-    note_export_download(svc.factory, contract_id, actor=c.token_id)
-    sealed = path.name.endswith(".x25519")
-    return FileResponse(
-        path,
-        media_type="application/octet-stream" if sealed else "application/zip",
-        filename=path.name,
-        headers={"Cache-Control": "private, no-store"},
+    try:
+        found = stream_export(svc.factory, lifecycle_paths(svc.settings), contract_id, actor=c.token_id)
+    except TimeoutError:
+        raise ApiError(409, "conflict", "the export is being deleted") from None
+    if found is None:
+        raise ApiError(409, "not_ready", _NO_EXPORT)
+    size, name, chunks = found
+    return StreamingResponse(
+        chunks,
+        media_type="application/octet-stream" if name.endswith(".x25519") else "application/zip",
+        headers={
+            "Content-Length": str(size),
+            "Cache-Control": "private, no-store",
+            "Content-Disposition": f'attachment; filename="{name}"',
+        },
     )
 
 
@@ -181,15 +189,18 @@ def get_export(contract_id: str, db: DB, svc: ServicesDep, c: AdminCaller) -> Fi
     "/contracts/{contract_id}/export",
     status_code=204,
     response_class=Response,
-    responses={409: ERROR_RESPONSES[401] | {"description": "no export archive is waiting"}},
+    responses={409: ERROR_RESPONSES[401] | {"description": "no export archive is waiting, or it is being downloaded"}},
 )
 def delete_contract_export(contract_id: str, db: DB, svc: ServicesDep, c: AdminCaller) -> Response:
     """Confirm receipt of the export: the service shreds its copy now and records it."""
-    if db.get(Contract, contract_id) is None:
-        raise not_found("contract")
+    _ended(db, contract_id)
     db.rollback()
     why = "end of service: the controller confirmed receipt of its export"
-    if not delete_export(svc.factory, lifecycle_paths(svc.settings), contract_id, actor=c.token_id, why=why):
+    try:
+        gone = delete_export(svc.factory, lifecycle_paths(svc.settings), contract_id, actor=c.token_id, why=why)
+    except TimeoutError:
+        raise ApiError(409, "conflict", "the export is being downloaded; confirm again when it is done") from None
+    if not gone:
         raise ApiError(409, "not_ready", _NO_EXPORT)
     return Response(status_code=204)
 

@@ -78,7 +78,8 @@ def test_a_returned_export_is_handed_over_then_shredded(api: Api) -> None:
     s = c.post("/v1/subjects", json={"contract_id": t.contract_id, "name": "Jan Janssens"}, headers=t.auth).json()
     c.post("/v1/projects", json={"contract_id": t.contract_id, "reference": "P", "subject_id": s["id"]}, headers=t.auth)
     url = f"/v1/contracts/{t.contract_id}/export"
-    assert c.get(url, headers=t.auth).status_code == 409  # not ended: nothing waiting
+    r = c.get(url, headers=t.auth)
+    assert r.status_code == 409 and "not ended" in r.json()["error"]["message"]
     r = c.post(f"/v1/contracts/{t.contract_id}/terminate", json={"disposition": "return"}, headers=t.auth)
     assert r.status_code == 200, r.text
     cert = c.get(f"/v1/contracts/{t.contract_id}/certificate", headers=t.auth).json()["document"]
@@ -90,14 +91,17 @@ def test_a_returned_export_is_handed_over_then_shredded(api: Api) -> None:
     assert r.status_code == 200 and r.headers["content-type"] == "application/zip"
     assert r.headers["cache-control"] == "private, no-store"
     assert hashlib.sha256(r.content).hexdigest() == cert["export"]["sha256"]
+    # Whole or not at all: a range request gets the whole archive (no undeclared 206/416).
+    whole = c.get(url, headers=t.auth | {"Range": "bytes=0-9"})
+    assert whole.status_code == 200 and whole.content == r.content
     names = zipfile.ZipFile(io.BytesIO(r.content)).namelist()
     assert any("subject" in n for n in names), names
     exports = api.svc.settings.root / "exports"
-    assert [p.name for p in exports.iterdir()] == [f"{t.contract_id}-export.zip"]
+    assert [p.name for p in exports.iterdir() if not p.name.endswith(".lock")] == [f"{t.contract_id}-export.zip"]
     r = c.delete(url, headers=t.auth)
     assert r.status_code == 204
-    assert not any(exports.iterdir()), "the service's copy is gone"
+    assert not [p for p in exports.iterdir() if not p.name.endswith(".lock")], "the service's copy is gone"
     assert c.get(url, headers=t.auth).status_code == 409
     assert c.delete(url, headers=t.auth).status_code == 409
     actions = [e["action"] for e in c.get("/v1/register", headers=t.auth).json()["entries"]]
-    assert actions[-2:] == ["export_downloaded", "export_deleted"]
+    assert actions[-3:] == ["export_downloaded", "export_downloaded", "export_deleted"]

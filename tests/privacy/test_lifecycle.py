@@ -624,45 +624,80 @@ def test_termination_waits_for_a_running_job_and_refuses_a_bad_recipient_key(wor
         terminate_contract(w.factory, w.vault, paths, contract_id=w.c1.id, disposition="return")
 
 
-def test_a_returned_export_leaves_the_service_on_receipt_or_after_30_days(world: World, tmp_path: Path) -> None:
+def test_a_returned_export_leaves_the_service_on_receipt_or_by_its_deadline(world: World, tmp_path: Path) -> None:
     """The 'return' archive holds the contract's data in clear: the operator copies it out and
-    shreds it (CLI), and one nobody claimed is shredded by the retention sweep after 30 days."""
+    shreds it (CLI); one nobody claimed is shredded by the retention sweep on the deadline the
+    certificate names; a download is never cut by a deletion; strays and partial files go too."""
+    import hashlib
     import os
     import time
+    from datetime import date, timedelta
 
-    from privacy.lifecycle import EXPORT_KEEP_DAYS, expire_exports, export_file
+    from privacy.lifecycle import delete_export, expire_exports, export_file, stream_export
     from siteplan.cli import main
 
     w = world
     paths = lifecycle_paths(w.settings)
-    for c in (w.c1, w.c2):
-        terminate_contract(w.factory, w.vault, paths, contract_id=c.id, disposition="return")
+    certs = [
+        terminate_contract(w.factory, w.vault, paths, contract_id=c.id, disposition="return") for c in (w.c1, w.c2)
+    ]
     first, second = export_file(paths, w.c1.id), export_file(paths, w.c2.id)
     assert first is not None and second is not None
-    assert expire_exports(w.factory, paths) == 0  # both fresh
+    # A download in progress holds off a deletion, and arrives whole.
+    found = stream_export(w.factory, paths, w.c1.id, actor="t", chunk=1024)
+    assert found is not None
+    size, name, chunks = found
+    got = [next(chunks)]
+    with pytest.raises(TimeoutError):
+        delete_export(w.factory, paths, w.c1.id, actor="t", why="x", wait_s=0.3)
+    got += list(chunks)
+    assert hashlib.sha256(b"".join(got)).hexdigest() == certs[0]["document"]["export"]["sha256"]
+    assert name == f"{w.c1.id}-export.zip" and size == first.stat().st_size
+    # A stray look-alike and an old partial archive: the stray is not taken for the export.
+    stray = paths.exports / f"{w.c2.id}-export.zip.partial"
+    stray.write_bytes(b"x")
+    partial = paths.exports / ".tmp-0123456789ab"
+    partial.write_bytes(b"clear data")
+    old = time.time() - 2 * 86400
+    os.utime(stray, (old, old))
+    os.utime(partial, (old, old))
+    assert expire_exports(w.factory, paths) == 0  # both fresh, by their certificates' deadlines
+    assert second.exists() and not partial.exists()
     os.environ["SITEPLAN_DATA_DIR"] = str(w.settings.data_dir)
     try:
         out = tmp_path / "handed-over.zip"
+        with pytest.raises(SystemExit):  # copy and delete in one go is refused (it used to only delete)
+            main(["contract", "export", w.c1.id, "--out", str(out), "--delete"])
+        assert first.exists()
         assert main(["contract", "export", w.c1.id, "--out", str(out)]) == 0
         assert out.read_bytes() == first.read_bytes() and (out.stat().st_mode & 0o077) == 0
+        assert not (tmp_path / ".handed-over.zip.tmp").exists()
         with pytest.raises(SystemExit, match="exists"):
             main(["contract", "export", w.c1.id, "--out", str(out)])
         assert main(["contract", "export", w.c1.id, "--delete"]) == 0
         assert not first.exists()
         with pytest.raises(SystemExit, match="no export archive waiting"):
             main(["contract", "export", w.c1.id, "--delete"])
-        # Unclaimed for longer than the deadline: the retention run shreds it.
-        old = time.time() - (EXPORT_KEEP_DAYS + 1) * 86400
-        os.utime(second, (old, old))
+        # The deadline the certificate promised has come: the retention run shreds it.
+        with w.factory.begin() as db:
+            c2 = db.get(Contract, w.c2.id)
+            assert c2 is not None and c2.termination is not None
+            t = dict(c2.termination)
+            assert t["export"]["service_copy_deleted_by"] == (date.today() + timedelta(days=30)).isoformat()
+            t["export"] = {**t["export"], "service_copy_deleted_by": date.today().isoformat()}
+            c2.termination = t
         assert main(["retention"]) == 0
     finally:
         del os.environ["SITEPLAN_DATA_DIR"]
-    assert not second.exists() and not any(paths.exports.iterdir())
+    assert not second.exists() and stray.exists()
+    expire_exports(w.factory, paths)
+    assert not list(paths.exports.glob(".*.lock")), "the next sweep removes the locks of exports gone"
     with w.factory() as db:
         entries = register.export_register(db, w.tenant_id)
         assert register.verify_register(db, w.tenant_id).ok
     by_actor = [(e["action"], e["actor"], e["ref"]) for e in entries if e["action"].startswith("export_")]
     assert by_actor == [
+        ("export_downloaded", "t", w.c1.id),
         ("export_downloaded", "operator", w.c1.id),
         ("export_deleted", "operator", w.c1.id),
         ("export_deleted", "system", w.c2.id),

@@ -145,6 +145,15 @@ def test_plan_command_writes_every_promised_file(
         assert f"src='{m}'" in html
     assert "data:model/gltf-binary;base64," in html and "3.600 m" in html  # the 3D plan and the opening
     assert "Privacy" not in html  # no privacy gate ran in this command: the page claims none
+    # Links are URL-quoted: a photo named "IMG #2" must not end its link at the "#".
+    from reconstruct.report import plan_report, write_report_html
+
+    res = json.loads((out / "plan.json").read_text())
+    res["montages"][0]["file"] = "montage_IMG #2.jpg"
+    write_report_html(plan_report({}, res), out / "r2.html", published=["plan.glb"])
+    html2 = (out / "r2.html").read_text()
+    assert "src='montage_IMG%20%232.jpg'" in html2
+    assert "href='plan.glb'" in html2 and "href='plan.dxf'" not in html2  # only what is published
     # A file where the output folder should be: a clear error, no traceback.
     (tmp / "taken").write_text("x")
     with pytest.raises(SystemExit, match="not a directory"):
