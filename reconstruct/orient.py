@@ -113,8 +113,8 @@ def ground_under(inliers: np.ndarray, up: np.ndarray, *, min_slope_deg: float = 
     c = inliers.mean(axis=0)
     q = inliers - c
     z = q @ up
+    evals, evecs = _in_plane_spread(inliers, up)
     h = q - np.outer(z, up)
-    evals, evecs = np.linalg.eigh(h.T @ h / len(q))  # ascending; the last two span the horizontal
     axes = [evecs[:, 2], evecs[:, 1]]
     spread = [float(evals[2]), float(evals[1])]
     X = np.column_stack([h @ a for a in axes])
@@ -125,7 +125,7 @@ def ground_under(inliers: np.ndarray, up: np.ndarray, *, min_slope_deg: float = 
         sigma = math.sqrt(float(resid @ resid) / max(1, len(q) - 3))
         for i in range(2):
             se = sigma / math.sqrt(max(len(q) * spread[i], 1e-12))
-            pinned = i == 0 or spread[1] >= 0.3**2 * spread[0]
+            pinned = i == 0 or spread[1] >= STRIP_RATIO**2 * spread[0]
             if pinned and abs(sol[i]) > 3 * se:
                 g[i] = sol[i]
     slope = math.degrees(math.atan(float(np.linalg.norm(g))))
@@ -136,13 +136,23 @@ def ground_under(inliers: np.ndarray, up: np.ndarray, *, min_slope_deg: float = 
     return n, float(n @ c), round(slope, 2)
 
 
+STRIP_RATIO = 0.3  # points spread less than this across as along are a strip
+
+
+def _in_plane_spread(points: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Variances (ascending) and axes of ``points`` projected on the plane normal to ``n``: the
+    last two span the plane."""
+    q = points - points.mean(axis=0)
+    q = q - np.outer(q @ n, n)
+    evals, evecs = np.linalg.eigh(q.T @ q / max(1, len(q)))
+    return evals, evecs
+
+
 def _well_spread(inliers: np.ndarray, n: np.ndarray) -> bool:
     """Whether a plane's inliers pin its tilt in both directions: not a strip (the foot of a
     wall, a kerb), whose plane may lean any way about its length."""
-    q = inliers - inliers.mean(axis=0)
-    q = q - np.outer(q @ n, n)
-    ev = np.linalg.eigvalsh(q.T @ q / max(1, len(q)))
-    return bool(ev[1] >= 0.3**2 * ev[2])
+    ev, _ = _in_plane_spread(inliers, n)
+    return bool(ev[1] >= STRIP_RATIO**2 * ev[2])
 
 
 def orient(

@@ -167,7 +167,6 @@ def _refine_with_surface(
 
 
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png"}
-GATE_ONLY_SUFFIXES = {".heic", ".heif", ".hif", ".avif", ".tif", ".tiff", ".webp", ".dng"}
 
 
 def photo_names(image_dir: Path) -> list[str]:
@@ -176,12 +175,12 @@ def photo_names(image_dir: Path) -> list[str]:
     stored, and the reference's clicks were made on the upright photo."""
     from PIL import Image
 
+    from privacy.anonymize import IMAGE_SUFFIXES, list_images
+
     names = []
-    for p in sorted(image_dir.iterdir()):
-        if not p.is_file() or p.name.startswith("."):
-            continue
+    for p in list_images(image_dir):
         suffix = p.suffix.lower()
-        if suffix in GATE_ONLY_SUFFIXES:
+        if suffix in IMAGE_SUFFIXES - PHOTO_SUFFIXES:  # HEIC, TIFF, WebP: the gate decodes them
             raise ReconstructionError(
                 f"{p.name}: {suffix} photos are read by the privacy gate only; "
                 "run `siteplan anonymize` on the folder first (it writes upright JPEGs)"
