@@ -61,10 +61,21 @@ def _href(name: str) -> str:
     return escape(quote(name))
 
 
+def _viewer_inline() -> str:
+    """model-viewer's script, fit to sit inside a <script> element: it holds no '</script' (which
+    would end the element early) and no '<script' (after its '<!--' that would swallow ours)."""
+    js = (ASSETS / "model-viewer-umd.min.js").read_text(encoding="utf-8")
+    low = js.lower()
+    if "</script" in low or "<script" in low:
+        raise ValueError("model-viewer's script cannot be inlined as it is")
+    return js
+
+
 def write_report_html(report: dict[str, Any], path: Path, *, published: Collection[str] | None = None) -> None:
     """report.html from a report dict (report.json's content; ``job`` and ``privacy`` optional).
     ``published``: the files the page may link besides montages (the API serves only some);
-    by default those present beside it."""
+    by default those present beside it. Where the viewer's script is not among them, the page
+    carries it inline (1.1 MB), so that a report saved alone still shows its 3D plan."""
 
     def linkable(name: str) -> bool:
         return name in published if published is not None else (path.parent / name).exists()
@@ -104,7 +115,11 @@ def write_report_html(report: dict[str, Any], path: Path, *, published: Collecti
     if glb.is_file():
         # Inlined as a data URI: browsers refuse to fetch a file:// URL from a file:// page, and the
         # report must work offline from its folder.
-        shutil.copyfile(ASSETS / "model-viewer-umd.min.js", path.parent / VIEWER_JS)
+        if published is None or VIEWER_JS in published:
+            shutil.copyfile(ASSETS / "model-viewer-umd.min.js", path.parent / VIEWER_JS)
+            viewer = f"<script src='{VIEWER_JS}'></script>"
+        else:  # served alone (the API publishes no script file): the page carries the viewer itself
+            viewer = f"<script>{_viewer_inline()}</script>"
         data = base64.b64encode(glb.read_bytes()).decode()
         # Look at the design from the photographers' side (glTF is Y-up: site (x, y, z) -> (x, z, -y)).
         px, py, _ = pl["position_m"]
@@ -112,7 +127,7 @@ def write_report_html(report: dict[str, Any], path: Path, *, published: Collecti
         orbit = max(6.0, 2.5 * design["width_m"])
         parts.append(
             "<h2>3D plan</h2>"
-            f"<script src='{VIEWER_JS}'></script>"
+            f"{viewer}"
             f"<model-viewer id='plan3d' src='data:model/gltf-binary;base64,{data}' camera-controls "
             f"camera-target='{target}' camera-orbit='0deg 70deg {orbit:.1f}m' "
             "shadow-intensity='0.6' exposure='1.0' alt='3D plan: the site and the design'></model-viewer>"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -36,6 +37,27 @@ class Site:
     run_dir: Path
     reconstruction: pycolmap.Reconstruction
     info: dict[str, Any]
+
+
+STAGING = ".staging"
+# A run's outputs; site.json, written last, marks a complete one (load_site demands it).
+OUTPUT_NAMES = ("model", "points.ply", "surface.ply")
+
+
+def _publish(stage: Path, run_dir: Path) -> None:
+    """Replace the previous run's outputs by the staged ones. site.json goes first and comes back
+    last, so a process killed in between leaves a folder load_site refuses, never a model of one
+    run beside the facts of another."""
+    (run_dir / "site.json").unlink(missing_ok=True)
+    for name in OUTPUT_NAMES:
+        old, new = run_dir / name, stage / name
+        if old.is_dir():
+            shutil.rmtree(old)
+        else:
+            old.unlink(missing_ok=True)
+        if new.exists():
+            new.replace(old)
+    (stage / "site.json").replace(run_dir / "site.json")
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -70,10 +92,32 @@ def reconstruct(
 
     run_dir.mkdir(parents=True, exist_ok=True)
     # Work dirs an earlier attempt left when its process was killed (a retried stage): COLMAP
-    # databases and undistorted photo copies, never to be packed into a checkpoint.
-    for stale in [*run_dir.glob("sfm-*"), *run_dir.glob("mvs-*")]:
+    # databases, undistorted photo copies and unpublished outputs, never to be packed into a
+    # checkpoint or mistaken for a model.
+    for stale in [*run_dir.glob("sfm-*"), *run_dir.glob("mvs-*"), run_dir / STAGING, run_dir / ".model.tmp"]:
         if stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)
+    # Everything is built beside the previous run's outputs and replaces them only once all of
+    # it exists (_publish): a re-run that fails leaves the earlier model whole, never half of it.
+    stage = run_dir / STAGING
+    stage.mkdir()
+    try:
+        return _build(image_dir, reference, run_dir, stage, names, intrinsics, cfg, dense, t_all)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _build(
+    image_dir: Path,
+    reference: ScaleReference,
+    run_dir: Path,
+    stage: Path,
+    names: list[str],
+    intrinsics: dict[str, dict[str, Any]],
+    cfg: SfmConfig,
+    dense: DenseConfig | None,
+    t_all: float,
+) -> Site:
     work = Path(tempfile.mkdtemp(prefix="sfm-", dir=run_dir))
     try:
         sfm = run_sfm(image_dir, names, intrinsics, work, cfg)
@@ -94,23 +138,16 @@ def reconstruct(
 
     dense_cfg = dense or DenseConfig()
     dense_info: dict[str, Any] = {"enabled": dense_cfg.enabled}
-    surface_path = run_dir / "surface.ply"
+    surface_path = stage / "surface.ply"
     if dense_cfg.enabled:
         t0 = time.perf_counter()
         dense_info.update(dense_surface(rec, image_dir, surface_path, dense_cfg))
         timings["dense_s"] = time.perf_counter() - t0
         ori = _refine_with_surface(rec, surface_path, sfm.registered, ori)
-    else:
-        surface_path.unlink(missing_ok=True)
 
-    model_dir = run_dir / "model"
-    tmp_model = run_dir / ".model.tmp"
-    shutil.rmtree(tmp_model, ignore_errors=True)
-    tmp_model.mkdir()
-    rec.write_text(str(tmp_model))
-    shutil.rmtree(model_dir, ignore_errors=True)
-    tmp_model.replace(model_dir)
-    rec.export_PLY(str(run_dir / "points.ply"))
+    (stage / "model").mkdir()
+    rec.write_text(str(stage / "model"))
+    rec.export_PLY(str(stage / "points.ply"))
     timings["total_s"] = time.perf_counter() - t_all
     info: dict[str, Any] = {
         "pipeline_version": PIPELINE_VERSION,
@@ -129,8 +166,11 @@ def reconstruct(
         "choices": sfm.choices,
         "dense": dense_info,
         "timings": {k: round(v, 3) for k, v in timings.items()},
+        # Where `siteplan plan` finds the photos again, relative to the run folder.
+        "images_dir": os.path.relpath(image_dir.resolve(), run_dir.resolve()),
     }
-    _write_json(run_dir / "site.json", info)
+    _write_json(stage / "site.json", info)
+    _publish(stage, run_dir)
     log.info(
         "site: scale %.5f m/unit (+-%.2f %%), %d photos, ground found: %s",
         scale.scale,
@@ -219,10 +259,14 @@ def _intrinsics_from_files(image_dir: Path, names: list[str]) -> dict[str, dict[
 
 
 def load_site(run_dir: Path) -> Site:
-    model = run_dir / "model"
-    if not (model / "images.txt").is_file():
-        raise ReconstructionError(f"{run_dir.name} holds no model; run `siteplan reconstruct` first")
+    model, info_path = run_dir / "model", run_dir / "site.json"
+    if not (model / "images.txt").is_file() or not info_path.is_file():
+        raise ReconstructionError(f"{run_dir.name} holds no complete model; run `siteplan reconstruct` first")
     rec = pycolmap.Reconstruction(str(model))
-    info_path = run_dir / "site.json"
-    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    try:
+        info = json.loads(info_path.read_text())
+    except (OSError, ValueError):
+        raise ReconstructionError(
+            f"{run_dir.name}/site.json cannot be read; run `siteplan reconstruct` again"
+        ) from None
     return Site(run_dir, rec, info)

@@ -74,6 +74,7 @@ def cmd_anonymize(args: argparse.Namespace) -> int:
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
+    from reconstruct.errors import ReconstructionError
     from reconstruct.reference import load_reference
     from reconstruct.sfm import SfmConfig
     from reconstruct.site import reconstruct
@@ -83,10 +84,14 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: {images} is not a directory")
     ref = load_reference(Path(args.reference))
     cfg = SfmConfig(max_image_size=args.max_image_size) if args.max_image_size else SfmConfig()
-    site = reconstruct(images, ref, run_dir, config=cfg)
-    info = dict(site.info)
-    info["images_dir"] = os.path.relpath(images.resolve(), run_dir.resolve())
-    (run_dir / "site.json").write_text(json.dumps(info, indent=2))
+    had_model = (run_dir / "site.json").is_file()
+    try:
+        site = reconstruct(images, ref, run_dir, config=cfg)
+    except ReconstructionError:
+        if had_model:
+            print(f"note: the model of the earlier run in {run_dir} is kept unchanged", file=sys.stderr)
+        raise
+    info = site.info
     print(
         json.dumps(
             {

@@ -175,8 +175,6 @@ def site_and_plan(
         raise fail(str(cause) if cause else f"reconstruction failed: {unexpected(exc.cause)}") from None
     except ray.exceptions.RayError as exc:  # workers or nodes lost more often than the retries allow
         raise fail(f"reconstruction lost its worker too often ({type(exc).__name__}); try again") from None
-    info["images_dir"] = "photos"
-    (out / "site.json").write_text(json.dumps(info, indent=2))
     stage_done("reconstruct", time.perf_counter() - t)
     progress(
         f"      {len(info['registered_images'])} photos placed, scale from {info['scale_source']} "

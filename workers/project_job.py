@@ -30,6 +30,7 @@ from reconstruct.sfm import SfmConfig
 from siteplan import PIPELINE_VERSION
 from siteplan.consent import MESSAGES, consent_problem
 from siteplan.db import BillingRecord, Design, Job, Photo, PlanFile, Project
+from siteplan.outputs import OUTPUTS, media_type
 from siteplan.settings import Settings
 from workers.job import JobCancelled, JobFailed, map_placement, map_reference, site_and_plan
 from workers.routing import Pool
@@ -37,18 +38,6 @@ from workers.runtime import ray_runtime
 from workers.tasks import count_attempts
 
 log = logging.getLogger(__name__)
-
-MEDIA_TYPES = {
-    ".glb": "model/gltf-binary",
-    ".svg": "image/svg+xml",
-    ".dxf": "image/vnd.dxf",
-    ".jpg": "image/jpeg",
-    ".html": "text/html",
-    ".json": "application/json",
-    ".ply": "application/octet-stream",
-}
-# What the API hands back; the site model and raw surfaces stay internal.
-OUTPUTS = ("plan.glb", "plan.svg", "plan.dxf", "elevation.svg", "report.html", "report.json")
 
 
 class JobRefused(JobFailed):
@@ -240,7 +229,7 @@ def run_project_job(
                         job_id=job_id,
                         contract_id=key_id,
                         name=n,
-                        media_type=MEDIA_TYPES.get(Path(n).suffix, "application/octet-stream"),
+                        media_type=media_type(n),
                         object=o.object_id,
                         size=o.size,
                         sha256=o.sha256,

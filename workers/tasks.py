@@ -6,9 +6,9 @@ arguments and keeps them in its object store).
 Retries: Ray re-runs a task whose worker process or node died (``max_retries``; never for the
 stage's own errors, which are final). Every attempt leaves a marker in the job's attempts dir
 (:func:`count_attempts`), so the job row records how often each stage ran. A retried stage
-writes the same outputs under the same names (most by temp file and rename; points.ply and
-surface.ply rewritten whole) and first clears the work dirs a killed attempt left: a finished
-retry leaves neither a second nor a half-written result.
+writes the same outputs under the same names (the site's are built in a staging folder and
+replace the earlier ones only when all exist, site.json last) and first clears the work dirs a
+killed attempt left: a finished retry leaves neither a second nor a half-written result.
 """
 
 from __future__ import annotations

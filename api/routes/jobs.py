@@ -18,6 +18,7 @@ from privacy import register
 from siteplan import PIPELINE_VERSION
 from siteplan.consent import CLIENT_RESTRICTED, MESSAGES, consent_problem
 from siteplan.db import Design, Job, Photo, PlanFile
+from siteplan.outputs import MEDIA_TYPES
 
 router = APIRouter(tags=["jobs"], responses=ERROR_RESPONSES)
 
@@ -203,7 +204,13 @@ def get_plan(job_id: str, db: DB, _: ReadCaller) -> PlanPublic:
 @router.get(
     "/jobs/{job_id}/plan/{name}",
     response_class=StreamingResponse,
-    responses={200: {"description": "the file", "content": {"application/octet-stream": {}}}},
+    responses={
+        200: {
+            "description": "the file, with its own media type",
+            "content": {t: {} for t in sorted({*MEDIA_TYPES.values(), "application/octet-stream"})},
+        },
+        304: {"description": "unchanged since the ETag sent in If-None-Match"},
+    },
 )
 def get_plan_file(job_id: str, name: str, request: Request, db: DB, svc: ServicesDep, _: ReadCaller) -> Response:
     j = _get(db, job_id)

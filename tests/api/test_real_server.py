@@ -12,6 +12,7 @@ import pytest
 import trimesh
 
 from tests.api.server import cli, serve, server_env
+from tests.browser import assert_viewer_loaded, open_page
 
 ROOT = Path(__file__).parents[2]
 SAMPLE = ROOT / "sample_data"
@@ -118,6 +119,11 @@ def test_serve_upload_plan_download(tmp_path: Path) -> None:
             assert len(glb.content) == files["plan.glb"]["size"]
             scene = trimesh.load(trimesh.util.wrap_as_stream(glb.content), file_type="glb")
             assert len(scene.geometry) >= 2  # the site and the design at least
+            # report.html as the app saves it, alone: its 3D viewer still loads (the script is inline).
+            page = tmp_path / "download" / "report.html"
+            page.parent.mkdir()
+            page.write_bytes(http.get(files["report.html"]["url"]).content)
+            assert_viewer_loaded(*open_page(page, tmp_path))
         # Nothing decrypted is left in worker scratch.
         scratch = tmp_path / "data" / "scratch"
         assert not scratch.exists() or not any(scratch.rglob("*.jpg"))

@@ -154,6 +154,9 @@ def test_plan_command_writes_every_promised_file(
     html2 = (out / "r2.html").read_text()
     assert "src='montage_IMG%20%232.jpg'" in html2
     assert "href='plan.glb'" in html2 and "href='plan.dxf'" not in html2  # only what is published
+    # The API publishes no script file: that page carries model-viewer inline, the CLI's links it.
+    assert "<script src='model-viewer.min.js'>" in html and "<script src=" not in html2
+    assert html2.count("customElements.define") >= 1 and len(html2) > len(html) + 500_000
     # A file where the output folder should be: a clear error, no traceback.
     (tmp / "taken").write_text("x")
     with pytest.raises(SystemExit, match="not a directory"):

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.browser import assert_viewer_loaded, open_page
 from tests.conftest import ROOT, SAMPLE, SHARED
 
 SITEPLAN = [sys.executable, "-m", "siteplan.cli"]
@@ -76,35 +77,8 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     html = (out / "report.html").read_text()
     assert "montage_0000.jpg" in html and "plan.svg" in html
     # The report's 3D viewer loads plan.glb in a real browser, offline, with no console error.
-    chromium = shutil.which("chromium")
-    assert chromium, "Debian's chromium is needed; `make test` installs it"
     shot = tmp_path / "report.png"
-    br = subprocess.run(
-        [
-            chromium,
-            "--headless",
-            "--no-sandbox",
-            "--use-angle=swiftshader",
-            "--enable-unsafe-swiftshader",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            f"--user-data-dir={tmp_path / 'chromium'}",
-            "--enable-logging=stderr",
-            "--v=0",
-            "--timeout=40000",
-            "--window-size=1200,2400",
-            f"--screenshot={shot}",
-            (out / "report.html").as_uri(),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    console = [ln for ln in br.stderr.splitlines() if ":CONSOLE" in ln]
-    assert any("plan3d loaded" in ln for ln in console), br.stderr[-2000:]
-    assert not [ln for ln in console if "ERROR:CONSOLE" in ln or "Uncaught" in ln], console
+    assert_viewer_loaded(*open_page(out / "report.html", tmp_path, shot=shot))
     assert shot.is_file()
     # The montage differs from the anonymised photo where the design stands, and only there-ish.
     m = np.asarray(Image.open(out / "montage_0000.jpg").convert("L"), float)

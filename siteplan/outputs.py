@@ -1,0 +1,21 @@
+"""The plan files a job publishes through the API, and their media types (the worker stores
+them, the API serves and documents them)."""
+
+from __future__ import annotations
+
+# What the API hands back, besides one montage_<photo>.jpg per photo; the site model and raw
+# surfaces stay internal.
+OUTPUTS = ("plan.glb", "plan.svg", "plan.dxf", "elevation.svg", "report.html", "report.json")
+MEDIA_TYPES = {
+    ".glb": "model/gltf-binary",
+    ".svg": "image/svg+xml",
+    ".dxf": "image/vnd.dxf",
+    ".jpg": "image/jpeg",
+    ".html": "text/html",
+    ".json": "application/json",
+}
+
+
+def media_type(name: str) -> str:
+    dot = name.rfind(".")
+    return MEDIA_TYPES.get(name[dot:].lower() if dot >= 0 else "", "application/octet-stream")
