@@ -157,7 +157,7 @@ def plan(
     timings["drawings_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    img_dir = images_dir or Path(site.info.get("images_dir", run_dir / "images"))
+    img_dir = images_dir or site.images_dir
     surface = load_surface(run_dir / "surface.ply")
     montages: list[dict[str, Any]] = []
     for name, v in sorted(vs.items()):

@@ -206,5 +206,8 @@ def write_report_html(report: dict[str, Any], path: Path, *, published: Collecti
         parts.append(_row(k, f"{v:.1f} s"))
     parts.append("</table></body></html>")
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(parts))
-    tmp.replace(path)
+    try:
+        tmp.write_text("\n".join(parts), encoding="utf-8")  # the page says utf-8, whatever the locale
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)

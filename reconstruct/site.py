@@ -6,6 +6,7 @@ RUN_DIR layout (DESIGN.md §3.2): ``model/`` (COLMAP text, metres, +Z up), ``sit
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -38,26 +39,58 @@ class Site:
     reconstruction: pycolmap.Reconstruction
     info: dict[str, Any]
 
+    @property
+    def images_dir(self) -> Path:
+        """The photos the site was built from: site.json's ``images_dir`` is relative to the run
+        folder (an absolute one survives the join); older runs kept them in ``images/``."""
+        return self.run_dir / str(self.info.get("images_dir") or "images")
+
 
 STAGING = ".staging"
+PREVIOUS = ".previous"  # the earlier run's outputs while the new ones move in
 # A run's outputs; site.json, written last, marks a complete one (load_site demands it).
 OUTPUT_NAMES = ("model", "points.ply", "surface.ply")
+
+
+def _remove(p: Path) -> None:
+    """A file, a link (never what it points to) or a folder, if present."""
+    if p.is_symlink() or p.is_file():
+        p.unlink()
+    elif p.is_dir():
+        shutil.rmtree(p)
 
 
 def _publish(stage: Path, run_dir: Path) -> None:
     """Replace the previous run's outputs by the staged ones. site.json goes first and comes back
     last, so a process killed in between leaves a folder load_site refuses, never a model of one
-    run beside the facts of another."""
-    (run_dir / "site.json").unlink(missing_ok=True)
-    for name in OUTPUT_NAMES:
-        old, new = run_dir / name, stage / name
-        if old.is_dir():
-            shutil.rmtree(old)
-        else:
-            old.unlink(missing_ok=True)
-        if new.exists():
-            new.replace(old)
-    (stage / "site.json").replace(run_dir / "site.json")
+    run beside the facts of another. The earlier outputs are moved aside, not deleted, until the
+    new ones are all in: an error on the way (a permission, a full disk) puts them back."""
+    prev = run_dir / PREVIOUS
+    _remove(prev)
+    prev.mkdir()
+    marker = run_dir / "site.json"
+    moved: list[str] = []
+    placed: list[str] = []
+    try:
+        for name in ("site.json", *OUTPUT_NAMES):
+            old = run_dir / name
+            if old.is_symlink() or old.exists():
+                old.replace(prev / name)
+                moved.append(name)
+        for name in OUTPUT_NAMES:
+            if (stage / name).exists():
+                (stage / name).replace(run_dir / name)
+                placed.append(name)
+        (stage / "site.json").replace(marker)
+    except BaseException:
+        for name in placed:
+            _remove(run_dir / name)
+        for name in reversed(moved):  # site.json, the marker, last
+            (prev / name).replace(run_dir / name)
+        with contextlib.suppress(OSError):
+            prev.rmdir()  # empty now; if a move back failed, what it holds stays
+        raise
+    _remove(prev)
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -94,9 +127,11 @@ def reconstruct(
     # Work dirs an earlier attempt left when its process was killed (a retried stage): COLMAP
     # databases, undistorted photo copies and unpublished outputs, never to be packed into a
     # checkpoint or mistaken for a model.
-    for stale in [*run_dir.glob("sfm-*"), *run_dir.glob("mvs-*"), run_dir / STAGING, run_dir / ".model.tmp"]:
+    for stale in [*run_dir.glob("sfm-*"), *run_dir.glob("mvs-*")]:
         if stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)
+    for stale in (run_dir / STAGING, run_dir / PREVIOUS, run_dir / ".model.tmp"):
+        _remove(stale)
     # Everything is built beside the previous run's outputs and replaces them only once all of
     # it exists (_publish): a re-run that fails leaves the earlier model whole, never half of it.
     stage = run_dir / STAGING

@@ -74,7 +74,6 @@ def cmd_anonymize(args: argparse.Namespace) -> int:
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
-    from reconstruct.errors import ReconstructionError
     from reconstruct.reference import load_reference
     from reconstruct.sfm import SfmConfig
     from reconstruct.site import reconstruct
@@ -87,7 +86,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     had_model = (run_dir / "site.json").is_file()
     try:
         site = reconstruct(images, ref, run_dir, config=cfg)
-    except ReconstructionError:
+    except BaseException:  # an error or Ctrl-C: the earlier run's outputs were not touched
         if had_model:
             print(f"note: the model of the earlier run in {run_dir} is kept unchanged", file=sys.stderr)
         raise
@@ -122,11 +121,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from reconstruct.report import plan_report, write_report_html
 
     run_dir = Path(args.run_dir)
-    images = Path(args.images) if args.images else None
-    if images is None:
-        info_path = run_dir / "site.json"
-        rel = json.loads(info_path.read_text()).get("images_dir") if info_path.is_file() else None
-        images = (run_dir / rel) if rel else run_dir / "images"
+    images = Path(args.images) if args.images else None  # None: where site.json says
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise SystemExit(f"error: {out} exists and is not a directory")
@@ -712,6 +707,9 @@ def main(argv: list[str] | None = None) -> int:
         ValueError,
     ) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a full disk, a permission: named, without a path or a traceback
+        print(f"error: a file could not be read or written ({type(exc).__name__}: {exc.strerror})", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -87,3 +87,35 @@ def test_a_run_killed_while_publishing_leaves_no_model_that_loads(tmp_path: Path
     (run / "site.json").write_text("{not json")
     with pytest.raises(ReconstructionError, match="cannot be read"):
         load_site(run)
+
+
+def test_an_error_while_publishing_puts_the_earlier_model_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = tmp_path / "run"
+    write_run_dir(make_scene(seed=1), run)
+    before = _snapshot(run)
+    names = _fake_sfm(monkeypatch, 1 / 0.37)
+    real_replace = Path.replace
+
+    def flaky(self: Path, target: Any) -> Path:
+        if self.name == "points.ply" and self.parent.name == site_mod.STAGING:
+            raise OSError(28, "No space left on device")
+        return real_replace(self, target)
+
+    monkeypatch.setattr(Path, "replace", flaky)
+    with pytest.raises(OSError):
+        _run(tmp_path, names)
+    monkeypatch.setattr(Path, "replace", real_replace)
+    assert _snapshot(run) == before, "the earlier run's outputs were not put back"
+    assert not (run / site_mod.STAGING).exists() and not (run / site_mod.PREVIOUS).exists()
+    load_site(run)
+
+
+def test_images_dir_is_relative_to_the_run_folder(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    write_run_dir(make_scene(seed=1), run)
+    site = load_site(run)
+    assert site.images_dir == run / "images"  # a run recorded before images_dir existed
+    site.info["images_dir"] = "../photos"
+    assert site.images_dir.resolve() == (tmp_path / "photos").resolve()  # not the working directory's
+    site.info["images_dir"] = str(tmp_path / "elsewhere")
+    assert site.images_dir == tmp_path / "elsewhere"
