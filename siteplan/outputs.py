@@ -3,6 +3,8 @@ them, the API serves and documents them)."""
 
 from __future__ import annotations
 
+from pathlib import PurePath
+
 # What the API hands back, besides one montage_<photo>.jpg per photo; the site model and raw
 # surfaces stay internal.
 OUTPUTS = ("plan.glb", "plan.svg", "plan.dxf", "elevation.svg", "report.html", "report.json")
@@ -17,5 +19,4 @@ MEDIA_TYPES = {
 
 
 def media_type(name: str) -> str:
-    dot = name.rfind(".")
-    return MEDIA_TYPES.get(name[dot:].lower() if dot >= 0 else "", "application/octet-stream")
+    return MEDIA_TYPES.get(PurePath(name).suffix.lower(), "application/octet-stream")

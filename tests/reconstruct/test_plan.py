@@ -94,6 +94,22 @@ def test_montage_has_the_design_where_the_camera_sees_it(site_dir: tuple[Path, o
     assert np.abs(img[:40, :40] - PHOTO).mean() < 3
 
 
+def test_plan_finds_the_photos_from_the_run_folder(
+    site_dir: tuple[Path, object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`reconstruct` records images_dir relative to the run folder: every montage is still drawn
+    when plan runs from another working directory (it used to look there, and skip them all)."""
+    tmp, _ = site_dir
+    info = json.loads((tmp / "run" / "site.json").read_text())
+    info["images_dir"] = "../images"
+    (tmp / "run" / "site.json").write_text(json.dumps(info))
+    (tmp / "elsewhere" / "images").mkdir(parents=True)  # "../images" from the working directory: empty
+    (tmp / "elsewhere" / "cwd").mkdir()
+    monkeypatch.chdir(tmp / "elsewhere" / "cwd")
+    res = plan(tmp / "run", GATE, tmp / "placement.json", tmp / "plan")
+    assert sorted(m["image"] for m in res["montages"] if "file" in m) == [f"{k:04d}.jpg" for k in range(5)]
+
+
 def test_site_surfaces_in_front_occlude_the_design(site_dir: tuple[Path, object]) -> None:
     tmp, _sc = site_dir
     from reconstruct.site import load_site

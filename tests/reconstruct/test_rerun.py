@@ -108,14 +108,3 @@ def test_an_error_while_publishing_puts_the_earlier_model_back(tmp_path: Path, m
     assert _snapshot(run) == before, "the earlier run's outputs were not put back"
     assert not (run / site_mod.STAGING).exists() and not (run / site_mod.PREVIOUS).exists()
     load_site(run)
-
-
-def test_images_dir_is_relative_to_the_run_folder(tmp_path: Path) -> None:
-    run = tmp_path / "run"
-    write_run_dir(make_scene(seed=1), run)
-    site = load_site(run)
-    assert site.images_dir == run / "images"  # a run recorded before images_dir existed
-    site.info["images_dir"] = "../photos"
-    assert site.images_dir.resolve() == (tmp_path / "photos").resolve()  # not the working directory's
-    site.info["images_dir"] = str(tmp_path / "elsewhere")
-    assert site.images_dir == tmp_path / "elsewhere"
