@@ -161,8 +161,9 @@ class _TooLarge(Exception):
 
 def build_services(settings: Settings) -> Services:
     settings.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-    factory = init_db(settings.db_url)
-    vault = Vault(settings.vault_dir, FileKeyStore(settings.key_dir))
+    keys = FileKeyStore(settings.key_dir)
+    factory = init_db(settings.db_url, keys)
+    vault = Vault(settings.vault_dir, keys)
     limiter = RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst)
     return Services(
         settings=settings, factory=factory, vault=vault, limiter=limiter, tokens=TokenCache(settings.token_cache_s)

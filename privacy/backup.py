@@ -67,6 +67,7 @@ class RestoreReport:
     unrecoverable: list[str]  # contracts whose key is gone: their data was not restored
     erasures_replayed: int = 0  # subjects erased after the backup was made, erased again
     certificates_restored: int = 0  # certificates of contracts ended after the backup, put back
+    register_entries_replayed: int = 0  # register entries made after the backup, put back from the journal
 
 
 def restore(
@@ -104,6 +105,8 @@ def restore(
     gone: list[str] = []
     certs = 0
     with factory.begin() as db:
+        # The register's entries made since the backup, first: what restore records follows them.
+        entries = register.replay_journal(db, register.journal_path(vault.keys))
         contracts = db.scalars(select(Contract)).all()
         for c in contracts:
             if c.state == "ended" or vault.keys.exists(c.id):
@@ -130,7 +133,9 @@ def restore(
         log.warning("contract %s: its data key was destroyed; its data cannot be restored and was removed", cid[:8])
     if replayed:
         log.warning("%d subjects erased after this backup was made were erased again", len(replayed))
-    return RestoreReport(n, gone, len(replayed), certs)
+    if entries:
+        log.warning("%d register entries made after this backup was made were put back", entries)
+    return RestoreReport(n, gone, len(replayed), certs, entries)
 
 
 def _restore_certificate(db: Session, contract: Contract, certificates_dir: Path | None) -> int:

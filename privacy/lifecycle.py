@@ -46,6 +46,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from privacy import register, signing
+from privacy.fields import design_descriptor, open_reference
 from privacy.rights import delete_contract_rows
 from privacy.subjects import open_subject
 from privacy.vault import Vault, file_lock, shred_file
@@ -182,13 +183,15 @@ def _export_zip(db: Session, vault: Vault, contract: Contract) -> bytes:
         for p in db.scalars(select(Project).where(Project.contract_id == cid)).all():
             add(
                 f"projects/{p.id}/project.json",
-                json.dumps({"id": p.id, "reference": p.reference, "subject_id": p.subject_id}).encode(),
+                json.dumps(
+                    {"id": p.id, "reference": open_reference(vault.keys, p), "subject_id": p.subject_id}
+                ).encode(),
             )
             for ph in db.scalars(select(Photo).where(Photo.project_id == p.id, Photo.state == "anonymised")).all():
                 assert ph.object is not None
                 add(f"projects/{p.id}/photos/{ph.id}.jpg", vault.read_bytes(cid, ph.object))
             for d in db.scalars(select(Design).where(Design.project_id == p.id)).all():
-                add(f"projects/{p.id}/designs/{d.id}.json", json.dumps(d.descriptor).encode())
+                add(f"projects/{p.id}/designs/{d.id}.json", json.dumps(design_descriptor(vault.keys, d)).encode())
                 if d.object:
                     add(f"projects/{p.id}/designs/{d.id}.{d.file_format}", vault.read_bytes(cid, d.object))
             for j in db.scalars(select(Job).where(Job.project_id == p.id, Job.state == "done")).all():

@@ -5,22 +5,37 @@ purpose, and when. Entry n stores SHA-256(entry n's canonical JSON ‖ hash of e
 controller. Editing, removing or reordering any entry breaks every hash after it;
 ``verify_chain`` finds the first bad one. Truncating the newest entries is caught against an
 exported copy or a certificate that quotes the head hash (docs/data-protection.md).
+
+Every committed entry is also appended to a journal beside the keys (``register.jsonl``), which
+no backup holds, as the erasure ledger is. A restore puts back the entries made after the backup
+was taken, verbatim (:func:`replay_journal`): the chain, and the head hashes that certificates
+made since then quote, stay whole. The journal holds what the register holds: ids, actions,
+categories and purposes, never a name.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import event, select
 from sqlalchemy.orm import Session
 
 from siteplan.db import RegisterEntry, Tenant
 
+log = logging.getLogger(__name__)
+
 GENESIS = "0" * 64
+JOURNAL = "register.jsonl"
+# Session.info keys: the journal's path (set by siteplan.db.init_db from the key store), and
+# the entries this session's transaction added, written to the journal once it commits.
+JOURNAL_INFO, PENDING_INFO = "register_journal", "register_pending"
 CATEGORIES = ("photos", "derived_media", "site_models", "subject_identity", "subject_contact", "account")
 
 
@@ -67,13 +82,7 @@ def record(
         raise ValueError(f"unknown data categories: {bad}")
     # Serialise appends per controller (a row lock on PostgreSQL; SQLite serialises writers).
     db.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update())
-    last = db.scalars(
-        select(RegisterEntry)
-        .where(RegisterEntry.tenant_id == tenant_id)
-        .order_by(RegisterEntry.seq.desc())
-        .limit(1)
-        .execution_options(include_all_tenants=True)
-    ).first()
+    last = _last(db, tenant_id)
     seq = 1 if last is None else last.seq + 1
     prev = GENESIS if last is None else last.hash
     e = RegisterEntry(
@@ -91,7 +100,101 @@ def record(
     e.hash = chain_hash(_canonical(e), prev)
     db.add(e)
     db.flush()
+    if db.info.get(JOURNAL_INFO):
+        db.info.setdefault(PENDING_INFO, []).append(entry_json(e))
     return e
+
+
+def _last(db: Session, tenant_id: str) -> RegisterEntry | None:
+    """The controller's newest entry (whichever tenant the session is scoped to)."""
+    return db.scalars(
+        select(RegisterEntry)
+        .where(RegisterEntry.tenant_id == tenant_id)
+        .order_by(RegisterEntry.seq.desc())
+        .limit(1)
+        .execution_options(include_all_tenants=True)
+    ).first()
+
+
+def journal_path(keys: object) -> Path | None:
+    """Where the journal lives: beside the keys (a key store with a folder), else nowhere."""
+    root = getattr(keys, "root", None)
+    return Path(root) / JOURNAL if root is not None else None
+
+
+@event.listens_for(Session, "after_commit")
+def _journal_committed(session: Session) -> None:
+    pending = session.info.pop(PENDING_INFO, None)
+    path = session.info.get(JOURNAL_INFO)
+    if not pending or not path:
+        return
+    lines = "".join(json.dumps(d, sort_keys=True) + "\n" for d in pending).encode()
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            os.write(fd, lines)  # one write: lines of concurrent processes never interleave
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:  # the entries are committed; only a later restore would miss them
+        log.warning(
+            "register journal not written (%s): a restore would not bring these entries back", type(exc).__name__
+        )
+
+
+@event.listens_for(Session, "after_rollback")
+def _journal_dropped(session: Session) -> None:
+    session.info.pop(PENDING_INFO, None)
+
+
+def replay_journal(db: Session, path: Path | None) -> int:
+    """Put back, verbatim, the journal's entries that continue each controller's chain in a
+    restored database (made after the backup); returns how many. An entry that does not chain
+    (a torn last line, another database's) is passed over; a controller the database does not
+    hold is left out."""
+    if path is None or not path.exists():
+        return 0
+    by_tenant: dict[str, list[dict[str, Any]]] = {}
+    for line in path.read_text().splitlines():
+        try:
+            d = json.loads(line)
+            by_tenant.setdefault(str(d["tenant_id"]), []).append(d)
+        except (ValueError, KeyError, TypeError):
+            continue
+    n = 0
+    for tenant_id, entries in by_tenant.items():
+        if db.get(Tenant, tenant_id) is None:
+            continue
+        last = _last(db, tenant_id)
+        seq, head = (0, GENESIS) if last is None else (last.seq, last.hash)
+        for d in sorted(entries, key=lambda d: int(d.get("seq", 0))):
+            try:
+                follows = (
+                    d["seq"] == seq + 1 and d["prev_hash"] == head and chain_hash(_canonical(d), head) == d["hash"]
+                )
+            except (KeyError, TypeError):
+                follows = False
+            if not follows:
+                continue
+            db.add(
+                RegisterEntry(
+                    tenant_id=tenant_id,
+                    seq=d["seq"],
+                    at=datetime.fromisoformat(d["at"]),
+                    actor=d["actor"],
+                    action=d["action"],
+                    categories=" ".join(d["categories"]),
+                    purpose=d["purpose"],
+                    ref=d["ref"],
+                    prev_hash=d["prev_hash"],
+                    hash=d["hash"],
+                )
+            )
+            seq, head = d["seq"], d["hash"]
+            n += 1
+    db.flush()
+    return n
 
 
 @dataclass(frozen=True)

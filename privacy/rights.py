@@ -16,6 +16,7 @@ from pathlib import Path
 from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session
 
+from privacy.fields import open_reference
 from privacy.subjects import open_subject
 from privacy.vault import Vault, discard_upload
 from siteplan.db import Design, IdempotencyRecord, Job, Photo, PlanFile, Project, Subject, SubjectToken
@@ -42,7 +43,7 @@ def export_subject(db: Session, vault: Vault, subject: Subject) -> bytes:
             "phone": f.phone,
             "restricted": subject.restricted,
             "created_at": subject.created_at.isoformat(),
-            "projects": [{"id": p.id, "reference": p.reference} for p in projects],
+            "projects": [{"id": p.id, "reference": open_reference(vault.keys, p)} for p in projects],
         }
         add("subject.json", json.dumps(record, indent=1, ensure_ascii=False).encode())
         for p in projects:

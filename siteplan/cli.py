@@ -169,7 +169,8 @@ def _admin_session() -> Any:
 
     settings = Settings()
     settings.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return init_db(settings.db_url), FileKeyStore(settings.key_dir)
+    keys = FileKeyStore(settings.key_dir)
+    return init_db(settings.db_url, keys), keys
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -247,7 +248,8 @@ def _services() -> Any:
 
     settings = Settings()
     settings.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return settings, init_db(settings.db_url), Vault(settings.vault_dir, FileKeyStore(settings.key_dir))
+    keys = FileKeyStore(settings.key_dir)
+    return settings, init_db(settings.db_url, keys), Vault(settings.vault_dir, keys)
 
 
 def cmd_contract_end(args: argparse.Namespace) -> int:
@@ -430,7 +432,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
             Path(args.archive),
             db_file=settings.root / "siteplan.db",
             vault_root=settings.vault_dir,
-            factory_for=lambda: init_db(settings.db_url),
+            factory_for=lambda: init_db(settings.db_url, vault.keys),
             vault=vault,
             force=args.force,
             certificates_dir=lifecycle_paths(settings).certificates,
@@ -446,6 +448,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
                 "unrecoverable_contracts": rep.unrecoverable,
                 "erasures_replayed": rep.erasures_replayed,
                 "certificates_restored": rep.certificates_restored,
+                "register_entries_replayed": rep.register_entries_replayed,
                 "note": "contracts whose data key was destroyed stay destroyed" if rep.unrecoverable else "",
             }
         )

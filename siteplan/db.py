@@ -121,7 +121,8 @@ class Project(TenantScoped, Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=_uuid)
     contract_id: Mapped[str] = mapped_column(ForeignKey("contracts.id"), index=True)
     subject_id: Mapped[str | None] = mapped_column(ForeignKey("subjects.id"), nullable=True, index=True)
-    reference: Mapped[str] = mapped_column(String(64))  # the designer's own project code, not personal data
+    # The designer's own project code, free text: sealed with the contract's key (privacy/fields.py).
+    reference_enc: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
 
 
@@ -150,7 +151,8 @@ class Design(TenantScoped, Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=_uuid)
     project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"), index=True)
     contract_id: Mapped[str] = mapped_column(ForeignKey("contracts.id"), index=True)
-    descriptor: Mapped[dict[str, Any]] = mapped_column(JSON)
+    descriptor: Mapped[dict[str, Any]] = mapped_column(JSON)  # units, axes, numbers: never the name
+    name_enc: Mapped[str | None] = mapped_column(Text, nullable=True)  # sealed (privacy/fields.py)
     file_format: Mapped[str | None] = mapped_column(String(8), nullable=True)
     object: Mapped[str | None] = mapped_column(String(64), nullable=True)
     size: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
@@ -283,6 +285,10 @@ def make_engine(url: str) -> Engine:
             cur = conn.cursor()
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA journal_mode=WAL")
+            # Deleted rows are overwritten, not left in free pages (Debian's SQLite does it by
+            # default; other builds do not): an erased subject's ciphertext, or clear text an
+            # upgrade sealed, is not in the file any more.
+            cur.execute("PRAGMA secure_delete=ON")
             cur.close()
 
     return engine
@@ -297,21 +303,60 @@ def alembic_config(url: str) -> Any:
     return cfg
 
 
-def migrate(engine: Engine) -> None:
-    """Bring the schema to the newest Alembic revision (a no-op when it is there already)."""
+def migrate(engine: Engine, keys: Any = None) -> None:
+    """Bring the schema to the newest Alembic revision (a no-op when it is there already).
+
+    ``keys``: the key store (a ``privacy.vault.KeyStore``), for revisions that seal existing
+    rows (0004); without it such a revision refuses a database that has rows to seal."""
     from alembic import command
 
+    _alembic(engine, keys, lambda cfg: command.upgrade(cfg, "head"))
+
+
+def downgrade(engine: Engine, revision: str, keys: Any = None) -> None:
+    """Take the schema back to ``revision`` (rolling a release back); ``keys`` as for :func:`migrate`."""
+    from alembic import command
+
+    _alembic(engine, keys, lambda cfg: command.downgrade(cfg, revision))
+
+
+def _alembic(engine: Engine, keys: Any, action: Any) -> None:
     cfg = alembic_config(engine.url.render_as_string(hide_password=False))
-    with engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "head")
+    sqlite = engine.dialect.name == "sqlite"
+    with engine.connect() as conn:
+        if sqlite:
+            # SQLite changes a column by copying the table and dropping the old one, which the
+            # foreign keys of the tables pointing at it refuse: checked once at the end instead.
+            conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
+            conn.commit()  # SQLAlchemy's autobegun transaction (SQLite applies the pragma outside any)
+        try:
+            with conn.begin():
+                cfg.attributes["connection"] = conn
+                cfg.attributes["keys"] = keys
+                action(cfg)
+                if sqlite and conn.exec_driver_sql("PRAGMA foreign_key_check").first() is not None:
+                    raise RuntimeError("the schema change broke a foreign key; nothing was committed")
+        finally:
+            if sqlite:
+                conn.exec_driver_sql("PRAGMA foreign_keys=ON")
+                conn.commit()
+    if sqlite:
+        # Pages a migration rewrote (clear text it sealed) leave the write-ahead log too.
+        with engine.connect() as conn:
+            conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
 
 
-def init_db(url: str) -> sessionmaker[Session]:
-    """Migrate the schema to head and return a session factory."""
+def init_db(url: str, keys: Any = None) -> sessionmaker[Session]:
+    """Migrate the schema to head and return a session factory.
+
+    ``keys``: the key store. The migration may need it (see :func:`migrate`), and the sessions
+    then journal the register's entries beside it (privacy/register.py), for a restore."""
+    from privacy.register import JOURNAL_INFO, journal_path
+
     engine = make_engine(url)
-    migrate(engine)
-    return sessionmaker(engine, expire_on_commit=False)
+    migrate(engine, keys)
+    journal = journal_path(keys) if keys is not None else None
+    return sessionmaker(engine, expire_on_commit=False, info={JOURNAL_INFO: str(journal)} if journal else None)
 
 
 def tenant_session(factory: sessionmaker[Session], tenant_id: str) -> Session:

@@ -12,21 +12,23 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import date
 from pathlib import Path
 from typing import Any
 
 import ray
 
 from privacy.anonymize import AnonymizationPolicy, duplicate_entry, list_images, output_names, write_report
+from privacy.fields import new_project
 from privacy.metadata import orient_point
+from privacy.vault import FileKeyStore
 from reconstruct.errors import DesignError, PlacementError, ReconstructionError, ScaleReferenceError
 from reconstruct.reference import ScaleReference, check_reference, load_reference
 from reconstruct.report import SITE_KEYS, write_report_html
 from reconstruct.sfm import SfmConfig
 from siteplan import PIPELINE_VERSION
-from siteplan.db import Contract, Job, Project, Tenant, init_db
+from siteplan.db import Job, init_db
 from siteplan.settings import Settings
+from siteplan.tenancy import create_contract, create_tenant
 from workers.routing import STAGE_MEMORY_MB, Pool, stage_options
 from workers.runtime import ray_runtime
 from workers.tasks import anonymize_task, count_attempts, plan_task, reconstruct_task
@@ -234,17 +236,12 @@ def run_main_job(settings: Settings, inputs: JobInputs, progress: Progress = pri
             raise JobFailed(f"{p.name} does not exist")
 
     settings.root.mkdir(parents=True, exist_ok=True)
-    Session = init_db(settings.db_url)
+    keys = FileKeyStore(settings.key_dir)
+    Session = init_db(settings.db_url, keys)
     with Session.begin() as db:
-        tenant = Tenant(label="Demo designer")
-        db.add(tenant)
-        db.flush()
-        contract = Contract(tenant_id=tenant.id, starts_on=date.today(), state="active")
-        db.add(contract)
-        db.flush()
-        project = Project(tenant_id=tenant.id, contract_id=contract.id, reference="demo-site")
-        db.add(project)
-        db.flush()
+        tenant = create_tenant(db, keys, label="Demo designer")
+        contract = create_contract(db, keys, tenant_id=tenant.id)
+        project = new_project(db, keys, tenant_id=tenant.id, contract_id=contract.id, reference="demo-site")
         job = Job(
             tenant_id=tenant.id,
             project_id=project.id,

@@ -21,6 +21,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from privacy import register
+from privacy.fields import design_descriptor
 from privacy.lifecycle import hold_scratch
 from privacy.vault import Vault
 from reconstruct.errors import ScaleReferenceError
@@ -121,7 +122,7 @@ def run_project_job(
                 # Refused uploads are named by id, never by file name.
                 "errors": [{"input": pid, "error": "refused by the privacy gate"} for pid in rejected],
             }
-            design_row = (design.object, design.file_format, dict(design.descriptor))
+            design_row = (design.object, design.file_format, design_descriptor(vault.keys, design))
             tenant_id = job.tenant_id
         if len(photo_rows) < SfmConfig().min_photos:
             raise JobFailed(f"only {len(photo_rows)} anonymised photos; at least {SfmConfig().min_photos} are needed")

@@ -14,6 +14,7 @@ from api.routes.common import IDEMPOTENCY_HELP, commit_or_conflict, count, finge
 from api.routes.projects import get_project, require_active
 from api.schemas import DesignCreate, DesignList, DesignPublic
 from api.services import Services
+from privacy.fields import design_descriptor, new_design
 from privacy.vault import CHUNK
 from siteplan.db import Design, tenant_session
 
@@ -32,8 +33,15 @@ FORMATS = {
 }
 
 
-def _public(d: Design) -> DesignPublic:
-    return DesignPublic.model_validate(d, from_attributes=True)
+def _public(svc: Services, d: Design) -> DesignPublic:
+    return DesignPublic(
+        id=d.id,
+        project_id=d.project_id,
+        descriptor=design_descriptor(svc.vault.keys, d),
+        file_format=d.file_format,
+        size=d.size,
+        created_at=d.created_at,
+    )
 
 
 @router.post("/projects/{project_id}/designs", status_code=201, response_model=DesignPublic)
@@ -50,15 +58,20 @@ def post_design(
     fp = fingerprint(svc, c.tenant_id, "POST", f"/projects/{project_id}/designs", body.model_dump(mode="json"))
     if (rec := replay(db, idempotency_key, fp)) is not None:
         set_location(response, rec.location)
-        return DesignPublic.model_validate(rec.body)
+        return _public(svc, _get(db, rec.body["id"]))
     require_active(db, project)
-    desc = body.descriptor.model_dump(mode="json", exclude={"file"})
-    d = Design(tenant_id=c.tenant_id, project_id=project.id, contract_id=project.contract_id, descriptor=desc)
-    db.add(d)
-    db.flush()
-    out = _public(d)
+    d = new_design(
+        db,
+        svc.vault.keys,
+        tenant_id=c.tenant_id,
+        project_id=project.id,
+        contract_id=project.contract_id,
+        descriptor=body.descriptor.model_dump(mode="json", exclude={"file"}),
+    )
+    out = _public(svc, d)
     loc = f"/v1/designs/{d.id}"
-    remember(db, tenant_id=c.tenant_id, key=idempotency_key, fp=fp, status=201, body=out, location=loc)
+    # Only the id: the name is sealed, and a replay reads the row again.
+    remember(db, tenant_id=c.tenant_id, key=idempotency_key, fp=fp, status=201, body={"id": d.id}, location=loc)
     commit_or_conflict(db)
     set_location(response, loc)
     return out
@@ -68,6 +81,7 @@ def post_design(
 def list_designs(
     project_id: str,
     db: DB,
+    svc: ServicesDep,
     _: ReadCaller,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
@@ -75,7 +89,7 @@ def list_designs(
     get_project(db, project_id)
     stmt = select(Design).where(Design.project_id == project_id).order_by(Design.created_at, Design.id)
     rows = db.scalars(stmt.limit(limit).offset(offset)).all()
-    return DesignList(items=[_public(r) for r in rows], total=count(db, stmt), limit=limit, offset=offset)
+    return DesignList(items=[_public(svc, r) for r in rows], total=count(db, stmt), limit=limit, offset=offset)
 
 
 def _get(db: DB, design_id: str) -> Design:
@@ -86,8 +100,8 @@ def _get(db: DB, design_id: str) -> Design:
 
 
 @router.get("/designs/{design_id}", response_model=DesignPublic)
-def get_design(design_id: str, db: DB, _: ReadCaller) -> DesignPublic:
-    return _public(_get(db, design_id))
+def get_design(design_id: str, db: DB, svc: ServicesDep, _: ReadCaller) -> DesignPublic:
+    return _public(svc, _get(db, design_id))
 
 
 @router.put(
@@ -165,4 +179,4 @@ def _finish_put(
         db.commit()
         if old:
             svc.vault.delete(d.contract_id, old)
-        return _public(d)
+        return _public(svc, d)

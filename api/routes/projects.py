@@ -11,13 +11,21 @@ from api.deps import DB, ReadCaller, ServicesDep, UploadCaller
 from api.errors import ERROR_RESPONSES, ApiError, not_found
 from api.routes.common import IDEMPOTENCY_HELP, commit_or_conflict, count, fingerprint, remember, replay, set_location
 from api.schemas import ProjectCreate, ProjectList, ProjectPublic
+from api.services import Services
+from privacy.fields import new_project, open_reference
 from siteplan.db import Contract, Project, Subject
 
 router = APIRouter(prefix="/projects", tags=["projects"], responses=ERROR_RESPONSES)
 
 
-def _public(p: Project) -> ProjectPublic:
-    return ProjectPublic.model_validate(p, from_attributes=True)
+def _public(svc: Services, p: Project) -> ProjectPublic:
+    return ProjectPublic(
+        id=p.id,
+        contract_id=p.contract_id,
+        subject_id=p.subject_id,
+        reference=open_reference(svc.vault.keys, p),
+        created_at=p.created_at,
+    )
 
 
 def get_project(db: DB, project_id: str) -> Project:
@@ -47,7 +55,7 @@ def post_project(
     fp = fingerprint(svc, c.tenant_id, "POST", "/projects", body.model_dump(mode="json"))
     if (rec := replay(db, idempotency_key, fp)) is not None:
         set_location(response, rec.location)
-        return ProjectPublic.model_validate(rec.body)
+        return _public(svc, get_project(db, rec.body["id"]))
     ct = db.get(Contract, body.contract_id)
     if ct is None:
         raise ApiError(422, "invalid", "no such contract", field="contract_id")
@@ -57,12 +65,18 @@ def post_project(
         s = db.get(Subject, body.subject_id)
         if s is None or s.contract_id != ct.id:
             raise ApiError(422, "invalid", "no such client under this contract", field="subject_id")
-    p = Project(tenant_id=c.tenant_id, contract_id=ct.id, subject_id=body.subject_id, reference=body.reference)
-    db.add(p)
-    db.flush()
-    out = _public(p)
+    p = new_project(
+        db,
+        svc.vault.keys,
+        tenant_id=c.tenant_id,
+        contract_id=ct.id,
+        subject_id=body.subject_id,
+        reference=body.reference,
+    )
+    out = _public(svc, p)
     loc = f"/v1/projects/{p.id}"
-    remember(db, tenant_id=c.tenant_id, key=idempotency_key, fp=fp, status=201, body=out, location=loc)
+    # The replay record holds only the id (the reference is sealed): a replay reads the row again.
+    remember(db, tenant_id=c.tenant_id, key=idempotency_key, fp=fp, status=201, body={"id": p.id}, location=loc)
     commit_or_conflict(db)
     set_location(response, loc)
     return out
@@ -71,6 +85,7 @@ def post_project(
 @router.get("", response_model=ProjectList)
 def list_projects(
     db: DB,
+    svc: ServicesDep,
     _: ReadCaller,
     subject_id: Annotated[str | None, Query(max_length=32)] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
@@ -80,9 +95,9 @@ def list_projects(
     if subject_id is not None:
         stmt = stmt.where(Project.subject_id == subject_id)
     rows = db.scalars(stmt.limit(limit).offset(offset)).all()
-    return ProjectList(items=[_public(r) for r in rows], total=count(db, stmt), limit=limit, offset=offset)
+    return ProjectList(items=[_public(svc, r) for r in rows], total=count(db, stmt), limit=limit, offset=offset)
 
 
 @router.get("/{project_id}", response_model=ProjectPublic)
-def read_project(project_id: str, db: DB, _: ReadCaller) -> ProjectPublic:
-    return _public(get_project(db, project_id))
+def read_project(project_id: str, db: DB, svc: ServicesDep, _: ReadCaller) -> ProjectPublic:
+    return _public(svc, get_project(db, project_id))

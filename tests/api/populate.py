@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from api.services import Services
+from privacy.fields import new_design
 from siteplan import PIPELINE_VERSION
-from siteplan.db import Design, Job, Photo, PlanFile, Project, Subject
+from siteplan.db import Job, Photo, PlanFile, Project, Subject
 from tests.api.conftest import Api, Tenant
 
 
@@ -47,15 +48,15 @@ def populate(api: Api, t: Tenant, jpeg: bytes) -> World:
             sha256=photo_obj.sha256,
             intrinsics={"width": 2, "height": 2},
         )
-        d = Design(
+        d = new_design(
+            db,
+            svc.vault.keys,
             tenant_id=t.id,
             project_id=project_id,
             contract_id=t.contract_id,
             descriptor={"name": "gate"},
-            file_format="glb",
-            object=design_obj.object_id,
-            size=design_obj.size,
         )
+        d.file_format, d.object, d.size = "glb", design_obj.object_id, design_obj.size
         j = Job(
             tenant_id=t.id,
             project_id=project_id,
@@ -64,7 +65,7 @@ def populate(api: Api, t: Tenant, jpeg: bytes) -> World:
             inputs={},
             timings={},
         )
-        db.add_all([up, ph, d, j])
+        db.add_all([up, ph, j])
         db.flush()
         db.add(
             PlanFile(

@@ -131,7 +131,7 @@ def test_data_layer_scopes_every_query(api: Api, worlds: tuple[World, World]) ->
         assert db.get(Project, a.ids["project_id"]) is None
         assert db.get(Photo, a.ids["photo_id"]) is None
         # Writing a row for another tenant is refused at flush.
-        db.add(Project(tenant_id=a.tenant.id, contract_id=a.ids["contract_id"], reference="x"))
+        db.add(Project(tenant_id=a.tenant.id, contract_id=a.ids["contract_id"], reference_enc="x"))
         with pytest.raises(PermissionError):
             db.flush()
 

@@ -19,13 +19,14 @@ from sqlalchemy.orm import Session, sessionmaker
 from privacy import register, signing
 from privacy.anonymize import AnonymizationPolicy
 from privacy.backup import RestoreReport, backup, restore
+from privacy.fields import new_design, new_project
 from privacy.ingest import ingest
 from privacy.lifecycle import STEPS, decrypt_transfer, terminate_contract, verify_certificate
 from privacy.rights import erase_subject, export_subject
 from privacy.subjects import SubjectFields, open_subject, write_fields
 from privacy.vault import FileKeyStore, KeyDestroyed, UploadStaging, Vault
 from siteplan import PIPELINE_VERSION
-from siteplan.db import Contract, Design, Job, Photo, PlanFile, Project, RegisterEntry, Subject, init_db
+from siteplan.db import Contract, Design, Job, Photo, PlanFile, RegisterEntry, Subject, init_db
 from siteplan.paths import lifecycle_paths
 from siteplan.settings import Settings
 from siteplan.tenancy import create_contract, create_tenant
@@ -67,11 +68,11 @@ def _fill(db: Session, vault: Vault, tenant_id: str, cd: ContractData, settings:
     db.flush()
     f = SubjectFields(cd.name, "Kerkstraat 12, 9000 Gent", "+32 470 12 34 56")
     write_fields(db, keys, s, f)
-    p = Project(tenant_id=tenant_id, contract_id=cd.id, subject_id=s.id, reference="P")
-    db.add(p)
-    db.flush()
+    # Free text a designer may fill with the client's name: sealed like the subject (privacy/fields.py).
+    reference, design_name = f"Carport {cd.id[:8]} Verbruggen", f"Gate {cd.id[:8]} for the Verbruggens"
+    p = new_project(db, keys, tenant_id=tenant_id, contract_id=cd.id, subject_id=s.id, reference=reference)
     cd.subject_id, cd.project_id = s.id, p.id
-    cd.plaintext += [cd.name.encode(), b"Kerkstraat 12", b"+32 470 12 34 56"]
+    cd.plaintext += [cd.name.encode(), b"Kerkstraat 12", b"+32 470 12 34 56", reference.encode(), design_name.encode()]
     policy = AnonymizationPolicy(keep_original=True)  # keep it, so destruction has originals to find
     for src in PHOTOS:
         data = src.read_bytes()
@@ -94,17 +95,15 @@ def _fill(db: Session, vault: Vault, tenant_id: str, cd: ContractData, settings:
         cd.plaintext += [_sample(data), _sample(vault.read_bytes(cd.id, res.photo.object_id))]
     glb = (SAMPLE / "design" / "gate.glb").read_bytes()
     dobj = vault.put(cd.id, glb)
-    db.add(
-        Design(
-            tenant_id=tenant_id,
-            project_id=p.id,
-            contract_id=cd.id,
-            descriptor={"units": "mm"},
-            file_format="glb",
-            object=dobj.object_id,
-            size=dobj.size,
-        )
+    d = new_design(
+        db,
+        keys,
+        tenant_id=tenant_id,
+        project_id=p.id,
+        contract_id=cd.id,
+        descriptor={"name": design_name, "units": "mm"},
     )
+    d.file_format, d.object, d.size = "glb", dobj.object_id, dobj.size
     j = Job(
         tenant_id=tenant_id, project_id=p.id, state="done", pipeline_version=PIPELINE_VERSION, inputs={}, timings={}
     )
@@ -147,8 +146,8 @@ def _finish(w_vault: Vault, cd: ContractData) -> None:
 def world(tmp_path: Path) -> World:
     settings = Settings(data_dir=tmp_path / "data")
     settings.root.mkdir(parents=True)
-    factory = init_db(settings.db_url)
     vault = Vault(settings.vault_dir, FileKeyStore(settings.key_dir))
+    factory = init_db(settings.db_url, vault.keys)  # as the CLI and the server open it
     with factory.begin() as db:
         t = create_tenant(db, vault.keys, label="Acme Gates")
         c1 = ContractData(create_contract(db, vault.keys, tenant_id=t.id).id, "Jan Janssens")
@@ -290,7 +289,7 @@ def _restore(w: World, archive: Path) -> RestoreReport:
         archive,
         db_file=w.settings.root / "siteplan.db",
         vault_root=w.settings.vault_dir,
-        factory_for=lambda: init_db(w.settings.db_url),
+        factory_for=lambda: init_db(w.settings.db_url, w.vault.keys),
         vault=w.vault,
         force=True,
         certificates_dir=lifecycle_paths(w.settings).certificates,
@@ -323,15 +322,34 @@ def test_restore_does_not_bring_back_an_erased_subject_or_lose_a_certificate(wor
     archive = tmp_path / "b.tar.gz"
     backup(db_file=w.settings.root / "siteplan.db", vault_root=w.settings.vault_dir, out=archive)
     assert archive.stat().st_mode & 0o077 == 0, "the backup is the owner's only"
+    with w.factory() as db:
+        at_backup = len(register.export_register(db, w.tenant_id))
     with w.factory.begin() as db:
         s = db.get(Subject, w.c2.subject_id)
         assert s is not None
         erase_subject(db, w.vault, s)
+        register.record(
+            db, tenant_id=w.tenant_id, actor="operator", action="subject_erased", categories=["subject_identity"],
+            purpose="erasure (P7)", ref=w.c2.subject_id,
+        )  # fmt: skip
+    with w.factory() as db:  # a transaction that rolls back leaves nothing in the journal
+        register.record(db, tenant_id=w.tenant_id, actor="x", action="never", categories=["account"], purpose="p")
+        db.rollback()
     signed = terminate_contract(
         w.factory, w.vault, lifecycle_paths(w.settings), contract_id=w.c1.id, disposition="destroy"
     )
+    with w.factory() as db:
+        before = register.export_register(db, w.tenant_id)
+    assert len(before) > at_backup + 1
     rep = _restore(w, archive)
     assert rep.erasures_replayed == 1 and rep.certificates_restored == 1
+    # The register's entries since the backup are back, verbatim, and the certificate's head with them.
+    assert rep.register_entries_replayed == len(before) - at_backup
+    with init_db(w.settings.db_url)() as db:
+        after = register.export_register(db, w.tenant_id)
+    assert after[: len(before)] == before and len(after) == len(before) + 1
+    head = signed["document"]["register_head"]
+    assert after[head["seq"] - 1]["hash"] == head["hash"]
     factory = init_db(w.settings.db_url)
     with factory() as db:
         assert db.get(Subject, w.c2.subject_id) is None

@@ -11,8 +11,9 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from privacy.fields import new_project
 from privacy.vault import FileKeyStore
-from siteplan.db import Job, Project, Subject, init_db
+from siteplan.db import Job, Subject, init_db
 from siteplan.tenancy import create_contract, create_tenant
 from workers.reprocess import claim, driver_lock, result_key, run_batch, select_projects
 
@@ -27,9 +28,7 @@ def build(db_url: str, keys_dir: Path, n: int) -> None:
             s = Subject(tenant_id=t.id, contract_id=c.id, name_enc="x")
             db.add(s)
             db.flush()
-            p = Project(tenant_id=t.id, contract_id=c.id, subject_id=s.id, reference=f"P{i}")
-            db.add(p)
-            db.flush()
+            p = new_project(db, keys, tenant_id=t.id, contract_id=c.id, subject_id=s.id, reference=f"P{i}")
             db.add(
                 Job(
                     tenant_id=t.id,

@@ -15,9 +15,10 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
+from privacy.fields import new_project
 from privacy.vault import FileKeyStore
 from siteplan import PIPELINE_VERSION
-from siteplan.db import Job, Project, init_db
+from siteplan.db import Job, init_db
 from siteplan.tenancy import create_contract, create_tenant
 from workers.reprocess import result_key
 from workers.routing import BATCH_RESOURCE, CPU_RESOURCE, on_gpu, stage_options
@@ -84,9 +85,7 @@ def test_stage_survives_a_killed_worker_and_a_killed_node(cluster: Cluster, tmp_
     with factory.begin() as db:
         t = create_tenant(db, keys, label="x")
         c = create_contract(db, keys, tenant_id=t.id)
-        p = Project(tenant_id=t.id, contract_id=c.id, reference="p")
-        db.add(p)
-        db.flush()
+        p = new_project(db, keys, tenant_id=t.id, contract_id=c.id, reference="p")
         j = Job(
             tenant_id=t.id, project_id=p.id, state="running", pipeline_version=PIPELINE_VERSION, inputs={}, timings={}
         )

@@ -60,7 +60,7 @@ def test_consent_checked_between_selection_and_processing(tmp_path: Path) -> Non
         assert len(sel.todo) == 6
     # After selection: one client restricts processing; the dry-run selection would now skip it.
     with factory.begin() as db:
-        p = db.scalars(select(Project).order_by(Project.reference)).first()
+        p = db.scalars(select(Project).order_by(Project.created_at, Project.id)).first()
         assert p is not None
         db.get(Subject, p.subject_id).restricted = True  # type: ignore[union-attr]
         restricted_project = p.id

@@ -1,0 +1,120 @@
+"""Seal the free text outside the subject record: projects.reference, a design's name
+
+projects.reference (clear) becomes projects.reference_enc, and the ``name`` in designs.descriptor
+moves to designs.name_enc, both sealed with the contract's key (privacy/fields.py). Replay
+records that held a project or design response keep only its id. The data step needs the key
+store, which ``siteplan.db.migrate`` hands over; without it a database with rows to seal is
+refused before anything changes.
+
+Revision ID: 0004
+Revises: 0003
+Create Date: 2026-12-03 07:00:00
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from alembic import context, op
+
+revision = "0004"
+down_revision = "0003"
+branch_labels = None
+depends_on = None
+
+_projects = sa.table(
+    "projects",
+    sa.column("id", sa.String),
+    sa.column("contract_id", sa.String),
+    sa.column("reference", sa.String),
+    sa.column("reference_enc", sa.Text),
+)
+_designs = sa.table(
+    "designs",
+    sa.column("id", sa.String),
+    sa.column("contract_id", sa.String),
+    sa.column("descriptor", sa.JSON),
+    sa.column("name_enc", sa.Text),
+)
+_replays = sa.table("idempotency", sa.column("id", sa.Integer), sa.column("body", sa.JSON))
+
+
+def _keys(needed: bool) -> Any:
+    keys = context.config.attributes.get("keys")
+    if needed and keys is None:
+        raise RuntimeError(
+            "revision 0004 seals existing project references and design names with their contracts'"
+            " keys: run it through siteplan (any siteplan command migrates with the key store)"
+        )
+    return keys
+
+
+def upgrade() -> None:
+    from privacy.fields import seal_design_name, seal_reference
+
+    # Everything is read and sealed before the first schema change: SQLite's driver commits DDL
+    # as it goes, so a refusal (no key store) or a key that cannot be read must come first.
+    conn = op.get_bind()
+    projects = conn.execute(sa.select(_projects.c.id, _projects.c.contract_id, _projects.c.reference)).all()
+    designs = conn.execute(sa.select(_designs.c.id, _designs.c.contract_id, _designs.c.descriptor)).all()
+    keys = _keys(bool(projects or designs))
+    # A contract whose key is gone has no readable data left: its reference and names go too.
+    refs = {pid: seal_reference(keys, cid, pid, ref) if keys.exists(cid) else "" for pid, cid, ref in projects}
+    descs: dict[str, tuple[dict[str, Any], str | None]] = {}
+    for did, cid, desc in designs:
+        rest = dict(desc or {})
+        name = rest.pop("name", None)
+        descs[did] = (
+            rest,
+            seal_design_name(keys, cid, did, str(name)) if name is not None and keys.exists(cid) else None,
+        )
+    replays = {
+        rid: {"id": body["id"]}
+        for rid, body in conn.execute(sa.select(_replays.c.id, _replays.c.body)).all()
+        if isinstance(body, dict) and "id" in body and ("reference" in body or "descriptor" in body)
+    }
+
+    with op.batch_alter_table("projects", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("reference_enc", sa.Text(), nullable=True))
+    with op.batch_alter_table("designs", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("name_enc", sa.Text(), nullable=True))
+    for pid, enc in refs.items():
+        conn.execute(_projects.update().where(_projects.c.id == pid).values(reference_enc=enc))
+    for did, (rest, name_enc) in descs.items():
+        conn.execute(_designs.update().where(_designs.c.id == did).values(descriptor=rest, name_enc=name_enc))
+    for rid, body in replays.items():
+        conn.execute(_replays.update().where(_replays.c.id == rid).values(body=body))
+    with op.batch_alter_table("projects", schema=None) as batch_op:
+        batch_op.alter_column("reference_enc", existing_type=sa.Text(), nullable=False)
+        batch_op.drop_column("reference")
+
+
+def downgrade() -> None:
+    from privacy.vault import open_field
+
+    with op.batch_alter_table("projects", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("reference", sa.String(length=64), nullable=True))
+    conn = op.get_bind()
+    projects = conn.execute(sa.select(_projects.c.id, _projects.c.contract_id, _projects.c.reference_enc)).all()
+    designs = conn.execute(
+        sa.select(_designs.c.id, _designs.c.contract_id, _designs.c.descriptor, _designs.c.name_enc)
+    ).all()
+    keys = _keys(bool(projects or designs))
+    for pid, cid, enc in projects:
+        ref = open_field(keys.get(cid), enc, context=f"projects/{pid}/reference") if enc and keys.exists(cid) else ""
+        conn.execute(_projects.update().where(_projects.c.id == pid).values(reference=ref))
+    for did, cid, desc, enc in designs:
+        if enc and keys.exists(cid):
+            name = open_field(keys.get(cid), enc, context=f"designs/{did}/name")
+            conn.execute(
+                _designs.update().where(_designs.c.id == did).values(descriptor={**(desc or {}), "name": name})
+            )
+    # The earlier code replays a project or design from the whole stored response: forget them
+    # all (a 24-hour retry cache) rather than answer a retry with a broken body.
+    conn.execute(_replays.delete())
+    with op.batch_alter_table("projects", schema=None) as batch_op:
+        batch_op.alter_column("reference", existing_type=sa.String(length=64), nullable=False)
+        batch_op.drop_column("reference_enc")
+    with op.batch_alter_table("designs", schema=None) as batch_op:
+        batch_op.drop_column("name_enc")
