@@ -68,6 +68,7 @@ class RestoreReport:
     erasures_replayed: int = 0  # subjects erased after the backup was made, erased again
     certificates_restored: int = 0  # certificates of contracts ended after the backup, put back
     register_entries_replayed: int = 0  # register entries made after the backup, put back from the journal
+    register_entries_left_out: int = 0  # later journal entries that could not follow (a gap in the journal)
 
 
 def restore(
@@ -106,7 +107,7 @@ def restore(
     certs = 0
     with factory.begin() as db:
         # The register's entries made since the backup, first: what restore records follows them.
-        entries = register.replay_journal(db, register.journal_path(vault.keys))
+        journal = register.replay_journal(db, register.journal_path(vault.keys))
         contracts = db.scalars(select(Contract)).all()
         for c in contracts:
             if c.state == "ended" or vault.keys.exists(c.id):
@@ -133,9 +134,11 @@ def restore(
         log.warning("contract %s: its data key was destroyed; its data cannot be restored and was removed", cid[:8])
     if replayed:
         log.warning("%d subjects erased after this backup was made were erased again", len(replayed))
-    if entries:
-        log.warning("%d register entries made after this backup was made were put back", entries)
-    return RestoreReport(n, gone, len(replayed), certs, entries)
+    if journal.replayed:
+        log.warning("%d register entries made after this backup was made were put back", journal.replayed)
+    if journal.left_out:
+        log.warning("%d later register entries could not be put back: the journal has a gap", journal.left_out)
+    return RestoreReport(n, gone, len(replayed), certs, journal.replayed, journal.left_out)
 
 
 def _restore_certificate(db: Session, contract: Contract, certificates_dir: Path | None) -> int:

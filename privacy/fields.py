@@ -33,6 +33,9 @@ def seal_reference(keys: KeyStore, contract_id: str, project_id: str, reference:
 
 
 def open_reference(keys: KeyStore, project: Project) -> str:
+    """The reference as typed; "" for one revision 0004 found under an ended contract (its key gone)."""
+    if not project.reference_enc:
+        return ""
     return open_field(keys.get(project.contract_id), project.reference_enc, context=_reference_context(project.id))
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import event, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, SessionTransaction
 
 from siteplan.db import RegisterEntry, Tenant
 
@@ -101,7 +101,10 @@ def record(
     db.add(e)
     db.flush()
     if db.info.get(JOURNAL_INFO):
-        db.info.setdefault(PENDING_INFO, []).append(entry_json(e))
+        # Kept with the (sub)transaction it was made in: journaled only once the outermost one
+        # commits, dropped if that or a savepoint around it rolls back.
+        tx = db.get_nested_transaction() or db.get_transaction()
+        db.info.setdefault(PENDING_INFO, []).append((tx, entry_json(e)))
     return e
 
 
@@ -122,13 +125,32 @@ def journal_path(keys: object) -> Path | None:
     return Path(root) / JOURNAL if root is not None else None
 
 
+def _within(tx: SessionTransaction | None, outer: SessionTransaction) -> bool:
+    while tx is not None:
+        if tx is outer:
+            return True
+        tx = tx.parent
+    return False
+
+
+def _take(session: Session, outer: SessionTransaction) -> list[dict[str, Any]]:
+    """Remove and return the pending entries made inside ``outer``."""
+    pending = session.info.get(PENDING_INFO) or []
+    taken = [d for tx, d in pending if _within(tx, outer)]
+    session.info[PENDING_INFO] = [(tx, d) for tx, d in pending if not _within(tx, outer)]
+    return taken
+
+
 @event.listens_for(Session, "after_commit")
 def _journal_committed(session: Session) -> None:
-    pending = session.info.pop(PENDING_INFO, None)
+    root = session.get_transaction()
+    if session.get_nested_transaction() is not None or root is None:
+        return  # a savepoint released: its entries wait for the outermost transaction
+    entries = _take(session, root)
     path = session.info.get(JOURNAL_INFO)
-    if not pending or not path:
+    if not entries or not path:
         return
-    lines = "".join(json.dumps(d, sort_keys=True) + "\n" for d in pending).encode()
+    lines = "".join(json.dumps(d, sort_keys=True) + "\n" for d in entries).encode()
     try:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -138,23 +160,34 @@ def _journal_committed(session: Session) -> None:
         finally:
             os.close(fd)
     except OSError as exc:  # the entries are committed; only a later restore would miss them
-        log.warning(
-            "register journal not written (%s): a restore would not bring these entries back", type(exc).__name__
-        )
+        log.warning("register journal not written (%s): a restore would not bring these back", type(exc).__name__)
 
 
-@event.listens_for(Session, "after_rollback")
-def _journal_dropped(session: Session) -> None:
-    session.info.pop(PENDING_INFO, None)
+@event.listens_for(Session, "after_soft_rollback")
+def _journal_rolled_back(session: Session, previous_transaction: SessionTransaction) -> None:
+    _take(session, previous_transaction)
 
 
-def replay_journal(db: Session, path: Path | None) -> int:
+@event.listens_for(Session, "after_transaction_end")
+def _journal_ended(session: Session, transaction: SessionTransaction) -> None:
+    if transaction.parent is None:  # closed without a commit (Session.close): never journaled
+        _take(session, transaction)
+
+
+@dataclass(frozen=True)
+class JournalReplay:
+    replayed: int  # entries put back
+    left_out: int  # later entries that could not be: the chain broke before them (a gap)
+
+
+def replay_journal(db: Session, path: Path | None) -> JournalReplay:
     """Put back, verbatim, the journal's entries that continue each controller's chain in a
-    restored database (made after the backup); returns how many. An entry that does not chain
-    (a torn last line, another database's) is passed over; a controller the database does not
-    hold is left out."""
+    restored database (made after the backup). An entry that does not chain (a torn last line,
+    another database's) is passed over; entries after a gap (a crash between a commit and its
+    journal line) cannot follow and are counted in ``left_out``. A controller the database does
+    not hold is left out."""
     if path is None or not path.exists():
-        return 0
+        return JournalReplay(0, 0)
     by_tenant: dict[str, list[dict[str, Any]]] = {}
     for line in path.read_text().splitlines():
         try:
@@ -162,7 +195,7 @@ def replay_journal(db: Session, path: Path | None) -> int:
             by_tenant.setdefault(str(d["tenant_id"]), []).append(d)
         except (ValueError, KeyError, TypeError):
             continue
-    n = 0
+    n = left = 0
     for tenant_id, entries in by_tenant.items():
         if db.get(Tenant, tenant_id) is None:
             continue
@@ -193,8 +226,9 @@ def replay_journal(db: Session, path: Path | None) -> int:
             )
             seq, head = d["seq"], d["hash"]
             n += 1
+        left += len({d.get("seq") for d in entries if isinstance(d.get("seq"), int) and d["seq"] > seq})
     db.flush()
-    return n
+    return JournalReplay(n, left)
 
 
 @dataclass(frozen=True)

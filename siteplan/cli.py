@@ -449,6 +449,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
                 "erasures_replayed": rep.erasures_replayed,
                 "certificates_restored": rep.certificates_restored,
                 "register_entries_replayed": rep.register_entries_replayed,
+                "register_entries_left_out": rep.register_entries_left_out,
                 "note": "contracts whose data key was destroyed stay destroyed" if rep.unrecoverable else "",
             }
         )

@@ -6,6 +6,7 @@ SQLAlchemy 2 ORM; SQLite file under SITEPLAN_DATA_DIR by default, PostgreSQL in 
 
 from __future__ import annotations
 
+import logging
 import uuid
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -44,6 +45,9 @@ def _uuid() -> str:
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+log = logging.getLogger(__name__)
 
 
 class Base(DeclarativeBase):
@@ -310,20 +314,25 @@ def migrate(engine: Engine, keys: Any = None) -> None:
     rows (0004); without it such a revision refuses a database that has rows to seal."""
     from alembic import command
 
-    _alembic(engine, keys, lambda cfg: command.upgrade(cfg, "head"))
+    _alembic(engine, keys, lambda cfg: command.upgrade(cfg, "head"), upgrade=True)
 
 
 def downgrade(engine: Engine, revision: str, keys: Any = None) -> None:
     """Take the schema back to ``revision`` (rolling a release back); ``keys`` as for :func:`migrate`."""
     from alembic import command
 
-    _alembic(engine, keys, lambda cfg: command.downgrade(cfg, revision))
+    _alembic(engine, keys, lambda cfg: command.downgrade(cfg, revision), upgrade=False)
 
 
-def _alembic(engine: Engine, keys: Any, action: Any) -> None:
+def _alembic(engine: Engine, keys: Any, action: Any, *, upgrade: bool) -> None:
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
     cfg = alembic_config(engine.url.render_as_string(hide_password=False))
     sqlite = engine.dialect.name == "sqlite"
     with engine.connect() as conn:
+        before = MigrationContext.configure(conn).get_current_revision()
+        conn.commit()
         if sqlite:
             # SQLite changes a column by copying the table and dropping the old one, which the
             # foreign keys of the tables pointing at it refuse: checked once at the end instead.
@@ -331,19 +340,36 @@ def _alembic(engine: Engine, keys: Any, action: Any) -> None:
             conn.commit()  # SQLAlchemy's autobegun transaction (SQLite applies the pragma outside any)
         try:
             with conn.begin():
+                if sqlite:
+                    # One transaction for all of it: the driver would commit each DDL statement
+                    # before the first row change, and a failure would leave half a revision.
+                    conn.exec_driver_sql("BEGIN IMMEDIATE")
                 cfg.attributes["connection"] = conn
                 cfg.attributes["keys"] = keys
                 action(cfg)
                 if sqlite and conn.exec_driver_sql("PRAGMA foreign_key_check").first() is not None:
                     raise RuntimeError("the schema change broke a foreign key; nothing was committed")
+            after = MigrationContext.configure(conn).get_current_revision()
+            conn.commit()
         finally:
             if sqlite:
                 conn.exec_driver_sql("PRAGMA foreign_keys=ON")
                 conn.commit()
+    if after == before:
+        return
     if sqlite:
         # Pages a migration rewrote (clear text it sealed) leave the write-ahead log too.
         with engine.connect() as conn:
-            conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+            busy = conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").first()
+            if busy is not None and busy[0]:
+                log.warning("the write-ahead log could not be emptied after the schema change (busy)")
+    elif upgrade and before is not None and after is not None:
+        # PostgreSQL keeps old row versions in freed space until a table is rewritten.
+        scripts = ScriptDirectory.from_config(cfg).iterate_revisions(after, before)
+        tables = sorted({t for sc in scripts for t in getattr(sc.module, "rewrite_tables", ())})
+        if tables:
+            with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                conn.exec_driver_sql(f"VACUUM FULL {', '.join(tables)}")
 
 
 def init_db(url: str, keys: Any = None) -> sessionmaker[Session]:

@@ -76,13 +76,13 @@ def _insert_clear_rows(engine: sa.Engine, contract: str, gone: str) -> None:
     now = datetime.now(UTC)
     with engine.begin() as conn:
         conn.execute(sa.text("INSERT INTO tenants (id, label, created_at) VALUES ('t1', 'T', :now)"), {"now": now})
-        for cid in (contract, gone):
+        for cid, state in ((contract, "active"), (gone, "ended")):
             conn.execute(
                 sa.text(
                     "INSERT INTO contracts (id, tenant_id, starts_on, state, created_at)"
-                    " VALUES (:id, 't1', :d, 'active', :now)"
+                    " VALUES (:id, 't1', :d, :state, :now)"
                 ),
-                {"id": cid, "d": date.today(), "now": now},
+                {"id": cid, "d": date.today(), "state": state, "now": now},
             )
         for pid, cid in (("p1", contract), ("p2", gone)):
             conn.execute(
@@ -132,30 +132,53 @@ def _insert_clear_rows(engine: sa.Engine, contract: str, gone: str) -> None:
         )  # fmt: skip
 
 
-def test_upgrade_seals_what_an_earlier_version_stored_in_clear(tmp_path: Path, db_url: str) -> None:
+def _on_disk(engine: sa.Engine) -> bytes:
+    """The bytes the database keeps on disk for the projects, designs and replay tables."""
+    if engine.dialect.name == "sqlite":
+        path = Path(str(engine.url.database))
+        return b"".join(f.read_bytes() for f in (path, Path(f"{path}-wal"), Path(f"{path}-journal")) if f.exists())
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.exec_driver_sql("CHECKPOINT")  # the pages, written to the table files
+        return b"".join(
+            conn.execute(sa.text("SELECT pg_read_binary_file(pg_relation_filepath(:t))"), {"t": t}).scalar_one()
+            for t in ("projects", "designs", "idempotency")
+        )
+
+
+def _at_0003(db_url: str) -> sa.Engine:
+    """A database at revision 0003, the last that stored references and names in clear."""
     engine = make_engine(db_url)
     cfg = alembic_config(db_url)
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "0003")
+    return engine
+
+
+def test_upgrade_seals_what_an_earlier_version_stored_in_clear(tmp_path: Path, db_url: str) -> None:
+    engine = _at_0003(db_url)
     keys = FileKeyStore(tmp_path / "keys")
     keys.create("c1")  # "c2"'s key was destroyed: its rows hold nothing readable any more
     _insert_clear_rows(engine, "c1", "c2")
     assert REFERENCE in _raw_rows(engine)
 
-    # Without the key store, a database with rows to seal is refused, and left as it was.
+    # Without the key store, or with the wrong one (a key folder not mounted: a running
+    # contract without its key), a database with rows to seal is refused, and left as it was.
     with pytest.raises(RuntimeError, match="key store"):
         migrate(engine)
-    assert "reference" in _columns(engine, "projects") and REFERENCE in _raw_rows(engine)
+    with pytest.raises(RuntimeError, match="still running have no key"):
+        migrate(engine, FileKeyStore(tmp_path / "empty-keys"))
+    assert "reference" in _columns(engine, "projects") and "reference_enc" not in _columns(engine, "projects")
+    assert "name_enc" not in _columns(engine, "designs") and REFERENCE in _raw_rows(engine)
+    assert b"Verbruggen" in _on_disk(engine)
 
     migrate(engine, keys)
     assert "reference" not in _columns(engine, "projects")
     raw = _raw_rows(engine)
     assert REFERENCE not in raw and "Verbruggen" not in raw
-    if db_url.startswith("sqlite"):  # nor anywhere in the file: free pages, the log
-        path = Path(db_url.removeprefix("sqlite:///"))
-        files = [f for f in (path, Path(f"{path}-wal"), Path(f"{path}-journal")) if f.exists()]
-        assert all(b"Verbruggen" not in f.read_bytes() for f in files)
+    # Nor in the database's files: SQLite's free pages and log, PostgreSQL's old row versions
+    # and the dropped column (which only hides its values).
+    assert b"Verbruggen" not in _on_disk(engine)
     with sa.orm.Session(engine) as db:
         p1, p2 = db.get(Project, "p1"), db.get(Project, "p2")
         assert p1 is not None and p2 is not None
@@ -180,11 +203,7 @@ def test_the_server_upgrades_with_its_key_store(tmp_path: Path) -> None:
     """`siteplan serve` (create_app) hands its key store to the migration."""
     db_url = f"sqlite:///{tmp_path / 'siteplan.db'}"
     settings = make_settings(tmp_path, db_url)
-    engine = make_engine(db_url)
-    cfg = alembic_config(db_url)
-    with engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "0003")
+    engine = _at_0003(db_url)
     FileKeyStore(settings.key_dir).create("c1")
     _insert_clear_rows(engine, "c1", "c2")
     engine.dispose()
@@ -192,3 +211,27 @@ def test_the_server_upgrades_with_its_key_store(tmp_path: Path) -> None:
     with TestClient(app), app.state.services.factory() as db:
         p1 = db.get(Project, "p1")
         assert p1 is not None and open_reference(app.state.services.vault.keys, p1) == f"{REFERENCE} p1"
+
+
+def test_a_failed_sqlite_upgrade_changes_nothing(tmp_path: Path) -> None:
+    """SQLite's driver commits DDL as it goes; the upgrade runs in one explicit transaction, so a
+    failure late in it (here the final foreign-key check) leaves revision 0003 whole and retryable."""
+    db_url = f"sqlite:///{tmp_path / 'siteplan.db'}"
+    engine = _at_0003(db_url)
+    keys = FileKeyStore(tmp_path / "keys")
+    keys.create("c1")
+    _insert_clear_rows(engine, "c1", "c2")
+    with engine.connect() as conn:  # a dangling reference the final check finds
+        conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
+        conn.exec_driver_sql("UPDATE designs SET project_id = 'nowhere' WHERE id = 'd2'")
+        conn.commit()
+    with pytest.raises(RuntimeError, match="foreign key"):
+        migrate(engine, keys)
+    assert "reference_enc" not in _columns(engine, "projects") and "name_enc" not in _columns(engine, "designs")
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar_one() == "0003"
+        conn.exec_driver_sql("UPDATE designs SET project_id = 'p1' WHERE id = 'd2'")
+        conn.commit()
+    migrate(engine, keys)  # once the data is right, the same upgrade goes through
+    assert "reference_enc" in _columns(engine, "projects")
+    engine.dispose()

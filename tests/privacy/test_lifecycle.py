@@ -332,9 +332,6 @@ def test_restore_does_not_bring_back_an_erased_subject_or_lose_a_certificate(wor
             db, tenant_id=w.tenant_id, actor="operator", action="subject_erased", categories=["subject_identity"],
             purpose="erasure (P7)", ref=w.c2.subject_id,
         )  # fmt: skip
-    with w.factory() as db:  # a transaction that rolls back leaves nothing in the journal
-        register.record(db, tenant_id=w.tenant_id, actor="x", action="never", categories=["account"], purpose="p")
-        db.rollback()
     signed = terminate_contract(
         w.factory, w.vault, lifecycle_paths(w.settings), contract_id=w.c1.id, disposition="destroy"
     )

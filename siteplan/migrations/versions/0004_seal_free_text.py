@@ -22,6 +22,9 @@ revision = "0004"
 down_revision = "0003"
 branch_labels = None
 depends_on = None
+# Tables whose freed space held clear text this revision sealed: siteplan.db rewrites them
+# afterwards on PostgreSQL (VACUUM FULL); SQLite's secure_delete has overwritten it already.
+rewrite_tables = ("projects", "designs", "idempotency")
 
 _projects = sa.table(
     "projects",
@@ -37,6 +40,7 @@ _designs = sa.table(
     sa.column("descriptor", sa.JSON),
     sa.column("name_enc", sa.Text),
 )
+_contracts = sa.table("contracts", sa.column("id", sa.String), sa.column("state", sa.String))
 _replays = sa.table("idempotency", sa.column("id", sa.Integer), sa.column("body", sa.JSON))
 
 
@@ -53,22 +57,28 @@ def _keys(needed: bool) -> Any:
 def upgrade() -> None:
     from privacy.fields import seal_design_name, seal_reference
 
-    # Everything is read and sealed before the first schema change: SQLite's driver commits DDL
-    # as it goes, so a refusal (no key store) or a key that cannot be read must come first.
+    # Everything is read and sealed before the first schema change (a refusal changes nothing).
     conn = op.get_bind()
     projects = conn.execute(sa.select(_projects.c.id, _projects.c.contract_id, _projects.c.reference)).all()
     designs = conn.execute(sa.select(_designs.c.id, _designs.c.contract_id, _designs.c.descriptor)).all()
     keys = _keys(bool(projects or designs))
-    # A contract whose key is gone has no readable data left: its reference and names go too.
-    refs = {pid: seal_reference(keys, cid, pid, ref) if keys.exists(cid) else "" for pid, cid, ref in projects}
+    ended = set(conn.execute(sa.select(_contracts.c.id).where(_contracts.c.state == "ended")).scalars())
+    missing = {cid for _, cid, _ in [*projects, *designs] if not keys.exists(cid)}
+    if missing - ended:
+        # A key folder not mounted, or the wrong one: blanking every reference would be final.
+        raise RuntimeError(
+            f"revision 0004: {len(missing - ended)} contract(s) still running have no key in this key"
+            " store: is SITEPLAN_KEYS_DIR right? Nothing was changed"
+        )
+
+    # An ended contract's key is gone and its data unreadable: its reference and names go too.
+    refs = {pid: seal_reference(keys, cid, pid, ref) if cid not in missing else "" for pid, cid, ref in projects}
     descs: dict[str, tuple[dict[str, Any], str | None]] = {}
     for did, cid, desc in designs:
         rest = dict(desc or {})
         name = rest.pop("name", None)
-        descs[did] = (
-            rest,
-            seal_design_name(keys, cid, did, str(name)) if name is not None and keys.exists(cid) else None,
-        )
+        sealed = seal_design_name(keys, cid, did, str(name)) if name is not None and cid not in missing else None
+        descs[did] = (rest, sealed)
     replays = {
         rid: {"id": body["id"]}
         for rid, body in conn.execute(sa.select(_replays.c.id, _replays.c.body)).all()
@@ -80,7 +90,10 @@ def upgrade() -> None:
     with op.batch_alter_table("designs", schema=None) as batch_op:
         batch_op.add_column(sa.Column("name_enc", sa.Text(), nullable=True))
     for pid, enc in refs.items():
-        conn.execute(_projects.update().where(_projects.c.id == pid).values(reference_enc=enc))
+        # The clear column is emptied before it is dropped: PostgreSQL's DROP COLUMN only hides it,
+        # and a row's new version would otherwise carry the clear text on (siteplan.db rewrites
+        # the tables afterwards, so the old versions go too).
+        conn.execute(_projects.update().where(_projects.c.id == pid).values(reference_enc=enc, reference=""))
     for did, (rest, name_enc) in descs.items():
         conn.execute(_designs.update().where(_designs.c.id == did).values(descriptor=rest, name_enc=name_enc))
     for rid, body in replays.items():
