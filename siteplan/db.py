@@ -333,6 +333,8 @@ def _alembic(engine: Engine, keys: Any, action: Any, *, upgrade: bool) -> None:
     with engine.connect() as conn:
         before = MigrationContext.configure(conn).get_current_revision()
         conn.commit()
+        if upgrade and before == ScriptDirectory.from_config(cfg).get_current_head():
+            return  # the usual case at every start: no write lock taken (BEGIN IMMEDIATE below)
         if sqlite:
             # SQLite changes a column by copying the table and dropping the old one, which the
             # foreign keys of the tables pointing at it refuse: checked once at the end instead.
