@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from privacy.vault import KeyStore, open_field, seal_field
-from siteplan.db import Design, Project
+from siteplan.db import Design, Project, new_id
 
 
 def _reference_context(project_id: str) -> str:
@@ -32,33 +32,46 @@ def seal_reference(keys: KeyStore, contract_id: str, project_id: str, reference:
     return seal_field(keys.get(contract_id), reference, context=_reference_context(project_id))
 
 
-def open_reference(keys: KeyStore, project: Project) -> str:
+def unseal_reference(keys: KeyStore, contract_id: str, project_id: str, sealed: str) -> str:
     """The reference as typed; "" for one revision 0004 found under an ended contract (its key gone)."""
-    if not project.reference_enc:
+    if not sealed:
         return ""
-    return open_field(keys.get(project.contract_id), project.reference_enc, context=_reference_context(project.id))
+    return open_field(keys.get(contract_id), sealed, context=_reference_context(project_id))
+
+
+def open_reference(keys: KeyStore, project: Project) -> str:
+    return unseal_reference(keys, project.contract_id, project.id, project.reference_enc)
 
 
 def seal_design_name(keys: KeyStore, contract_id: str, design_id: str, name: str) -> str:
     return seal_field(keys.get(contract_id), name, context=_name_context(design_id))
 
 
+def unseal_design_name(keys: KeyStore, contract_id: str, design_id: str, sealed: str) -> str:
+    return open_field(keys.get(contract_id), sealed, context=_name_context(design_id))
+
+
 def design_descriptor(keys: KeyStore, design: Design) -> dict[str, Any]:
     """The descriptor as the designer sent it: the stored one, with its name opened."""
     out = dict(design.descriptor)
     if design.name_enc is not None:
-        out["name"] = open_field(keys.get(design.contract_id), design.name_enc, context=_name_context(design.id))
+        out["name"] = unseal_design_name(keys, design.contract_id, design.id, design.name_enc)
     return out
 
 
 def new_project(
     db: Session, keys: KeyStore, *, tenant_id: str, contract_id: str, reference: str, subject_id: str | None = None
 ) -> Project:
-    """Insert a project, its reference sealed (the row's id is part of the seal: flushed first)."""
-    p = Project(tenant_id=tenant_id, contract_id=contract_id, subject_id=subject_id, reference_enc="")
+    """Insert a project, its reference sealed (the row's id is part of the seal)."""
+    pid = new_id()
+    p = Project(
+        id=pid,
+        tenant_id=tenant_id,
+        contract_id=contract_id,
+        subject_id=subject_id,
+        reference_enc=seal_reference(keys, contract_id, pid, reference),
+    )
     db.add(p)
-    db.flush()
-    p.reference_enc = seal_reference(keys, contract_id, p.id, reference)
     db.flush()
     return p
 
@@ -68,12 +81,17 @@ def new_design(
 ) -> Design:
     """Insert a design; its ``name`` goes sealed into ``name_enc``, the rest (units, axes,
     numbers) stays readable in ``descriptor``."""
+    did = new_id()
     desc = dict(descriptor)
     name = desc.pop("name", None)
-    d = Design(tenant_id=tenant_id, project_id=project_id, contract_id=contract_id, descriptor=desc)
+    d = Design(
+        id=did,
+        tenant_id=tenant_id,
+        project_id=project_id,
+        contract_id=contract_id,
+        descriptor=desc,
+        name_enc=None if name is None else seal_design_name(keys, contract_id, did, str(name)),
+    )
     db.add(d)
     db.flush()
-    if name is not None:
-        d.name_enc = seal_design_name(keys, contract_id, d.id, str(name))
-        db.flush()
     return d

@@ -39,7 +39,8 @@ from sqlalchemy.orm import (
 )
 
 
-def _uuid() -> str:
+def new_id() -> str:
+    """A random row id (no meaning, no personal data): the default of every id column."""
     return uuid.uuid4().hex
 
 
@@ -58,7 +59,7 @@ class Tenant(Base):
     """A controller (a COVER designer's business)."""
 
     __tablename__ = "tenants"
-    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=_uuid)
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     label: Mapped[str] = mapped_column(String(200))  # the controller's business name
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
 
@@ -74,7 +75,7 @@ class ApiToken(TenantScoped, Base):
     slow hash adds nothing); scopes and expiry are checked on every request."""
 
     __tablename__ = "api_tokens"
-    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=_uuid)
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     name: Mapped[str] = mapped_column(String(100))
     secret_hash: Mapped[str] = mapped_column(String(64), unique=True)
     scopes: Mapped[str] = mapped_column(String(100))  # space separated: upload read admin
@@ -85,7 +86,7 @@ class ApiToken(TenantScoped, Base):
 
 class Contract(TenantScoped, Base):
     __tablename__ = "contracts"
-    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=_uuid)
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     starts_on: Mapped[date] = mapped_column(Date)
     ends_on: Mapped[date | None] = mapped_column(Date, nullable=True)
     state: Mapped[str] = mapped_column(String(16), default="active")  # active, terminating, ended
@@ -100,7 +101,7 @@ class Subject(TenantScoped, Base):
     """A data subject (the designer's client). Personal fields are sealed with the contract's key."""
 
     __tablename__ = "subjects"
-    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=_uuid)
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     contract_id: Mapped[str] = mapped_column(ForeignKey("contracts.id"), index=True)
     name_enc: Mapped[str] = mapped_column(Text)
     address_enc: Mapped[str | None] = mapped_column(Text, nullable=True)
@@ -122,7 +123,7 @@ class SubjectToken(TenantScoped, Base):
 
 class Project(TenantScoped, Base):
     __tablename__ = "projects"
-    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=_uuid)
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     contract_id: Mapped[str] = mapped_column(ForeignKey("contracts.id"), index=True)
     subject_id: Mapped[str | None] = mapped_column(ForeignKey("subjects.id"), nullable=True, index=True)
     # The designer's own project code, free text: sealed with the contract's key (privacy/fields.py).
@@ -134,7 +135,7 @@ class Photo(TenantScoped, Base):
     """An uploaded photo: quarantined (encrypted original), then anonymised or rejected."""
 
     __tablename__ = "photos"
-    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=_uuid)
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"), index=True)
     contract_id: Mapped[str] = mapped_column(ForeignKey("contracts.id"), index=True)
     state: Mapped[str] = mapped_column(String(16), default="uploading")  # uploading quarantined anonymised rejected
@@ -152,7 +153,7 @@ class Photo(TenantScoped, Base):
 
 class Design(TenantScoped, Base):
     __tablename__ = "designs"
-    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=_uuid)
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"), index=True)
     contract_id: Mapped[str] = mapped_column(ForeignKey("contracts.id"), index=True)
     descriptor: Mapped[dict[str, Any]] = mapped_column(JSON)  # units, axes, numbers: never the name
@@ -165,7 +166,7 @@ class Design(TenantScoped, Base):
 
 class Job(TenantScoped, Base):
     __tablename__ = "jobs"
-    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=_uuid)
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"), index=True)
     kind: Mapped[str] = mapped_column(String(32), default="plan")
     state: Mapped[str] = mapped_column(String(16), default="queued")  # queued, running, done, failed, cancelled
@@ -189,7 +190,7 @@ class PlanFile(TenantScoped, Base):
 
     __tablename__ = "plan_files"
     __table_args__ = (UniqueConstraint("job_id", "name"),)
-    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=_uuid)
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
     contract_id: Mapped[str] = mapped_column(ForeignKey("contracts.id"), index=True)
     name: Mapped[str] = mapped_column(String(120))
@@ -234,7 +235,7 @@ class Certificate(TenantScoped, Base):
     """A signed destruction certificate (kept: it is the written justification, P8)."""
 
     __tablename__ = "certificates"
-    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=_uuid)
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     contract_id: Mapped[str] = mapped_column(String(32), index=True)
     issued_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
     document: Mapped[dict[str, Any]] = mapped_column(JSON)
@@ -244,7 +245,7 @@ class BillingRecord(TenantScoped, Base):
     """Invoice data: not media, kept up to 7 years after the file is closed (P10)."""
 
     __tablename__ = "billing_records"
-    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=_uuid)
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     contract_id: Mapped[str] = mapped_column(String(32), index=True)
     job_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
     item: Mapped[str] = mapped_column(String(60))

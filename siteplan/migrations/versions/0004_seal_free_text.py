@@ -104,7 +104,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    from privacy.vault import open_field
+    from privacy.fields import unseal_design_name, unseal_reference
 
     with op.batch_alter_table("projects", schema=None) as batch_op:
         batch_op.add_column(sa.Column("reference", sa.String(length=64), nullable=True))
@@ -115,11 +115,11 @@ def downgrade() -> None:
     ).all()
     keys = _keys(bool(projects or designs))
     for pid, cid, enc in projects:
-        ref = open_field(keys.get(cid), enc, context=f"projects/{pid}/reference") if enc and keys.exists(cid) else ""
+        ref = unseal_reference(keys, cid, pid, enc) if keys.exists(cid) else ""
         conn.execute(_projects.update().where(_projects.c.id == pid).values(reference=ref))
     for did, cid, desc, enc in designs:
         if enc and keys.exists(cid):
-            name = open_field(keys.get(cid), enc, context=f"designs/{did}/name")
+            name = unseal_design_name(keys, cid, did, enc)
             conn.execute(
                 _designs.update().where(_designs.c.id == did).values(descriptor={**(desc or {}), "name": name})
             )
