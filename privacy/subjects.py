@@ -20,7 +20,7 @@ from sqlalchemy import delete
 from sqlalchemy.orm import Session
 
 from privacy.vault import KeyStore, open_field, seal_field
-from siteplan.db import Subject, SubjectToken
+from siteplan.db import Subject, SubjectToken, new_id
 
 MIN_PREFIX = 3
 MAX_WORD = 32
@@ -88,11 +88,26 @@ def open_subject(
     )
 
 
+def new_subject(db: Session, keys: KeyStore, *, tenant_id: str, contract_id: str, f: SubjectFields) -> Subject:
+    """Insert a subject with its fields sealed in the INSERT itself (the row's id is part of each
+    seal, so it is chosen first), then its blind-index digests."""
+    sid = new_id()
+    s = Subject(id=sid, tenant_id=tenant_id, contract_id=contract_id, **seal_subject(keys, contract_id, sid, f))
+    db.add(s)
+    db.flush()
+    _index(db, keys, s, f)
+    return s
+
+
 def write_fields(db: Session, keys: KeyStore, subject: Subject, f: SubjectFields) -> None:
-    """Seal a subject's fields onto its row and rebuild its blind-index digests (create and rectify)."""
+    """Seal new fields onto an existing subject's row and rebuild its blind-index digests (rectify)."""
     for k, v in seal_subject(keys, subject.contract_id, subject.id, f).items():
         setattr(subject, k, v)
     db.execute(delete(SubjectToken).where(SubjectToken.subject_id == subject.id))
+    _index(db, keys, subject, f)
+
+
+def _index(db: Session, keys: KeyStore, subject: Subject, f: SubjectFields) -> None:
     for d in sorted(index_digests(keys.get(index_key_id(subject.tenant_id)), f.name, f.address)):
         db.add(SubjectToken(tenant_id=subject.tenant_id, subject_id=subject.id, digest=d))
 

@@ -22,7 +22,7 @@ from api.schemas import SubjectCreate, SubjectList, SubjectPublic, SubjectUpdate
 from api.services import Services
 from privacy import register
 from privacy.rights import erase_subject, export_subject
-from privacy.subjects import SubjectFields, index_key_id, query_digests, read_fields, write_fields
+from privacy.subjects import SubjectFields, index_key_id, new_subject, query_digests, read_fields, write_fields
 from siteplan.db import Contract, Subject, SubjectToken
 
 router = APIRouter(prefix="/subjects", tags=["subjects"], responses=ERROR_RESPONSES)
@@ -64,11 +64,8 @@ def post_subject(
         set_location(response, rec.location)
         return _public(svc, _get(db, rec.body["id"]))
     _active_contract(db, body.contract_id)
-    s = Subject(tenant_id=c.tenant_id, contract_id=body.contract_id, name_enc="")
-    db.add(s)
-    db.flush()
     f = SubjectFields(body.name, body.address, body.phone)
-    write_fields(db, svc.vault.keys, s, f)
+    s = new_subject(db, svc.vault.keys, tenant_id=c.tenant_id, contract_id=body.contract_id, f=f)
     register.record(
         db,
         tenant_id=c.tenant_id,

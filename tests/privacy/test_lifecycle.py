@@ -23,7 +23,7 @@ from privacy.fields import new_design, new_project
 from privacy.ingest import ingest
 from privacy.lifecycle import STEPS, decrypt_transfer, terminate_contract, verify_certificate
 from privacy.rights import erase_subject, export_subject
-from privacy.subjects import SubjectFields, open_subject, write_fields
+from privacy.subjects import SubjectFields, new_subject, open_subject
 from privacy.vault import FileKeyStore, KeyDestroyed, UploadStaging, Vault
 from siteplan import PIPELINE_VERSION
 from siteplan.db import Contract, Design, Job, Photo, PlanFile, RegisterEntry, Subject, init_db
@@ -63,11 +63,8 @@ def _sample(data: bytes) -> bytes:
 
 def _fill(db: Session, vault: Vault, tenant_id: str, cd: ContractData, settings: Settings) -> None:
     keys = vault.keys
-    s = Subject(tenant_id=tenant_id, contract_id=cd.id, name_enc="")
-    db.add(s)
-    db.flush()
     f = SubjectFields(cd.name, "Kerkstraat 12, 9000 Gent", "+32 470 12 34 56")
-    write_fields(db, keys, s, f)
+    s = new_subject(db, keys, tenant_id=tenant_id, contract_id=cd.id, f=f)
     # Free text a designer may fill with the client's name: sealed like the subject (privacy/fields.py).
     reference, design_name = f"Carport {cd.id[:8]} Verbruggen", f"Gate {cd.id[:8]} for the Verbruggens"
     p = new_project(db, keys, tenant_id=tenant_id, contract_id=cd.id, subject_id=s.id, reference=reference)
