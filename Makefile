@@ -52,5 +52,11 @@ venv-gpu: $(STAMP)
 	$(BIN)/python -m pip install -q 'pycolmap-cuda12==4.2.1' 'onnxruntime-gpu>=1.31'
 	$(BIN)/python -c "import pycolmap, onnxruntime as o; print('CUDA pycolmap:', pycolmap.has_cuda, '| ORT providers:', o.get_available_providers())"
 
+# Every benchmark in turn, each printing its peer side by side (bench/README.md). Not part of
+# `make test`: minutes of machine time, and the numbers are for reading, not asserting.
+BENCHES := reconstruct scaling anonymize plan api pool plates
+bench: sysdeps sysdeps-test $(STAMP)
+	@set -e; for b in $(BENCHES); do echo "== bench/$$b.py"; $(BIN)/python bench/$$b.py; done
+
 clean:
 	rm -rf $(VENV) out .siteplan
