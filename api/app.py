@@ -164,7 +164,7 @@ def build_services(settings: Settings) -> Services:
     keys = FileKeyStore(settings.key_dir)
     factory = init_db(settings.db_url, keys)
     vault = Vault(settings.vault_dir, keys)
-    limiter = RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst)
+    limiter = RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst, settings.root / "ratelimit")
     return Services(
         settings=settings, factory=factory, vault=vault, limiter=limiter, tokens=TokenCache(settings.token_cache_s)
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import struct
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -10,6 +12,7 @@ from alembic.migration import MigrationContext
 from fastapi.testclient import TestClient
 
 from api.app import create_app
+from api.services import RateLimiter
 from siteplan.db import ApiToken, Base, make_engine, migrate
 from siteplan.tenancy import create_contract, create_tenant, create_token, rotate_token, verify_token
 from tests.api.conftest import Api, make_settings
@@ -65,6 +68,40 @@ def test_rate_limit_per_token(tmp_path: Path) -> None:
         assert r.json()["error"]["code"] == "rate_limited"
         # Another token is not slowed down by the first one's burst.
         assert client.get("/v1/tenant", headers=b.auth).status_code == 200
+
+
+def test_rate_limit_is_one_budget_for_all_server_processes(tmp_path: Path) -> None:
+    """`siteplan serve --workers N` runs N apps on one data folder: a token's budget is shared,
+    not N times the limit."""
+    settings = make_settings(
+        tmp_path, f"sqlite:///{tmp_path / 'db.sqlite'}", rate_limit_per_minute=1, rate_limit_burst=6
+    )
+    app1, app2 = create_app(settings, background=False), create_app(settings, background=False)
+    with TestClient(app1) as c1, TestClient(app2) as c2:
+        t = Api(c1, app1.state.services, app1).tenant("A")
+        codes = [c.get("/v1/tenant", headers=t.auth).status_code for _ in range(5) for c in (c1, c2)]
+    assert codes.count(200) == 6 and codes[6:] == [429] * 4, codes
+
+
+def _take(directory: str, n: int) -> int:
+    limiter = RateLimiter(1, 30, Path(directory))
+    return sum(limiter.take("token-1") == 0 for _ in range(n))
+
+
+def test_rate_limiter_buckets_are_shared_across_os_processes(tmp_path: Path) -> None:
+    """Real processes taking from one bucket at the same time: exactly the burst gets through."""
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(3) as pool:
+        allowed = pool.starmap(_take, [(str(tmp_path), 25)] * 3)
+    assert sum(allowed) == 30, allowed
+    # A torn or unreadable bucket (a crash mid-write, a file from before a reboot) starts full.
+    (only,) = list(tmp_path.iterdir())
+    only.write_bytes(b"\x00" * 5)
+    assert RateLimiter(1, 2, tmp_path).take("token-1") == 0
+    only.write_bytes(struct.pack("<dd", 0.0, 1e300))  # last update "after" now: a reboot
+    assert RateLimiter(1, 2, tmp_path).take("token-1") == 0
+    assert RateLimiter(1, 2, tmp_path).take("token-1") == 0
+    assert RateLimiter(1, 2, tmp_path).take("token-1") >= 1
 
 
 def test_metrics_in_prometheus_format(tmp_path: Path) -> None:
