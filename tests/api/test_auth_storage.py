@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
+import os
+import shutil
 import struct
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from fastapi.testclient import TestClient
@@ -102,6 +107,29 @@ def test_rate_limiter_buckets_are_shared_across_os_processes(tmp_path: Path) -> 
     assert RateLimiter(1, 2, tmp_path).take("token-1") == 0
     assert RateLimiter(1, 2, tmp_path).take("token-1") == 0
     assert RateLimiter(1, 2, tmp_path).take("token-1") >= 1
+
+
+def test_rate_limiter_never_takes_the_api_down(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Its folder removed: made again, limits still hold. Unwritable: requests go through, logged
+    once, and limits come back when it can be written again. Idle buckets are swept."""
+    d = tmp_path / "ratelimit"
+    lim = RateLimiter(1, 2, d)
+    shutil.rmtree(d)
+    assert [lim.take("t") for _ in range(3)][-1] >= 1  # folder made again, burst of 2 enforced
+    shutil.rmtree(d)
+    d.write_bytes(b"")  # a file where the folder should be: every open fails (even as root)
+    with caplog.at_level(logging.ERROR, logger="api.services"):
+        assert [lim.take("t") for _ in range(5)] == [0.0] * 5
+    assert [r.getMessage() for r in caplog.records].count(
+        "rate limits are off: their folder cannot be written (Not a directory)"
+    ) == 1
+    d.unlink()
+    assert [lim.take("t") for _ in range(3)][-1] >= 1
+    # Sweeping: a bucket untouched for longer than it takes to refill goes; a recent one stays.
+    lim.take("other")
+    (old, new) = sorted(d.iterdir(), key=lambda p: p.stat().st_mtime)
+    os.utime(old, (time.time() - lim.idle_s - 5,) * 2)
+    assert lim.sweep() == 1 and not old.exists() and new.exists()
 
 
 def test_metrics_in_prometheus_format(tmp_path: Path) -> None:
