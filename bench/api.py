@@ -125,6 +125,13 @@ def curl_parallel(urls: list[str], files: list[Path], headers: dict[str, str]) -
     return elapsed
 
 
+def timed_uploads(server_pid: int, urls: list[str], files: list[Path], headers: dict[str, str]) -> tuple[float, float]:
+    """:func:`curl_parallel` against one server: (wall s, that server's CPU s)."""
+    cpu0 = server_cpu(server_pid)
+    wall = curl_parallel(urls, files, headers)
+    return wall, server_cpu(server_pid) - cpu0
+
+
 def create_uploads(base: str, token: str, pid: str, files: list[Path]) -> tuple[list[str], dict[str, str]]:
     """The tus creation POSTs, one per file (untimed); returns the upload URLs and the PATCH headers."""
     h = {"Authorization": f"Bearer {token}", "Tus-Resumable": "1.0.0"}
@@ -377,28 +384,16 @@ def main() -> None:
                 # memory the machine has not handed out yet, which costs more on this VM. The
                 # order turns each round, so no one always runs last on the fullest page cache.
                 urls, headers = create_uploads(base, token, pid, files)
-
-                def peer(k: int = k) -> None:
-                    cp_runs.append(cp_sync(src, dst / str(k)))
-
-                def ours(urls: list[str] = urls, headers: dict[str, str] = headers) -> None:
-                    cpu0 = server_cpu(server.pid)
-                    t = curl_parallel(urls, files, headers)
-                    sp_runs.append((t, server_cpu(server.pid) - cpu0))
-
-                def floor(url: str, pid: int, out: list[tuple[float, float]]) -> None:
-                    cpu0 = server_cpu(pid)
-                    t = curl_parallel([url] * len(files), files, {})
-                    out.append((t, server_cpu(pid) - cpu0))
-
-                steps = [
-                    peer,
-                    ours,
-                    lambda: floor(floor_base, floor_pid, floor_runs),
-                    lambda: floor(store_base, store_pid, store_runs),
-                ]
-                for step in steps[k % 4 :] + steps[: k % 4]:
-                    step()
+                order = ["cp", "siteplan", "floor", "store"]
+                for name in order[k % 4 :] + order[: k % 4]:
+                    if name == "cp":
+                        cp_runs.append(cp_sync(src, dst / str(k)))
+                    elif name == "siteplan":
+                        sp_runs.append(timed_uploads(server.pid, urls, files, headers))
+                    elif name == "floor":
+                        floor_runs.append(timed_uploads(floor_pid, [floor_base] * len(files), files, {}))
+                    else:
+                        store_runs.append(timed_uploads(store_pid, [store_base] * len(files), files, {}))
         stop.set()
         th.join()
         cp_s = statistics.median(cp_runs)
