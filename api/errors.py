@@ -89,6 +89,12 @@ def install(app: FastAPI) -> None:
         # pydantic's message only, never the input value (it may be personal data).
         msg = str(first.get("msg", "invalid input"))
         field = _field(loc)
+        ctx = first.get("ctx") or {}
+        if first.get("type") == "hostile_value" and ctx.get("field"):
+            # api.schemas.Strict: the model-level check names the field inside the body itself.
+            inner = str(ctx["field"])
+            field = f"{field}.{inner}" if field else inner
+            return error_response(422, "invalid", msg, field)
         return error_response(422, "invalid", f"{field}: {msg}" if field else msg, field)
 
     @app.exception_handler(StarletteHTTPException)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, date
 from datetime import datetime as _datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from reconstruct.design import DesignDescriptor
 from reconstruct.placement import PlacementSpec
@@ -21,8 +23,58 @@ def _utc(d: _datetime) -> _datetime:
 datetime = Annotated[_datetime, AfterValidator(_utc)]
 
 
+# No number in a request body means anything beyond this (pixels, metres, degrees): a larger
+# one is a mistake or an attack, never an input that can work.
+MAX_MAGNITUDE = 1e7
+
+
+def _hostile(value: Any, loc: tuple[str, ...]) -> tuple[tuple[str, ...], str] | None:
+    """The first place in a raw body where a number is not finite or out of range, or a string is
+    not valid Unicode (a lone surrogate cannot be encoded, sealed or stored), and what is wrong."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float | int):
+        if isinstance(value, float) and not math.isfinite(value):
+            return loc, "must be a finite number"
+        if abs(value) > MAX_MAGNITUDE:
+            return loc, f"must be within +-{MAX_MAGNITUDE:g}"
+        return None
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return loc, "must be valid Unicode text (it holds a lone surrogate)"
+        return None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if isinstance(k, str) and (bad := _hostile(k, loc)):
+                return loc, "field names must be valid Unicode text"
+            if bad := _hostile(v, (*loc, str(k))):
+                return bad
+        return None
+    if isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            if bad := _hostile(v, (*loc, str(i))):
+                return bad
+    return None
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A request body: unknown fields are errors (at every depth: the nested models forbid them
+    too), every number is finite and within MAX_MAGNITUDE, every string valid Unicode. The walk
+    covers the nested models defined elsewhere (reference, placement, design descriptor); the
+    error names the field (``ctx.field``, read by api.errors)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_hostile_values(cls, data: Any) -> Any:
+        if isinstance(data, dict) and (bad := _hostile(data, ())):
+            loc, what = bad
+            field = ".".join(loc)
+            raise PydanticCustomError("hostile_value", "{field} " + what, {"field": field})
+        return data
 
 
 class Page(BaseModel):

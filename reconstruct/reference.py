@@ -15,14 +15,25 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from reconstruct.errors import ScaleReferenceError
 from reconstruct.jsonfile import load_model
 
+MAX_LENGTH_M = 10_000.0  # no measured length on a site is longer
+
 
 class Segment(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    # Unknown fields are errors: a free-text "note" would otherwise be stored with the job's
+    # inputs in clear (it may name the client or their street).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    image: str = Field(min_length=1)
+    image: str = Field(min_length=1, max_length=256)
     a: tuple[float, float]
     b: tuple[float, float]
     length_m: float | None = None
+
+    @field_validator("length_m")
+    @classmethod
+    def _positive(cls, v: float | None) -> float | None:
+        if v is not None and not (math.isfinite(v) and 0 < v <= MAX_LENGTH_M):
+            raise ValueError(f"a segment needs a positive length_m, in metres, up to {MAX_LENGTH_M:g}")
+        return v
 
     @field_validator("a", "b")
     @classmethod
@@ -33,7 +44,7 @@ class Segment(BaseModel):
 
 
 class Marker(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     dictionary: str = "DICT_4X4_50"
     id: int = Field(ge=0)

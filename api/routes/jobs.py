@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
@@ -71,6 +72,7 @@ def post_job(
             "the reference or placement names a photo that is not ready in this project",
             field="reference",
         )
+    check_job_inputs(body, _uploaded_sizes(db, named))
     j = Job(
         tenant_id=c.tenant_id,
         project_id=project.id,
@@ -99,6 +101,57 @@ def post_job(
     if svc.runner is not None:
         svc.runner.submit_job(j.id)  # type: ignore[attr-defined]
     return out
+
+
+def _uploaded_sizes(db: DB, photo_ids: set[str]) -> dict[str, tuple[int, int]]:
+    """Each named photo's (width, height) as uploaded, before orientation: the frame the
+    reference's and placement's pixels are given in."""
+    sizes: dict[str, tuple[int, int]] = {}
+    for pid, intr in db.execute(select(Photo.id, Photo.intrinsics).where(Photo.id.in_(photo_ids))):
+        if isinstance(intr, dict) and intr.get("original_width") and intr.get("original_height"):
+            sizes[pid] = (int(intr["original_width"]), int(intr["original_height"]))
+    return sizes
+
+
+def check_job_inputs(body: JobCreate, sizes: dict[str, tuple[int, int]]) -> None:
+    """Validate before compute: every input that cannot work is a 422 naming its field, so no
+    job is queued (202) only to fail minutes later."""
+    ref, pl = body.reference, body.placement
+    if not ref.segments and not ref.markers:
+        raise ApiError(422, "invalid", "the scale reference has no segments and no markers", field="reference")
+
+    def inside(field: str, image: str, pt: tuple[float, float]) -> None:
+        size = sizes.get(image)
+        if size is not None and not (0 <= pt[0] <= size[0] and 0 <= pt[1] <= size[1]):
+            raise ApiError(
+                422,
+                "invalid",
+                f"{field} lies outside its photo ({size[0]} x {size[1]} pixels, as uploaded)",
+                field=field,
+            )
+
+    for i, seg in enumerate(ref.segments):
+        f = f"reference.segments.{i}"
+        if seg.length_m is None:
+            raise ApiError(422, "invalid", f"{f}.length_m: a reference segment needs its length", field=f"{f}.length_m")
+        inside(f"{f}.a", seg.image, seg.a)
+        inside(f"{f}.b", seg.image, seg.b)
+        if math.dist(seg.a, seg.b) < 5.0:
+            raise ApiError(422, "invalid", f"{f}: the segment is shorter than 5 pixels", field=f)
+    if pl.site is None and pl.image is None:
+        msg = "placement: give 'site' coordinates or an 'image' with clicks"
+        raise ApiError(422, "invalid", msg, field="placement")
+    if pl.site is not None and pl.image is not None:
+        raise ApiError(422, "invalid", "placement: give 'site' or 'image', not both", field="placement")
+    if pl.image is not None:
+        if (pl.ground_points is None) == (pl.ground_point is None):
+            raise ApiError(
+                422, "invalid", "placement: give exactly one of 'ground_points' and 'ground_point'", field="placement"
+            )
+        for j, pt in enumerate(pl.ground_points or []):
+            inside(f"placement.ground_points.{j}", pl.image, pt)
+        if pl.ground_point is not None:
+            inside("placement.ground_point", pl.image, pl.ground_point)
 
 
 @router.get("/projects/{project_id}/jobs", response_model=JobList)

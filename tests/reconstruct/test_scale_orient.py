@@ -99,7 +99,9 @@ def test_reference_errors_name_the_problem(tmp_path: Path) -> None:
     ref = ScaleReference(segments=[Segment(image="a.jpg", a=(0, 0), b=(100, 0), length_m=1.0)])
     with pytest.raises(ScaleReferenceError, match=r"'a\.jpg'"):
         check_reference(ref, {"b.jpg"})
-    zero = ScaleReference(segments=[Segment(image="a.jpg", a=(0, 0), b=(100, 0), length_m=0.0)])
+    # A zero length is refused when a Segment is made; check_reference still refuses one built
+    # without validation.
+    zero = ScaleReference(segments=[Segment.model_construct(image="a.jpg", a=(0, 0), b=(100, 0), length_m=0.0)])
     with pytest.raises(ScaleReferenceError, match="positive length_m"):
         check_reference(zero, {"a.jpg"})
     # Clicks outside the photo are refused before SfM runs (they failed after it).
