@@ -11,7 +11,7 @@ SYS_RUNTIME := libusb-1.0-0 libegl1 libegl-mesa0 libgl1-mesa-dri libgbm1 libgomp
 # opens report.html headless to check its 3D viewer.
 SYS_TEST := libimage-exiftool-perl chromium
 
-.PHONY: demo test lint typecheck sysdeps sysdeps-test venv venv-gpu clean bench
+.PHONY: demo test lint typecheck sysdeps sysdeps-test venv venv-gpu clean bench images
 
 demo: sysdeps $(STAMP)
 	$(BIN)/siteplan demo --out out/demo
@@ -61,6 +61,16 @@ bench: sysdeps $(STAMP)
 	@bash scripts/ensure_debs.sh $(SYS_BENCH)
 	@failed=""; for b in $(BENCHES); do echo "== bench/$$b.py"; $(BIN)/python bench/$$b.py || failed="$$failed $$b"; done; \
 	if [ -n "$$failed" ]; then echo "benchmarks that failed:$$failed"; exit 1; fi
+
+# The two images (deploy/Containerfile: cpu = API + CPU Ray nodes, gpu = CUDA Ray worker), with
+# podman or docker, tagged with the package version. Not run by `make test` (no container daemon
+# on the development machines; tests/deploy lints the file with hadolint instead).
+REGISTRY ?= registry.internal
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+CONTAINER ?= $(shell command -v podman || command -v docker)
+images:
+	$(CONTAINER) build -f deploy/Containerfile --target cpu -t $(REGISTRY)/siteplan:$(VERSION) .
+	$(CONTAINER) build -f deploy/Containerfile --target gpu -t $(REGISTRY)/siteplan:$(VERSION)-gpu .
 
 clean:
 	rm -rf $(VENV) out .siteplan
