@@ -216,7 +216,8 @@ def test_worker_groups_route_like_workers_routing(raycluster: dict[str, Any]) ->
     spec = raycluster["spec"]
     assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0", "the head runs no stage"
     groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
-    gpu_groups = [g for g in groups.values() if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]]
+    limits = {n: g["template"]["spec"]["containers"][0]["resources"]["limits"] for n, g in groups.items()}
+    gpu_groups = [g for n, g in groups.items() if "nvidia.com/gpu" in limits[n]]
     cpu_groups = [g for g in groups.values() if CPU_RESOURCE in g.get("resources", {})]
     assert gpu_groups and cpu_groups and not {g["groupName"] for g in gpu_groups} & {g["groupName"] for g in cpu_groups}
     mib = 2**20

@@ -91,7 +91,7 @@ def fake_bin(d: Path, gpus: int) -> Path:
     """A PATH folder with a fake `ray` that records its arguments and a fake nvidia-smi."""
     d.mkdir(parents=True, exist_ok=True)
     ray = d / "ray"
-    ray.write_text('#!/usr/bin/env python3\nimport json, sys, os\nprint(json.dumps(sys.argv[1:]))\n')
+    ray.write_text("#!/usr/bin/env python3\nimport json, sys, os\nprint(json.dumps(sys.argv[1:]))\n")
     ray.chmod(ray.stat().st_mode | stat.S_IEXEC)
     if gpus:
         smi = d / "nvidia-smi"
