@@ -325,6 +325,11 @@ def downgrade(engine: Engine, revision: str, keys: Any = None) -> None:
     _alembic(engine, keys, lambda cfg: command.downgrade(cfg, revision), upgrade=False)
 
 
+# pg_advisory_xact_lock key taken by every schema change on PostgreSQL: several hosts starting at
+# once (API replicas, Ray drivers, a CLI) take turns; the later ones find the schema at head.
+MIGRATION_LOCK = 0x73697465706C616E  # "siteplan"
+
+
 def _alembic(engine: Engine, keys: Any, action: Any, *, upgrade: bool) -> None:
     from alembic.runtime.migration import MigrationContext
     from alembic.script import ScriptDirectory
@@ -347,6 +352,15 @@ def _alembic(engine: Engine, keys: Any, action: Any, *, upgrade: bool) -> None:
                     # One transaction for all of it: the driver would commit each DDL statement
                     # before the first row change, and a failure would leave half a revision.
                     conn.exec_driver_sql("BEGIN IMMEDIATE")
+                elif engine.dialect.name == "postgresql":
+                    # DDL is transactional there: the lock is held until this one commits, and
+                    # the next host then reads the revision it left (read committed).
+                    got = conn.exec_driver_sql(f"SELECT pg_try_advisory_xact_lock({MIGRATION_LOCK})").scalar()
+                    if not got:
+                        log.info("another process is changing the schema; waiting for it")
+                        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
+                # Read again under the lock: another process may have migrated in the meantime.
+                before = MigrationContext.configure(conn).get_current_revision()
                 cfg.attributes["connection"] = conn
                 cfg.attributes["keys"] = keys
                 action(cfg)
