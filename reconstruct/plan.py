@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from PIL import Image
 
 from reconstruct.dense import load_surface, load_surface_coloured
 from reconstruct.design import Design, describe, load_design
-from reconstruct.drawing import elevation, top_view, write_dxf, write_svg
+from reconstruct.drawing import elevation, fabrication_dimensions, top_view, write_dxf, write_svg
 from reconstruct.errors import ReconstructionError
 from reconstruct.geometry import View, views
 from reconstruct.placement import FLAT_GROUND, Placement, load_placement, resolve
@@ -117,6 +118,8 @@ def plan(
     *,
     images_dir: Path | None = None,
     montage_images: list[str] | None = None,
+    project: str = "",
+    progress: Callable[[str, float], None] | None = None,
 ) -> dict[str, Any]:
     """Merge the design into the site and write every plan output. Returns plan.json's content."""
     t0 = time.perf_counter()
@@ -149,10 +152,21 @@ def plan(
     if spec.ground_points is not None and placement.opening_m is not None:
         half = placement.R[:, 0] * placement.opening_m / 2
         opening = (placement.t - half, placement.t + half)
-    top = top_view(world, pj, pts, site.info.get("facades", []), design_name=design.name, opening=opening)
+    measures = fabrication_dimensions(
+        world,
+        pj,
+        pts,
+        site.info.get("facades", []),
+        scale_sigma_rel=float(site.info.get("scale_sigma_rel", 0.0)),
+        ground_plane=site.info.get("ground_plane", {}).get("plane", FLAT_GROUND),
+        opening=opening,
+    )
+    top = top_view(
+        world, pj, pts, site.info.get("facades", []), design_name=design.name, measures=measures, project=project
+    )
     scale_top = write_svg(top, out_dir / "plan.svg")
-    write_dxf(top, out_dir / "plan.dxf")
-    elev = elevation(world, pj, pts, design_name=design.name)
+    write_dxf(top, out_dir / "plan.dxf", scale=scale_top)
+    elev = elevation(world, pj, pts, design_name=design.name, measures=measures, project=project)
     scale_elev = write_svg(elev, out_dir / "elevation.svg")
     timings["drawings_s"] = time.perf_counter() - t
 
@@ -160,9 +174,10 @@ def plan(
     img_dir = images_dir or site.images_dir
     surface = load_surface(run_dir / "surface.ply")
     montages: list[dict[str, Any]] = []
-    for name, v in sorted(vs.items()):
-        if montage_images is not None and name not in montage_images:
-            continue
+    todo = [(n, v) for n, v in sorted(vs.items()) if montage_images is None or n in montage_images]
+    for i, (name, v) in enumerate(todo):
+        if progress is not None:
+            progress(f"montage {i + 1}/{len(todo)}", i / max(1, len(todo)))
         entry: dict[str, Any] = {"image": name}
         src = img_dir / name
         if not src.is_file():
@@ -198,7 +213,7 @@ def plan(
         "design": describe(design),
         "placement": pj,
         "drawings": {"plan.svg": f"1:{scale_top}", "elevation.svg": f"1:{scale_elev}", "plan.dxf": "metres"},
-        "dimensions": [{"label": d.label, "value_m": round(d.value_m, 4)} for d in top.dims],
+        "dimensions": [m.to_json() for m in measures],
         "montages": montages,
         "occlusion": "dense site surface" if surface else "none (no dense surface)",
         "timings": {k: round(v, 3) for k, v in timings.items()},

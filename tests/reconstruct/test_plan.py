@@ -58,18 +58,20 @@ def test_plan_outputs_carry_the_placed_dimensions(site_dir: tuple[Path, object])
     assert res["placement"]["opening_m"] == pytest.approx(3.6, abs=1e-3)
     assert res["placement"]["position_m"][:2] == pytest.approx([0.0, 1.0], abs=1e-3)
     dims = svg_dims(out / "plan.svg")
-    assert dims["design width"] == pytest.approx(3.5, abs=1e-3)
-    assert dims["opening"] == pytest.approx(3.6, abs=1e-3)
-    assert dims["to nearest wall"] == pytest.approx(4.0, abs=0.02)
+    assert dims["overall width"] == pytest.approx(3.5, abs=1e-3)
+    assert dims["opening on site"] == pytest.approx(3.6, abs=1e-3)
+    assert dims["clear opening between posts"] == pytest.approx(3.26, abs=1e-3)
+    # The only wall stands behind the gate, parallel to it: no post-to-wall along its axis.
+    assert not [k for k in dims if k.startswith("post to")]
+    assert {d["key"] for d in res["dimensions"]} >= {"overall_width", "clear_opening", "height", "ground_fall"}
     root = ET.parse(out / "plan.svg").getroot()
     assert any("Scale 1:" in (t.text or "") for t in root.iter("{http://www.w3.org/2000/svg}text"))
     ed = svg_dims(out / "elevation.svg")
-    assert ed["width"] == pytest.approx(3.5, abs=1e-3)
+    assert ed["overall width"] == pytest.approx(3.5, abs=1e-3)
     assert ed["height"] == pytest.approx(1.75, abs=1e-3)
     doc = ezdxf.readfile(out / "plan.dxf")
     measured = sorted(round(d.get_measurement(), 3) for d in doc.modelspace().query("DIMENSION"))
-    assert 3.5 in measured and 3.6 in measured
-    assert any(abs(m - 4.0) < 0.02 for m in measured)
+    assert 3.5 in measured and 3.6 in measured and 3.26 in measured
 
 
 def test_montage_has_the_design_where_the_camera_sees_it(site_dir: tuple[Path, object]) -> None:
