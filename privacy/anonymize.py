@@ -47,7 +47,9 @@ class AnonymizationPolicy(BaseModel):
     blur_faces: bool = Field(default=True, description="Detect and redact faces.")
     blur_plates: bool = Field(default=True, description="Detect and redact licence plates.")
     blur_blocks: int = Field(default=6, ge=2, le=32, description="Mosaic cells across a redacted region.")
-    min_face_px: float = Field(default=20.0, gt=4, description="Smallest face height to find, in pixels.")
+    min_face_px: float = Field(
+        default=12.0, gt=4, description="Smallest face height to find, in pixels (under 10 counts as 10)."
+    )
     fail_closed: bool = Field(
         default=True, description="Refuse a photo whose detection failed, rather than pass it on."
     )

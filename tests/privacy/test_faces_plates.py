@@ -13,12 +13,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from privacy.anonymize import anonymize
+from privacy.anonymize import AnonymizationPolicy, anonymize
 from privacy.blur import redact
 from privacy.boxes import Box, iou
 from privacy.faces import CenterFaceConfig, CenterFaceDetector
 from privacy.plates import ClassicalPlateDetector
 from tests.privacy.face_crops import face_crops
+from tests.privacy.face_paste import paste_faces
+from tests.privacy.hidden import HIDDEN_BELOW, highpass_correlation, laplacian_variance
 from tests.privacy.plate_crops import paste_plate, plate_crops
 
 
@@ -114,19 +116,85 @@ def test_redaction_in_place_touches_only_the_boxes(data: Path) -> None:
     assert np.array_equal(rgb, before)
 
 
-def _hf_energy(gray: np.ndarray) -> float:
-    return float(np.mean(cv2.Laplacian(gray.astype(np.float64), cv2.CV_64F) ** 2))
+FACE_SIZES = (12, 16, 24, 40, 64, 128)
 
 
-def test_redaction_removes_high_frequencies(data: Path) -> None:
-    rgb = np.asarray(Image.open(data / "faces" / "dlib-pascal" / "bald_guys.jpg").convert("RGB"))
-    box = Box(600, 400, 300, 300)
-    out = redact(rgb, [box], ellipse=False, grow=1.0)
-    before = _hf_energy(cv2.cvtColor(rgb[400:700, 600:900], cv2.COLOR_RGB2GRAY))
-    after = _hf_energy(cv2.cvtColor(out[400:700, 600:900], cv2.COLOR_RGB2GRAY))
-    assert after <= 0.1 * before
-    # Outside the box nothing changes.
-    assert np.array_equal(out[:350], rgb[:350])
+@pytest.mark.slow
+def test_redaction_leaves_nothing_of_real_faces_at_every_size(data: Path) -> None:
+    """The gate as a whole (detection and redaction, default policy): the 43 dlib-pascal faces
+    pasted at 12-128 px into a fountain and a Sceaux photo (alternately), each output read back
+    from its JPEG. A face is hidden when the high-pass correlation test says so (hidden.py).
+    Measured: 43/43 at every size but 12 px (42/43; all 43 found); the old smoothed
+    mosaic hid 72-84 % even at the true boxes. The plate pass is off (it could only blur more)."""
+    crops = face_crops(data / "faces" / "dlib-pascal")
+    sites = [
+        data / "sfm" / "strecha-fountain-P11" / "images" / "0004.jpg",
+        data / "sfm" / "sceaux-castle" / "images" / "100_7103.JPG",
+    ]
+    hidden = total = 0
+    per_size: dict[int, str] = {}
+    for i, px in enumerate(FACE_SIZES):
+        site = np.asarray(Image.open(sites[i % 2]).convert("RGB")).copy()
+        faces = paste_faces(site, crops, px)
+        assert len(faces) == 43
+        buf = io.BytesIO()
+        Image.fromarray(site).save(buf, "JPEG", quality=95)
+        original = np.asarray(Image.open(buf).convert("RGB"))
+        photo = anonymize(buf.getvalue(), AnonymizationPolicy(blur_plates=False))
+        out = np.asarray(Image.open(io.BytesIO(photo.jpeg)).convert("RGB"))
+        ok = sum(highpass_correlation(original, out, f) < HIDDEN_BELOW for f in faces)
+        per_size[px] = f"{ok}/{len(faces)}"
+        hidden += ok
+        total += len(faces)
+        # The blur stays local: the photo as a whole keeps its sharpness.
+        assert laplacian_variance(out) >= 0.8 * laplacian_variance(original), px
+    assert hidden / total >= 0.98, per_size
+    small = [int(per_size[px].split("/")[0]) for px in (12, 16, 24)]
+    assert sum(small) / (3 * 43) >= 0.95, per_size
+
+
+def test_redaction_hides_at_the_true_boxes_for_any_strength(data: Path) -> None:
+    """The redaction alone, at the faces' true boxes: every strength the policy allows passes
+    the correlation test, from 12 px to 400 px faces (the floor); only the grown ellipse changes."""
+    crops = face_crops(data / "faces" / "dlib-pascal")[::4]
+    site = np.asarray(Image.open(data / "sfm" / "sceaux-castle" / "images" / "100_7105.JPG").convert("RGB"))
+    for px, blocks in ((12, 6), (24, 32), (64, 2), (128, 6), (400, 32)):
+        pasted = site.copy()
+        faces = paste_faces(pasted, crops, px)
+        assert faces
+        out = redact(pasted, faces, blocks=blocks, grow=1.45)
+        corr = [highpass_correlation(pasted, out, f) for f in faces]
+        assert max(corr) < HIDDEN_BELOW, (px, blocks, corr)
+        grown = np.zeros(pasted.shape[:2], bool)
+        for f in faces:
+            g = f.grown(1.45, 1.45, pasted.shape[1], pasted.shape[0])
+            grown[int(g.y) : int(np.ceil(g.y + g.h)) + 1, int(g.x) : int(np.ceil(g.x + g.w)) + 1] = True
+        assert np.array_equal(out[~grown], pasted[~grown])
+
+
+def test_a_face_cut_by_the_border_is_hidden_whole(data: Path) -> None:
+    """A face half outside the photo: the detector's box is clipped there, and the redaction
+    covers the clipped box as a rectangle (an inscribed ellipse would leave its cut corners)."""
+    crops = face_crops(data / "faces" / "dlib-pascal")
+    c, (fx, fy, fw, fh) = max(crops, key=lambda c: c[1][3])
+    site = np.asarray(Image.open(data / "sfm" / "sceaux-castle" / "images" / "100_7105.JPG").convert("RGB")).copy()
+    s = 160 / fh
+    big = cv2.resize(c, (round(c.shape[1] * s), round(c.shape[0] * s)), interpolation=cv2.INTER_CUBIC)
+    # Pasted so that the left 40 % of the face lies outside the photo, the top 30 % above it.
+    X, Y = round(-fx * s - 0.4 * fw * s), round(-fy * s - 0.3 * fh * s)
+    part = big[-Y:, -X:]
+    site[: part.shape[0], : part.shape[1]] = part
+    face = Box(0, 0, fw * s * 0.6, fh * s * 0.7)  # the visible part
+    buf = io.BytesIO()
+    Image.fromarray(site).save(buf, "JPEG", quality=95)
+    original = np.asarray(Image.open(buf).convert("RGB"))
+    photo = anonymize(buf.getvalue(), AnonymizationPolicy(blur_plates=False))
+    out = np.asarray(Image.open(io.BytesIO(photo.jpeg)).convert("RGB"))
+    assert covered(face, photo.faces, grow=1.45)
+    assert highpass_correlation(original, out, face) < HIDDEN_BELOW
+    # The corner itself, where an inscribed ellipse leaves pixels untouched.
+    corner = Box(0, 0, face.w / 3, face.h / 3)
+    assert highpass_correlation(original, out, corner) < HIDDEN_BELOW
 
 
 @pytest.mark.slow
