@@ -119,6 +119,7 @@ class Lifted:
     sigma: float  # 1-sigma position uncertainty along the ray, model units
     reason: str | None = None
     support: int = 0
+    normal: np.ndarray | None = None  # the local surface's unit normal at xyz, where it was fitted
 
 
 def lift_pixel(
@@ -180,7 +181,14 @@ def lift_pixel(
     sig_along_ray = math.sqrt(fit2 + rough2) / abs(cos)
     f = float(view.K[0, 0])
     sig_click = click_px * s / f / max(abs(cos), 0.3)
-    return Lifted(X, math.hypot(sig_along_ray, sig_click), None, int(plane.support))
+    return Lifted(X, math.hypot(sig_along_ray, sig_click), None, int(plane.support), plane.n)
+
+
+def rays(view: View, uv: np.ndarray) -> np.ndarray:
+    """Unit directions (world, N x 3) of the rays through pixels ``uv`` (N x 2), distortion removed."""
+    xy = np.asarray(view.camera.cam_from_img(np.ascontiguousarray(uv, dtype=np.float64)))
+    d = np.column_stack([xy, np.ones(len(xy))]) @ view.R  # rows: R^T [x, y, 1]
+    return np.asarray(d / np.linalg.norm(d, axis=1, keepdims=True))
 
 
 class SurfaceLifter:
@@ -227,4 +235,4 @@ class SurfaceLifter:
             return Lifted(None, math.inf, "the surface here is seen edge-on")
         sig_along_ray = math.hypot(plane.rms, 0.5 * self.edge / math.sqrt(12)) / cos
         sig_click = click_px * s / float(view.K[0, 0]) / max(cos, 0.3)
-        return Lifted(X, math.hypot(sig_along_ray, sig_click), None, int(k))
+        return Lifted(X, math.hypot(sig_along_ray, sig_click), None, int(k), plane.n)

@@ -1,88 +1,90 @@
 """``siteplan measure``: lengths of pixel segments on the metric site, each with a 1-sigma.
 
-Both endpoints are lifted onto the local surface in their photo: a plane fitted to the sparse
-points seen around the pixel (``geometry.lift_pixel``), and where those are too few, the pixel's
-ray cast at the dense surface (``geometry.SurfaceLifter``); each endpoint reports which.
-sigma combines, in quadrature: the scale's relative uncertainty, both endpoint lifts (local plane
-fit), and the pose/structure uncertainty of bundle adjustment at each endpoint (the median
-covariance of the 3D points around it, from ``pycolmap.estimate_ba_covariance``, which carries
-the cameras' pose covariance through the Schur complement). The endpoints' pose terms are added
-as if independent: conservative, since a shared pose error partly cancels in a length. A segment
-that cannot be measured gets ``length_m: null`` and a ``reason``, never a made-up number.
+Both endpoints go through ``clicks.ClickLifter``: found again in every photo that sees them and
+triangulated (``lifted_on: "multi-view"``, with the number of photos), or, where fewer than two
+photos agree, lifted onto the local surface in their own photo (``"plane"``: the sparse points
+around the pixel; ``"surface"``: the dense mesh), with the reason per endpoint.
+sigma combines, in quadrature: the scale's relative uncertainty, and each endpoint's covariance
+along the segment (triangulation or surface fit, the bundle adjustment's pose/structure term
+there, and the click). The endpoints' pose terms are added as if independent: conservative,
+since a shared pose error partly cancels in a length. A segment that cannot be measured gets
+``length_m: null`` and a ``reason``, never a made-up number.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from reconstruct.covariance import endpoint_sigma, ids_and_pixels, point_sigmas
-from reconstruct.dense import load_surface
-from reconstruct.geometry import Lifted, SurfaceLifter, lift_pixel, observations, views
+from reconstruct.clicks import ClickLifter
 from reconstruct.reference import Segment
 from reconstruct.site import Site
 
 log = logging.getLogger(__name__)
 
+DEPTH_RATIO_WARN = 1.6  # endpoints this much further from the camera than each other: a warning
 
-def measure(site: Site, segments: list[Segment]) -> list[dict[str, Any]]:
-    vs = views(site.reconstruction)
+
+def measure(site: Site, segments: list[Segment], *, photos_dir: Path | None = None) -> list[dict[str, Any]]:
+    """Measure ``segments`` on ``site``; the photos are read from ``photos_dir`` (default: the
+    folder the site was built from) for the multi-view search."""
     scale_rel = float(site.info.get("scale_sigma_rel", 0.0))
-    sig = point_sigmas(site.reconstruction) if segments else None
-    cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    folder = photos_dir if photos_dir is not None else site.images_dir
+    lifter = ClickLifter(
+        site.reconstruction,
+        folder if folder.is_dir() else None,
+        surface_path=site.run_dir / "surface.ply",
+    )
+    excluded = {e["image"]: e["reason"] for e in site.info.get("pose_check", {}).get("excluded", [])}
     out: list[dict[str, Any]] = []
-
-    @functools.cache
-    def surface() -> SurfaceLifter | None:  # loaded on first need
-        mesh = load_surface(site.run_dir / "surface.ply")
-        return SurfaceLifter(*mesh) if mesh is not None else None
-
-    def lift_endpoint(image: str, uv: tuple[float, float]) -> tuple[Lifted, str]:
-        ouv, oxyz = cache[image]
-        got = lift_pixel(vs[image], uv, ouv, oxyz)
-        if got.xyz is not None or got.reason == "the point lies outside its photo":
-            return got, "plane"
-        lifter = surface()
-        dense = lifter.lift(vs[image], uv) if lifter is not None else got
-        return (dense, "surface") if dense.xyz is not None else (got, "plane")
-
     for seg in segments:
         item: dict[str, Any] = seg.model_dump(exclude={"length_m"})
         item["a"], item["b"] = list(seg.a), list(seg.b)
-        if seg.image not in vs:
-            item.update(length_m=None, sigma_m=None, reason="the photo is not registered in the model")
+        if seg.image not in lifter.views:
+            why = excluded.get(seg.image)
+            reason = (
+                f"the photo was left out of the model: {why}" if why else "the photo is not registered in the model"
+            )
+            item.update(length_m=None, sigma_m=None, reason=reason)
             out.append(item)
             continue
-        if seg.image not in cache:
-            cache[seg.image] = observations(site.reconstruction, seg.image)
-        la, how_a = lift_endpoint(seg.image, seg.a)
-        lb, how_b = lift_endpoint(seg.image, seg.b)
-        if la.xyz is None or lb.xyz is None:
-            which = "a" if la.xyz is None else "b"
-            reason = la.reason if la.xyz is None else lb.reason
-            item.update(length_m=None, sigma_m=None, reason=f"endpoint {which}: {reason}")
+        pa = lifter.lift(seg.image, seg.a)
+        pb = lifter.lift(seg.image, seg.b)
+        item["endpoints"] = {"a": pa.to_json(), "b": pb.to_json()}
+        if pa.xyz is None or pb.xyz is None or pa.cov is None or pb.cov is None:
+            which, p = ("a", pa) if pa.xyz is None else ("b", pb)
+            item.update(length_m=None, sigma_m=None, reason=f"endpoint {which}: {p.reason}")
             out.append(item)
             continue
-        length = float(np.linalg.norm(la.xyz - lb.xyz))
-        pose = 0.0
-        if sig is not None:
-            pix, ids = ids_and_pixels(site.reconstruction, seg.image)
-            pose = math.hypot(endpoint_sigma(seg.a, pix, ids, sig), endpoint_sigma(seg.b, pix, ids, sig))
-        lift = math.hypot(la.sigma, lb.sigma)
-        sigma = math.sqrt((length * scale_rel) ** 2 + lift**2 + pose**2)
+        ab = np.asarray(pb.xyz) - np.asarray(pa.xyz)
+        length = float(np.linalg.norm(ab))
+        ends = math.hypot(pa.sigma_along(ab), pb.sigma_along(ab))
+        sigma = math.hypot(length * scale_rel, ends)
+        warnings: list[str] = []
+        for name, p in (("a", pa), ("b", pb)):
+            if p.disagreement is not None:
+                warnings.append(
+                    f"endpoint {name}: the surface there and the photos that see it disagree by "
+                    f"{100 * p.disagreement:.1f} cm; the photos' point is used"
+                )
+        centre = lifter.views[seg.image].centre
+        da, db = float(np.linalg.norm(pa.xyz - centre)), float(np.linalg.norm(pb.xyz - centre))
+        if max(da, db) > DEPTH_RATIO_WARN * min(da, db):
+            warnings.append(
+                f"the endpoints lie at very different distances from the camera ({da:.2f} m and {db:.2f} m): "
+                "check that both are on the object"
+            )
         item.update(
             length_m=round(length, 4),
             sigma_m=round(sigma, 4),
-            lifted_on={"a": how_a, "b": how_b},
-            sigma_parts_m={
-                "scale": round(length * scale_rel, 4),
-                "lift": round(lift, 4),
-                "pose": round(pose, 4) if sig is not None else None,
-            },
+            lifted_on={"a": pa.lifted_on, "b": pb.lifted_on},
+            sigma_parts_m={"scale": round(length * scale_rel, 4), "endpoints": round(ends, 4)},
         )
+        if warnings:
+            item["warnings"] = warnings
         out.append(item)
     return out

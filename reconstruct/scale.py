@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import pycolmap
 
-from reconstruct.covariance import endpoint_sigma, ids_and_pixels, point_sigmas
+from reconstruct.clicks import ClickLifter
 from reconstruct.errors import ScaleReferenceError
-from reconstruct.geometry import lift_pixel, observations, views
+from reconstruct.geometry import views
 from reconstruct.markers import detect_all, marker_scale
 from reconstruct.reference import ScaleReference
 
@@ -46,7 +46,7 @@ class ScaleEstimate:
 
 
 def estimate_scale(
-    rec: pycolmap.Reconstruction, ref: ScaleReference, *, image_dir: Path | None = None
+    rec: pycolmap.Reconstruction, ref: ScaleReference, *, image_dir: Path | None = None, multiview: bool = True
 ) -> ScaleEstimate:
     """Combine every reference (segments and markers) into one scale with its sigma."""
     vs = views(rec)
@@ -63,7 +63,8 @@ def estimate_scale(
             else:
                 item.update(used=True, scale=ms.scale, sigma_rel=ms.sigma_rel)
             items.append(item)
-    cov: dict[int, float] | None = None  # computed once, when a segment needs it
+    lifter = ClickLifter(rec, image_dir, multiview=multiview)
+    warnings: list[str] = []
     for i, seg in enumerate(ref.segments):
         item = {"kind": "segment", "index": i, "image": seg.image, "length_m": seg.length_m}
         if seg.image not in vs:
@@ -71,32 +72,42 @@ def estimate_scale(
             item["reason"] = "its photo could not be placed in the model"
             items.append(item)
             continue
-        ouv, oxyz = observations(rec, seg.image)
-        la = lift_pixel(vs[seg.image], seg.a, ouv, oxyz)
-        lb = lift_pixel(vs[seg.image], seg.b, ouv, oxyz)
-        if la.xyz is None or lb.xyz is None:
+        pa, pb = lifter.lift(seg.image, seg.a), lifter.lift(seg.image, seg.b)
+        item["endpoints"] = {"a": pa.to_json(), "b": pb.to_json()}
+        if pa.xyz is None or pb.xyz is None or pa.cov is None or pb.cov is None:
             item["used"] = False
-            item["reason"] = la.reason or lb.reason
+            which, p = ("a", pa) if pa.xyz is None else ("b", pb)
+            item["reason"] = f"endpoint {which}: {p.reason}"
             items.append(item)
             continue
-        model_len = float(np.linalg.norm(la.xyz - lb.xyz))
+        ab = np.asarray(pb.xyz) - np.asarray(pa.xyz)
+        model_len = float(np.linalg.norm(ab))
         assert seg.length_m is not None
         s = seg.length_m / model_len
-        # The endpoints' lifts, and the bundle adjustment's pose/structure uncertainty there.
-        if cov is None:
-            cov = point_sigmas(rec) or {}
-        pix, ids = ids_and_pixels(rec, seg.image)
-        pose = math.hypot(endpoint_sigma(seg.a, pix, ids, cov), endpoint_sigma(seg.b, pix, ids, cov))
-        rel = math.hypot(la.sigma, lb.sigma, pose) / model_len
-        item.update(
-            used=True, scale=s, sigma_rel=rel, model_length=model_len, pose_sigma_rel=round(pose / model_len, 6)
-        )
+        rel = math.hypot(pa.sigma_along(ab), pb.sigma_along(ab)) / model_len
+        item.update(used=True, scale=s, sigma_rel=rel, model_length=model_len)
+        # The single-photo surface lift of the same clicks is the check: where it disagrees beyond
+        # both sigmas, the reference's sigma is widened to cover the two.
+        if pa.surface_xyz is not None and pb.surface_xyz is not None and "multi-view" in (pa.lifted_on, pb.lifted_on):
+            surf_len = float(np.linalg.norm(np.asarray(pb.surface_xyz) - np.asarray(pa.surface_xyz)))
+            item["surface_length_ratio"] = round(surf_len / model_len, 6)
+            worst = max(
+                (p for p in (("a", pa), ("b", pb)) if p[1].disagreement is not None),
+                key=lambda p: p[1].disagreement or 0.0,
+                default=None,
+            )
+            gap = abs(surf_len / model_len - 1)
+            if worst is not None:
+                warnings.append(
+                    f"reference segment {i}: at endpoint {worst[0]} the surface and the photos that see it disagree "
+                    f"({100 * gap:.1f} % in length); the photos' point is used and the sigma widened"
+                )
+                item["sigma_rel"] = rel = max(rel, gap / 2)
         items.append(item)
     used = [it for it in items if it.get("used")]
     if not used:
         reasons = "; ".join(f"{it['kind']} {it['index']}: {it['reason']}" for it in items)
         raise ScaleReferenceError(f"no reference could be measured in the model ({reasons})")
-    warnings: list[str] = []
     scales = np.array([it["scale"] for it in used])
     sig = np.array([max(it["sigma_rel"], 1e-4) for it in used])
     median = float(np.median(scales))

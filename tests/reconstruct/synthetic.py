@@ -113,9 +113,13 @@ def texture(seed: int = 1, px_per_m: int = 200) -> tuple[np.ndarray, float]:
     return (tex * 220 + 20).astype(np.float32), float(px_per_m)
 
 
-def render_textured(scene: Scene, k: int) -> np.ndarray:
+def render_textured(
+    scene: Scene, k: int, *, box: tuple[np.ndarray, np.ndarray] | None = None, sky_above: float | None = None
+) -> np.ndarray:
     """Photo k of the synthetic site: every pixel's ray meets the ground (z = 0) or the wall
-    (y = 5), textured by their in-plane coordinates. Exact geometry, no renderer needed."""
+    (y = 5), textured by their in-plane coordinates. Exact geometry, no renderer needed.
+    ``box``: an axis-aligned box (lower, upper corner) standing in front of the wall, such as a
+    step, textured on its faces. ``sky_above``: the wall ends at this height, with sky above."""
     import cv2
 
     tex, ppm = texture()
@@ -127,6 +131,8 @@ def render_textured(scene: Scene, k: int) -> np.ndarray:
         s_wall = (5.0 - C[1]) / d[..., 1]
         s_ground = -C[2] / d[..., 2]
     s_wall = np.where(s_wall > 0, s_wall, np.inf)
+    if sky_above is not None:
+        s_wall = np.where(C[2] + s_wall * d[..., 2] <= sky_above, s_wall, np.inf)
     s_ground = np.where(s_ground > 0, s_ground, np.inf)
     wall = s_wall < s_ground
     s = np.minimum(s_wall, s_ground)
@@ -136,6 +142,22 @@ def render_textured(scene: Scene, k: int) -> np.ndarray:
     # Wall and ground use different parts of the texture so they do not repeat each other.
     mx = ((a + 6.0) * ppm).astype(np.float32)
     my = (np.where(wall, b + 3.0, 7.0 - b) * ppm).astype(np.float32)
+    if box is not None:
+        lo, hi = (np.asarray(c, float) for c in box)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t1 = (lo - C) / d
+            t2 = (hi - C) / d
+        tn = np.nanmax(np.minimum(t1, t2), axis=-1)
+        tf = np.nanmin(np.maximum(t1, t2), axis=-1)
+        hit = (tn <= tf) & (tn > 0) & (tn < s)
+        axis = np.argmax(np.minimum(t1, t2), axis=-1)  # the face entered: 0 x-side, 1 front/back, 2 top
+        Xb = C + d * np.where(hit, tn, 0)[..., None]
+        ba = np.where(axis == 0, Xb[..., 1], Xb[..., 0])
+        bb = np.where(axis == 2, Xb[..., 1], Xb[..., 2])
+        # The box's faces take yet other parts of the texture (offset per face).
+        mx = np.where(hit, ((ba + 1.5 + 2.0 * axis) * ppm), mx).astype(np.float32)
+        my = np.where(hit, ((bb + 5.5) * ppm), my).astype(np.float32)
+        s = np.where(hit, tn, s)
     img = cv2.remap(tex, mx, my, cv2.INTER_LINEAR, borderValue=128)
     img[~np.isfinite(s)] = 200  # sky
     return np.clip(img, 0, 255).astype(np.uint8)

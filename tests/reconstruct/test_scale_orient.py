@@ -87,10 +87,15 @@ def test_measure_answers_exactly_and_refuses_what_it_cannot(tmp_path: Path) -> N
     # Scale (0.2 %) and a 1 px click at ~9 m range with f = 1100 px on each endpoint.
     click = 9.0 / 1100.0
     assert truth * 0.002 < res[0]["sigma_m"] < np.hypot(truth * 0.002, 4 * click)
-    # The bundle adjustment's covariance (poses carried in) is one of the terms, and it is finite.
+    # The endpoints' covariance (surface fit, the bundle adjustment's pose term, the click) and
+    # the scale are the two parts, and they add up.
     parts = res[0]["sigma_parts_m"]
-    assert parts["pose"] is not None and 0 < parts["pose"] < res[0]["sigma_m"]
+    assert 0 < parts["endpoints"] < res[0]["sigma_m"]
     assert res[0]["sigma_m"] == pytest.approx(np.sqrt(sum(v**2 for v in parts.values())), abs=2e-4)
+    # No photos at hand: each endpoint says it was lifted in its own photo only, and why.
+    ends = res[0]["endpoints"]
+    assert ends["a"]["lifted_on"] == "plane" and ends["a"]["views"] == 1
+    assert "not at hand" in ends["a"]["reason"]
     assert res[1]["length_m"] is None and res[1]["reason"]
     assert res[2]["length_m"] is None and "not registered" in res[2]["reason"]
 
@@ -154,4 +159,4 @@ def test_measure_falls_back_to_the_dense_surface_where_sparse_points_are_missing
     res = measure(site, seg)[0]
     assert res["lifted_on"] == {"a": "surface", "b": "plane"}
     assert res["length_m"] == pytest.approx(float(np.linalg.norm(A - B)), abs=2e-3)
-    assert 0 < res["sigma_parts_m"]["lift"] < 0.05
+    assert 0 < res["sigma_parts_m"]["endpoints"] < 0.05
