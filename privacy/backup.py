@@ -1,8 +1,9 @@
-"""Backup and restore of the embedded store (P6): the SQLite database and the vault's sealed
-objects. The key store is deliberately **not** in the backup: a contract whose key has been
-destroyed since stays unreadable after a restore, and restore removes what it cannot decrypt
-instead of resurrecting it. (PostgreSQL deployments back up the DB with their own tools; the
-vault part and the restore check below apply the same.)"""
+"""Backup and restore (P6): the database and the vault's sealed objects. The database is SQLite
+(its online backup API) or PostgreSQL (``pg_dump --format=custom``, restored with ``pg_restore``
+through ``psql --single-transaction``: all of it or nothing). The key store is deliberately
+**not** in the backup: a contract whose key has been destroyed since stays unreadable after a
+restore, and restore removes what it cannot decrypt instead of resurrecting it; subjects erased
+and register entries made since are replayed from the ledgers kept beside the keys."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import logging
 import os
 import shutil
 import sqlite3
+import subprocess
 import tarfile
 import tempfile
 from collections.abc import Callable
@@ -18,7 +20,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import create_engine, inspect, select
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from privacy import register, signing
@@ -34,31 +37,148 @@ class BackupError(RuntimeError):
     pass
 
 
-def backup(*, db_file: Path, vault_root: Path, out: Path) -> dict[str, object]:
-    """Write ``out`` (a .tar.gz): a consistent copy of the DB (SQLite's online backup) and the vault."""
-    if not db_file.is_file():
-        raise BackupError("only the embedded SQLite store can be backed up this way; use pg_dump for PostgreSQL")
+PG_DUMP_NAME = "siteplan.pgdump"  # the PostgreSQL database in an archive (pg_dump's custom format)
+
+
+def is_postgresql(db_url: str | None) -> bool:
+    return db_url is not None and make_url(db_url).get_backend_name() == "postgresql"
+
+
+def backup(*, db_file: Path, vault_root: Path, out: Path, db_url: str | None = None) -> dict[str, object]:
+    """Write ``out`` (a .tar.gz): a consistent copy of the DB and the vault. ``db_url`` a
+    PostgreSQL URL: the DB is dumped with pg_dump (one snapshot), else ``db_file`` is SQLite."""
+    pg = is_postgresql(db_url)
+    if not pg and not db_file.is_file():
+        raise BackupError("there is no database to back up at the data dir (SITEPLAN_DATA_DIR, SITEPLAN_DATABASE_URL)")
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        snap = Path(tmp) / "siteplan.db"
-        src = sqlite3.connect(db_file)
-        dst = sqlite3.connect(snap)
-        with dst:
-            src.backup(dst)
-        src.close()
-        dst.close()
-        meta = {"format": FORMAT, "created_at": datetime.now(UTC).isoformat(), "keys_included": False}
+        if pg:
+            assert db_url is not None
+            snap = Path(tmp) / PG_DUMP_NAME
+            _pg_dump(db_url, snap)
+        else:
+            snap = Path(tmp) / "siteplan.db"
+            src = sqlite3.connect(db_file)
+            dst = sqlite3.connect(snap)
+            with dst:
+                src.backup(dst)
+            src.close()
+            dst.close()
+        meta = {
+            "format": FORMAT,
+            "created_at": datetime.now(UTC).isoformat(),
+            "keys_included": False,
+            "database": "postgresql" if pg else "sqlite",
+        }
         (Path(tmp) / "backup.json").write_text(json.dumps(meta))
         part = out.with_name(f".tmp-{out.name}")
         # Owner-only: the archive holds sealed objects, but also the database's ids and clear fields.
         fd = os.open(part, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w:gz") as tar:
-            tar.add(Path(tmp) / "backup.json", arcname="backup.json")
-            tar.add(snap, arcname="siteplan.db")
-            if (vault_root / "objects").exists():
-                tar.add(vault_root / "objects", arcname="vault/objects")
+        try:
+            with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w:gz") as tar:
+                tar.add(Path(tmp) / "backup.json", arcname="backup.json")
+                tar.add(snap, arcname=snap.name)
+                if (vault_root / "objects").exists():
+                    tar.add(vault_root / "objects", arcname="vault/objects")
+        except BaseException:
+            part.unlink(missing_ok=True)  # never a partial archive under any name
+            raise
         os.replace(part, out)
     return meta
+
+
+def _libpq(db_url: str) -> tuple[str, dict[str, str]]:
+    """The SQLAlchemy URL as a libpq connection URI without the password (command lines are
+    visible to other users of the host), and the environment carrying the password."""
+    url = make_url(db_url)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    if url.password is not None:
+        env["PGPASSWORD"] = str(url.password)
+    conninfo = url.set(drivername="postgresql", password=None).render_as_string(hide_password=False)
+    return conninfo, env
+
+
+def _pg_tool(name: str) -> str:
+    exe = shutil.which(name)
+    if exe is None:
+        raise BackupError(f"{name} is not installed (Debian: postgresql-client, the server's major version or newer)")
+    return exe
+
+
+def _tool_error(tool: str, stderr: bytes) -> BackupError:
+    # libpq's messages name the server and the role, never row contents; the last line says why.
+    lines = [ln for ln in stderr.decode(errors="replace").splitlines() if ln.strip()]
+    return BackupError(f"{tool} failed: {lines[-1] if lines else 'no message'}")
+
+
+def _pg_dump(db_url: str, dest: Path) -> None:
+    conninfo, env = _libpq(db_url)
+    # One snapshot of the whole database (pg_dump's own transaction); no owners or grants, so it
+    # restores into a database owned by another role (docs/operations.md "PostgreSQL").
+    cmd = [_pg_tool("pg_dump"), "--format=custom", "--no-owner", "--no-privileges", f"--file={dest}", conninfo]
+    proc = subprocess.run(cmd, env=env, capture_output=True, check=False)
+    if proc.returncode != 0:
+        raise _tool_error("pg_dump", proc.stderr)
+
+
+# Everything of the service's in the public schema goes first, in the restore's own transaction:
+# a table the backup does not have (a later revision's) cannot keep rows the backup never saw.
+_PG_CLEAR = """
+DO $clear$ DECLARE r record; BEGIN
+  FOR r IN SELECT format('%I.%I', schemaname, viewname) AS n FROM pg_views WHERE schemaname = 'public' LOOP
+    EXECUTE 'DROP VIEW IF EXISTS ' || r.n || ' CASCADE';
+  END LOOP;
+  FOR r IN SELECT format('%I.%I', schemaname, tablename) AS n FROM pg_tables WHERE schemaname = 'public' LOOP
+    EXECUTE 'DROP TABLE IF EXISTS ' || r.n || ' CASCADE';
+  END LOOP;
+  FOR r IN SELECT format('%I.%I', sequence_schema, sequence_name) AS n FROM information_schema.sequences
+           WHERE sequence_schema = 'public' LOOP
+    EXECUTE 'DROP SEQUENCE IF EXISTS ' || r.n || ' CASCADE';
+  END LOOP;
+  FOR r IN SELECT format('%I.%I', n.nspname, t.typname) AS n FROM pg_type t
+           JOIN pg_namespace n ON n.oid = t.typnamespace WHERE n.nspname = 'public' AND t.typtype = 'e' LOOP
+    EXECUTE 'DROP TYPE IF EXISTS ' || r.n || ' CASCADE';
+  END LOOP;
+END $clear$;
+"""
+
+
+def _pg_has_schema(db_url: str) -> bool:
+    engine = create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            return bool(inspect(conn).get_table_names())
+    finally:
+        engine.dispose()
+
+
+def _pg_restore(db_url: str, dump: Path) -> None:
+    """Replace the database's contents with the dump, in one transaction: a failure anywhere
+    (a broken dump, a lost connection) leaves the database as it was."""
+    conninfo, env = _libpq(db_url)
+    listing = subprocess.run([_pg_tool("pg_restore"), "--list", str(dump)], capture_output=True, check=False)
+    if listing.returncode != 0:
+        raise _tool_error("pg_restore", listing.stderr)
+    psql_cmd = [_pg_tool("psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "--single-transaction", "-d", conninfo]
+    psql = subprocess.Popen(psql_cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert psql.stdin is not None and psql.stderr is not None
+    try:
+        psql.stdin.write(_PG_CLEAR.encode())
+        psql.stdin.flush()
+        script = subprocess.run(
+            [_pg_tool("pg_restore"), "--no-owner", "--no-privileges", "--file=-", str(dump)],
+            stdout=psql.stdin,
+            stderr=subprocess.PIPE,
+            check=False,
+        )
+    finally:
+        psql.stdin.close()
+    err = psql.stderr.read()
+    psql.wait()
+    if script.returncode != 0:
+        raise _tool_error("pg_restore", script.stderr)
+    if psql.returncode != 0:
+        raise _tool_error("psql", err)
 
 
 @dataclass(frozen=True)
@@ -80,23 +200,35 @@ def restore(
     vault: Vault,
     force: bool = False,
     certificates_dir: Path | None = None,
+    db_url: str | None = None,
 ) -> RestoreReport:
-    """Unpack a backup over the data dir, then drop every contract whose data key no longer exists."""
-    if db_file.exists() and not force:
+    """Unpack a backup over the data dir (the database: ``db_url`` when it is PostgreSQL, else
+    the SQLite ``db_file``), then drop every contract whose data key no longer exists."""
+    pg = is_postgresql(db_url)
+    if not force and (_pg_has_schema(db_url) if pg and db_url else db_file.exists()):
         raise BackupError("a database is already there; restore with --force to replace it")
+    db_file.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(archive, "r:gz") as tar:
         names = tar.getnames()
-        if "backup.json" not in names or "siteplan.db" not in names:
+        if "backup.json" not in names or not {"siteplan.db", PG_DUMP_NAME} & set(names):
             raise BackupError("not a Siteplan backup")
         with tempfile.TemporaryDirectory(dir=db_file.parent) as tmp:
             tar.extractall(tmp, filter="data")
             meta = json.loads((Path(tmp) / "backup.json").read_text())
             if meta.get("format") != FORMAT:
                 raise BackupError("unknown backup format")
-            db_file.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(Path(tmp) / "siteplan.db", db_file)
-            for suffix in ("-wal", "-shm"):
-                Path(str(db_file) + suffix).unlink(missing_ok=True)
+            kind = meta.get("database", "sqlite")
+            if kind != ("postgresql" if pg else "sqlite"):
+                raise BackupError(
+                    f"this backup holds a {kind} database; restore it where SITEPLAN_DATABASE_URL is {kind}"
+                )
+            if pg:
+                assert db_url is not None
+                _pg_restore(db_url, Path(tmp) / PG_DUMP_NAME)
+            else:
+                os.replace(Path(tmp) / "siteplan.db", db_file)
+                for suffix in ("-wal", "-shm"):
+                    Path(str(db_file) + suffix).unlink(missing_ok=True)
             if (vault_root / "objects").exists():
                 shutil.rmtree(vault_root / "objects")
             if (Path(tmp) / "vault" / "objects").exists():

@@ -406,7 +406,12 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
     settings, _, _ = _services()
     try:
-        meta = backup(db_file=settings.root / "siteplan.db", vault_root=settings.vault_dir, out=Path(args.out))
+        meta = backup(
+            db_file=settings.root / "siteplan.db",
+            vault_root=settings.vault_dir,
+            out=Path(args.out),
+            db_url=settings.db_url,
+        )
     except BackupError as exc:
         raise SystemExit(f"error: {exc}") from None
     except OSError as exc:
@@ -436,6 +441,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
             vault=vault,
             force=args.force,
             certificates_dir=lifecycle_paths(settings).certificates,
+            db_url=settings.db_url,
         )
     except BackupError as exc:
         raise SystemExit(f"error: {exc}") from None
@@ -645,7 +651,9 @@ def build_parser() -> argparse.ArgumentParser:
     rg.add_argument("--tenant")
     rg.set_defaults(func=cmd_register)
 
-    bk = sub.add_parser("backup", help="back up the DB and the vault (never the keys)")
+    bk = sub.add_parser(
+        "backup", help="back up the DB (SQLite, or PostgreSQL with pg_dump) and the vault (never the keys)"
+    )
     bk.add_argument("out", help="archive to write (.tar.gz)")
     bk.set_defaults(func=cmd_backup)
     rs = sub.add_parser("restore", help="restore a backup; contracts whose key was destroyed stay destroyed")
