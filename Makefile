@@ -7,6 +7,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # open3d needs libusb; moderngl renders headless through EGL on Mesa (llvmpipe on CPU).
 SYS_RUNTIME := libusb-1.0-0 libegl1 libegl-mesa0 libgl1-mesa-dri libgbm1 libgomp1
+# pg_dump, pg_restore and psql: `siteplan backup`/`restore` on PostgreSQL (privacy/backup.py).
+SYS_RUNTIME += postgresql-client
 # exiftool is the independent metadata reader the privacy tests check outputs with; Chromium
 # opens report.html headless to check its 3D viewer.
 SYS_TEST := libimage-exiftool-perl chromium
