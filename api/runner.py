@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 from sqlalchemy import select, update
 
@@ -20,9 +21,10 @@ from api.uploads import expire_uploads
 from privacy import register
 from privacy.anonymize import AnonymizationPolicy
 from privacy.ingest import ingest
-from privacy.lifecycle import expire_exports
+from privacy.lifecycle import expire_exports, scratch_in_use, shred_scratch
 from privacy.sandbox import SandboxUnavailable
 from privacy.vault import VaultError
+from siteplan import leases
 from siteplan.consent import consent_problem
 from siteplan.db import Job, Photo, Project
 from siteplan.paths import lifecycle_paths
@@ -30,19 +32,18 @@ from siteplan.paths import lifecycle_paths
 log = logging.getLogger(__name__)
 
 
-STALE_JOB = timedelta(hours=2)  # a "running" job not updated for this long is taken as abandoned
-STALE_CLAIM = timedelta(minutes=15)  # an "anonymising" claim older than this is taken as abandoned
 SWEEP_EVERY_S = 3600.0  # how often expired unfinished uploads are looked for
 
 
 def ingest_photo(svc: Services, photo_id: str) -> None:
     """Quarantine -> anonymised (or rejected). Safe to run twice, from any number of processes:
-    a photo is claimed with one conditional UPDATE, and only the claimant works on it."""
+    a photo is claimed with one conditional UPDATE that leases it to this process
+    (siteplan/leases.py), and only the holder of the lease may finish it."""
     with svc.factory.begin() as db:
         claimed = db.execute(
             update(Photo)
             .where(Photo.id == photo_id, Photo.state == "quarantined", Photo.original_object.is_not(None))
-            .values(state="anonymising", updated_at=datetime.now(UTC))
+            .values(state="anonymising", updated_at=datetime.now(UTC), **leases.claim_values())
         ).rowcount  # type: ignore[attr-defined]
         if not claimed:
             return
@@ -51,28 +52,39 @@ def ingest_photo(svc: Services, photo_id: str) -> None:
         if consent_problem(db, db.get(Project, p.project_id)):
             # Checked when the work starts: an ended contract or a restricted client's photo is
             # not processed; it stays sealed in quarantine.
-            p.state = "quarantined"
+            p.state, p.lease_holder, p.lease_until = "quarantined", None, None
             return
         key_id, original = p.contract_id, p.original_object
         assert original is not None
+    lease = leases.Lease(svc.factory, Photo, photo_id).start()
+    try:
+        _ingest_claimed(svc, photo_id, key_id, original)
+    finally:
+        lease.release()
+
+
+def _ingest_claimed(svc: Services, photo_id: str, key_id: str, original: str) -> None:
+    ours = (Photo.id == photo_id, Photo.state == "anonymising", leases.mine(Photo))
     try:
         res = ingest(svc.vault, key_id=key_id, original=original, policy=AnonymizationPolicy())
     except SandboxUnavailable:
         # Our side failed, not the file: back to quarantine, untouched, for the next attempt
-        # (the runner picks quarantined photos up at start-up).
+        # (the runner's recovery pass picks quarantined photos up again).
         with svc.factory.begin() as db:
-            db.execute(update(Photo).where(Photo.id == photo_id).values(state="quarantined"))
+            db.execute(update(Photo).where(*ours).values(state="quarantined"))
         raise
     except VaultError:
         log.warning("photo %s: its quarantined original is unreadable", photo_id[:8])
         with svc.factory.begin() as db:
-            p = db.get(Photo, photo_id)
-            if p is not None:
-                p.state, p.error = "rejected", "the upload could not be read back; please upload it again"
+            db.execute(
+                update(Photo)
+                .where(*ours)
+                .values(state="rejected", error="the upload could not be read back; please upload it again")
+            )
         return
     with svc.factory.begin() as db:
-        p = db.get(Photo, photo_id)
-        if p is None:  # erased meanwhile: drop what we made
+        p = db.scalars(select(Photo).where(*ours).with_for_update()).first()
+        if p is None:  # erased meanwhile, or the claim was lost to another process: drop ours
             if res.photo:
                 svc.vault.delete(key_id, res.photo.object_id)
             return
@@ -94,6 +106,10 @@ def ingest_photo(svc: Services, photo_id: str) -> None:
         )
 
 
+MAX_JOB_ATTEMPTS = 3  # a job whose process died this many times fails instead of resuming again
+SCRATCH_GRACE_S = 30.0  # a scratch directory younger than this may belong to a job starting now
+
+
 class Runner:
     def __init__(self, svc: Services) -> None:
         self.svc = svc
@@ -103,6 +119,9 @@ class Runner:
         self._lock = threading.Lock()
         self._stopped = False
         self._timer: threading.Timer | None = None
+        self._recovery: threading.Thread | None = None
+        self._wake = threading.Event()
+        self._pending: set[str] = set()  # photo and job ids submitted and not finished here
 
     def _sweep(self) -> None:
         """Delete expired unfinished uploads, idempotency records and unclaimed contract exports
@@ -129,46 +148,126 @@ class Runner:
                 self._timer.start()
 
     def resume(self) -> None:
-        """Pick up what a stopped process left: quarantined photos, abandoned claims, queued jobs;
+        """Pick up what a stopped process left (quarantined photos, claims whose holder is gone,
+        queued jobs, orphaned scratch), now and every RECOVER_EVERY_S while the server runs;
         start the hourly sweep of expired uploads."""
         self._sweep()
-        stale = datetime.now(UTC) - STALE_CLAIM
-        with self.svc.factory.begin() as db:
-            db.execute(
-                update(Photo).where(Photo.state == "anonymising", Photo.updated_at < stale).values(state="quarantined")
+        self.recover()
+        with self._lock:
+            if not self._stopped and self._recovery is None:
+                self._recovery = threading.Thread(target=self._recover_loop, name="recovery", daemon=True)
+                self._recovery.start()
+
+    def _recover_loop(self) -> None:
+        while not self._wake.wait(leases.RECOVER_EVERY_S):
+            try:
+                self.recover()
+            except Exception as exc:  # a busy database: the next pass tries again
+                log.error("recovery pass failed: %s", type(exc).__name__)
+
+    def recover(self) -> tuple[int, int]:
+        """One recovery pass; returns (photos, jobs) submitted.
+
+        1. A photo left ``anonymising`` by a dead holder goes back to quarantine.
+        2. A job left ``running`` by a dead holder: its scratch is shredded, then it is queued
+           again (it resumes from its sealed checkpoint), or failed with the reason after
+           MAX_JOB_ATTEMPTS.
+        3. Scratch no live job holds is shredded (a crash before any row said so).
+        4. Quarantined photos whose consent allows it and queued plan jobs are submitted, unless
+           this process already has them in hand (a restriction lifted resumes its photos here)."""
+        db_factory = self.svc.factory
+        with db_factory.begin() as db:
+            dead_photos = leases.takeable(db, Photo, "anonymising")
+            for pid, name in dead_photos:
+                db.execute(
+                    update(Photo)
+                    .where(Photo.id == pid, Photo.state == "anonymising", leases.held_by(Photo, name))
+                    .values(state="quarantined", lease_holder=None, lease_until=None)
+                )
+            dead_jobs = [jid for jid, _ in leases.takeable(db, Job, "running")]
+        for jid in dead_jobs:
+            scratch = self.svc.settings.scratch_dir / jid
+            if scratch_in_use(scratch):  # a live process here still works in it: not dead, stalled
+                continue
+            shred_scratch(scratch)
+            with db_factory.begin() as db:
+                j = db.get(Job, jid)
+                if j is None or j.state != "running" or not leases.gone(j.lease_holder, j.lease_until):
+                    continue
+                j.lease_holder, j.lease_until = None, None
+                if j.attempts >= MAX_JOB_ATTEMPTS:
+                    j.state = "failed"
+                    j.error = (
+                        f"the job was interrupted {j.attempts} times (the server stopped while it ran); "
+                        "start it again, and report it if it keeps happening"
+                    )
+                else:
+                    j.state = "queued"
+        if dead_photos or dead_jobs:
+            log.warning("took back %d photo and %d job claims of stopped processes", len(dead_photos), len(dead_jobs))
+        self._shred_orphan_scratch()
+        with db_factory() as db:
+            quarantined = list(
+                db.execute(
+                    select(Photo.id, Photo.project_id).where(Photo.state == "quarantined").order_by(Photo.created_at)
+                )
             )
-            db.execute(
-                update(Job)
-                .where(Job.state == "running", Job.updated_at < datetime.now(UTC) - STALE_JOB)
-                .values(state="queued")
-            )
-        with self.svc.factory() as db:
-            photos = list(db.scalars(select(Photo.id).where(Photo.state == "quarantined")))
+            blocked: dict[str, bool] = {}
+            photos = []
+            for pid, proj in quarantined:
+                if proj not in blocked:
+                    blocked[proj] = bool(consent_problem(db, db.get(Project, proj)))
+                if not blocked[proj]:
+                    photos.append(pid)
             # Interactive plan jobs only: batch reprocessing has its own driver (`siteplan reprocess`),
             # so a batch never queues in front of a designer waiting for a plan.
             jobs = list(
                 db.scalars(select(Job.id).where(Job.state == "queued", Job.kind == "plan").order_by(Job.created_at))
             )
-        for pid in photos:
-            self.submit_ingest(pid)
-        for jid in jobs:
-            self.submit_job(jid)
-        if photos or jobs:
-            log.info("resumed %d photos and %d jobs", len(photos), len(jobs))
+        n_photos = sum(self.submit_ingest(pid) is not None for pid in photos if pid not in self._pending)
+        n_jobs = sum(self.submit_job(jid) is not None for jid in jobs if jid not in self._pending)
+        if n_photos or n_jobs:
+            log.info("resumed %d photos and %d jobs", n_photos, n_jobs)
+        return n_photos, n_jobs
+
+    def _shred_orphan_scratch(self) -> None:
+        root = self.svc.settings.scratch_dir
+        if not root.is_dir():
+            return
+        now = time.time()
+        for d in root.iterdir():
+            try:
+                if not d.is_dir() or scratch_in_use(d) or now - d.stat().st_mtime < SCRATCH_GRACE_S:
+                    continue
+            except OSError:
+                continue
+            shred_scratch(d)
+
+    def _submit(self, ex: ThreadPoolExecutor, fn: Callable[[Services, str], None], item_id: str) -> Future[None] | None:
+        with self._lock:
+            self._pending.add(item_id)
+        try:
+            fut = ex.submit(self._safe, fn, item_id)
+        except RuntimeError:  # shut down
+            self._pending.discard(item_id)
+            return None
+        fut.add_done_callback(lambda _f: self._pending.discard(item_id))
+        return fut
 
     def submit_ingest(self, photo_id: str) -> Future[None] | None:
         if self._ingest is None:
             return None
-        return self._ingest.submit(self._safe, ingest_photo, photo_id)
+        return self._submit(self._ingest, ingest_photo, photo_id)
 
     def submit_job(self, job_id: str) -> Future[None] | None:
         if self._jobs is None:
             return None
         from workers.project_job import run_project_job
 
-        return self._jobs.submit(
-            self._safe, lambda svc, jid: run_project_job(svc.settings, svc.factory, svc.vault, jid), job_id
-        )
+        def run(svc: Services, jid: str) -> None:
+            run_project_job(svc.settings, svc.factory, svc.vault, jid)
+
+        return self._submit(self._jobs, run, job_id)
 
     def _safe(self, fn: Callable[[Services, str], None], item_id: str) -> None:
         try:
@@ -183,6 +282,7 @@ class Runner:
             self._stopped = True
             if self._timer is not None:
                 self._timer.cancel()
+        self._wake.set()
         for ex in (self._ingest, self._jobs):
             if ex is not None:
                 ex.shutdown(wait=True, cancel_futures=True)

@@ -160,6 +160,24 @@ def scratch_in_use(scratch: Path) -> bool:
     return False
 
 
+def shred_scratch(scratch: Path) -> int:
+    """Remove a job's scratch directory that no live job holds (a crashed worker's): the
+    decrypted photos, the design (its file and descriptor, which carries its name) and the SfM
+    database are overwritten first, the rest (derived models, renders) unlinked. Returns how
+    many files were shredded; 0 and nothing touched when a live job holds it."""
+    if not scratch.is_dir() or scratch_in_use(scratch):
+        return 0
+    n = 0
+    for p in sorted(scratch.rglob("*")):
+        with contextlib.suppress(OSError):
+            if p.is_file() and not p.is_symlink():
+                rel = p.relative_to(scratch).parts
+                if rel[0] in ("photos", "design") or p.suffix in (".db", ".json", ".jpg", ".png"):
+                    n += shred_file(p)
+    shutil.rmtree(scratch, ignore_errors=True)
+    return n
+
+
 # -- export archives ----------------------------------------------------------------------------
 
 

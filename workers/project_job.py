@@ -28,7 +28,7 @@ from reconstruct.errors import ScaleReferenceError
 from reconstruct.reference import ScaleReference, check_reference
 from reconstruct.report import SITE_KEYS, write_report_html
 from reconstruct.sfm import SfmConfig
-from siteplan import PIPELINE_VERSION
+from siteplan import PIPELINE_VERSION, leases
 from siteplan.consent import MESSAGES, consent_problem
 from siteplan.db import BillingRecord, Design, Job, Photo, PlanFile, Project
 from siteplan.outputs import OUTPUTS, media_type
@@ -66,10 +66,11 @@ def run_project_job(
     scratch = settings.scratch_dir / job_id
 
     def cancelled() -> bool:
-        """Whether the job was cancelled (or its rows deleted) since it was claimed."""
+        """Whether the job was cancelled (or its rows deleted, or its lease lost to another
+        process) since it was claimed."""
         with factory() as db:
-            state = db.scalar(select(Job.state).where(Job.id == job_id))
-        return state is None or state == "cancelled"
+            row = db.execute(select(Job.state, Job.lease_holder).where(Job.id == job_id)).first()
+        return row is None or row[0] == "cancelled" or row[1] != leases.holder()
 
     emit = progress or (lambda m: log.info("%s", m))
 
@@ -82,14 +83,17 @@ def run_project_job(
     timings: dict[str, float] = {}
     with factory.begin() as db:
         # Claim the job with one conditional UPDATE: of several processes, exactly one runs it.
+        # The claim is a lease (siteplan/leases.py): if this process dies, a running server
+        # takes the job back within a minute and resumes it from its checkpoint.
         claimed = db.execute(
-            update(Job).where(Job.id == job_id, Job.state == "queued").values(state="running")
+            update(Job).where(Job.id == job_id, Job.state == "queued").values(state="running", **leases.claim_values())
         ).rowcount  # type: ignore[attr-defined]
         if not claimed:
             return
         job = db.get(Job, job_id)
         assert job is not None
         job.attempts, job.stage, job.progress = job.attempts + 1, "prepare", 0.02
+    lease = leases.Lease(factory, Job, job_id).start()
     running = hold_scratch(scratch)
     try:
         with factory.begin() as db:
@@ -219,7 +223,8 @@ def run_project_job(
         sealed = [(n, vault.put_file(key_id, out / n)) for n in names]
         with factory.begin() as db:
             j = db.get(Job, job_id)
-            if j is None or j.state == "cancelled":
+            if j is None or j.state != "running" or j.lease_holder != leases.holder():
+                # Cancelled, or taken over by another process after a stall: one result only.
                 for _, o in sealed:
                     vault.delete(key_id, o.object_id)
                 return
@@ -263,8 +268,8 @@ def run_project_job(
     except JobFailed as exc:
         with factory.begin() as db:
             j = db.get(Job, job_id)
-            if j is None or j.state == "cancelled":  # cancelled meanwhile: that is what it is
-                return
+            if j is None or j.state != "running" or j.lease_holder != leases.holder():
+                return  # cancelled meanwhile (that is what it is), or no longer ours
             j.state = "cancelled" if isinstance(exc, JobRefused) else "failed"
             j.error = str(exc)
             j.stage_attempts = _add_attempts(j.stage_attempts, count_attempts(scratch / "attempts"))
@@ -273,13 +278,14 @@ def run_project_job(
         log.error("job %s failed unexpectedly (%s)", job_id[:8], type(exc).__name__)
         with factory.begin() as db:
             j = db.get(Job, job_id)
-            if j is None or j.state == "cancelled":
+            if j is None or j.state != "running" or j.lease_holder != leases.holder():
                 return
             j.state, j.error = "failed", f"internal error ({type(exc).__name__}); the operators were told"
             j.stage_attempts = _add_attempts(j.stage_attempts, count_attempts(scratch / "attempts"))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         os.close(running)  # the scratch is gone: a termination waiting for it may go on
+        lease.release()
 
 
 def _add_attempts(before: dict[str, int] | None, now: dict[str, int]) -> dict[str, int]:

@@ -28,9 +28,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TextIO
 
-from sqlalchemy import select, update
+from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from siteplan import leases
 from siteplan.consent import consent_problem
 from siteplan.db import Job, Project
 
@@ -162,10 +163,17 @@ def run_batch(
     t0 = time.perf_counter()
     cutoff = datetime.now(UTC) + timedelta(seconds=1) if sole_driver else datetime.now(UTC) - stale_after
     with factory.begin() as db:  # take back jobs whose driver died mid-run
+        # A job whose lease ran out (its driver is gone, siteplan/leases.py) is taken back at
+        # once; one without a lease only after ``stale_after`` unless we are the sole driver.
+        dead = [jid for jid, _ in leases.takeable(db, Job, "running")]
         db.execute(
             update(Job)
-            .where(Job.kind == "reprocess", Job.state == "running", Job.updated_at < cutoff)
-            .values(state="queued")
+            .where(
+                Job.kind == "reprocess",
+                Job.state == "running",
+                or_(Job.updated_at < cutoff, and_(Job.id.in_(dead), Job.lease_until.is_not(None))),
+            )
+            .values(state="queued", lease_holder=None, lease_until=None)
         )
     ids = enqueue(factory, sel)
     summary = Summary(skipped=Counter(sel.skipped))
