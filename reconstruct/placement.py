@@ -12,18 +12,22 @@ Accepted forms:
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from reconstruct.clicks import ClickLifter
 from reconstruct.design import Design, rotation_z
 from reconstruct.errors import PlacementError
 from reconstruct.geometry import View
 from reconstruct.jsonfile import load_model
+from reconstruct.multiview import sigma_along
 
 
 class SitePose(BaseModel):
@@ -52,6 +56,8 @@ class Placement:
     opening_sigma_m: float | None
     form: str
     warnings: list[str]
+    # How each clicked ground point was found (lifted_on, views, ground: local/found/assumed).
+    ground_points: list[dict[str, Any]] = field(default_factory=list)
 
     def apply(self, v: np.ndarray) -> np.ndarray:
         v = np.asarray(v, float) * np.array([self.sx, 1.0, 1.0])
@@ -67,6 +73,7 @@ class Placement:
             "opening_m": None if self.opening_m is None else round(self.opening_m, 4),
             "opening_sigma_m": None if self.opening_sigma_m is None else round(self.opening_sigma_m, 4),
             "warnings": self.warnings,
+            "ground_points": self.ground_points,
         }
 
 
@@ -101,6 +108,67 @@ def lift_to_ground(
     return np.asarray(X)
 
 
+ASSUMED_GROUND_SIGMA_M = 0.3  # how far the ground can be from "1.5 m below the cameras"
+LOCAL_GROUND_COS = math.cos(math.radians(25))  # a surface lift this near level is ground
+
+
+@dataclass
+class GroundClick:
+    xyz: np.ndarray
+    sigma_along: Callable[[np.ndarray], float]  # 1-sigma of the point along a direction
+    info: dict[str, Any]
+
+
+def ground_click(
+    view: View,
+    uv: tuple[float, float],
+    *,
+    ground: tuple[float, float, float, float] | list[float] = FLAT_GROUND,
+    ground_found: bool = True,
+    ground_sigma_m: float = 0.02,
+    lifter: ClickLifter | None = None,
+) -> GroundClick:
+    """One clicked ground point: triangulated from the photos that see it where two or more
+    agree; else the dense surface where it is level there; else the ground plane; and, where the
+    ground was not found, the assumed plane with a sigma that says so."""
+    if not (0 <= uv[0] <= view.width and 0 <= uv[1] <= view.height):
+        raise PlacementError(f"the placement point {list(uv)} lies outside photo {view.name}")
+    n = np.asarray(ground[:3], dtype=np.float64)
+    dist = float(ground[3])
+    if lifter is not None and view.name in lifter.views:
+        cp = lifter.lift(view.name, uv)
+        if cp.xyz is not None and cp.cov is not None:
+            cov = cp.cov
+            height = float(n @ cp.xyz - dist)
+            info: dict[str, Any] = {**cp.to_json(), "height_above_ground_plane_m": round(height, 3)}
+            level = True
+            if cp.lifted_on != "multi-view":
+                # A single-photo lift counts as the local ground only where its surface is level.
+                normal = _local_normal(lifter, view, uv)
+                level = normal is not None and abs(float(normal[2])) >= LOCAL_GROUND_COS
+            if level:
+                info["ground"] = "local" if ground_found else "local, no ground plane found"
+                return GroundClick(np.asarray(cp.xyz), functools.partial(sigma_along, cov), info)
+    X = lift_to_ground(view, uv, ground=ground)
+    _, d = view.ray(uv)
+    if ground_found:
+        cov = ground_sigma_m**2 * np.eye(3)
+        return GroundClick(
+            X, functools.partial(sigma_along, cov), {"lifted_on": "ground plane", "views": 1, "ground": "found"}
+        )
+    # The ground is only assumed: its height error moves the point along the ray.
+    along = ASSUMED_GROUND_SIGMA_M / max(0.05, abs(float(n @ d)))
+    cov = ground_sigma_m**2 * np.eye(3) + along**2 * np.outer(d, d)
+    return GroundClick(
+        X, functools.partial(sigma_along, cov), {"lifted_on": "assumed ground", "views": 1, "ground": "assumed"}
+    )
+
+
+def _local_normal(lifter: ClickLifter, view: View, uv: tuple[float, float]) -> np.ndarray | None:
+    lifted, _ = lifter.surface_lift(view.name, uv)
+    return None if lifted.normal is None else np.asarray(lifted.normal)
+
+
 def resolve(
     spec: PlacementSpec,
     design: Design,
@@ -109,7 +177,12 @@ def resolve(
     scale_sigma_rel: float = 0.0,
     ground_sigma_m: float = 0.02,
     ground: tuple[float, float, float, float] | list[float] = FLAT_GROUND,
+    ground_found: bool = True,
+    lifter: ClickLifter | None = None,
 ) -> Placement:
+    """The design's pose on the site. With ``lifter`` each clicked ground point is triangulated
+    from the photos that see it (the local ground), not only intersected with the ground plane;
+    ``ground_found`` False means the plane is an assumption, which widens the sigma and is said."""
     warnings: list[str] = []
     if spec.site is not None:
         p = spec.site.position
@@ -120,16 +193,23 @@ def resolve(
     if spec.image not in views:
         raise PlacementError(f"photo {spec.image} of the placement could not be placed in the model")
     view = views[spec.image]
+    kw: dict[str, Any] = {
+        "ground": ground,
+        "ground_found": ground_found,
+        "ground_sigma_m": ground_sigma_m,
+        "lifter": lifter,
+    }
     if spec.ground_points is not None:
-        A = lift_to_ground(view, spec.ground_points[0], ground=ground)
-        B = lift_to_ground(view, spec.ground_points[1], ground=ground)
+        a = ground_click(view, spec.ground_points[0], **kw)
+        b = ground_click(view, spec.ground_points[1], **kw)
+        A, B = a.xyz, b.xyz
         ab = B - A
         opening = float(np.linalg.norm(ab[:2]))
         if opening < 0.05:
             raise PlacementError("the two placement points are the same spot on the ground")
         x = np.array([ab[0], ab[1], 0.0]) / opening
         y = np.cross([0.0, 0.0, 1.0], x)
-        mid = (A + B) / 2  # on the ground plane (z = 0 where it is level)
+        mid = (A + B) / 2  # on the ground where the photos put the clicks (the plane where they could not)
         to_cam = view.centre - mid
         if y @ to_cam < 0:  # the design's front faces the photographer
             x, y = -x, -y
@@ -146,10 +226,33 @@ def resolve(
                 f"the ground falls {100 * fall:.0f} cm across the opening; the design is drawn level at its "
                 "middle: plan the posts' footings for the difference"
             )
-        # Opening sigma: scale uncertainty plus the lift of each clicked point onto the ground.
-        sigma = math.hypot(opening * scale_sigma_rel, math.sqrt(2) * ground_sigma_m)
-        return Placement(R, mid, sx, opening, sigma, "two ground points", warnings)
+        # Opening sigma: the scale, and each clicked point along the opening.
+        horiz = np.array([ab[0], ab[1], 0.0])
+        sigma = math.sqrt((opening * scale_sigma_rel) ** 2 + a.sigma_along(horiz) ** 2 + b.sigma_along(horiz) ** 2)
+        for k, g in enumerate((a, b), start=1):
+            h = g.info.get("height_above_ground_plane_m")
+            if ground_found and h is not None and abs(h) > 0.15:
+                warnings.append(
+                    f"ground point {k} lies {h:+.2f} m from the site's ground plane: check that it was clicked on "
+                    "the ground (the photos' point is used)"
+                )
+        if "assumed" in (a.info["ground"], b.info["ground"]):
+            warnings.append(
+                "no ground was found around the clicked points or in the site model: the design stands on a ground "
+                "assumed 1.5 m below the cameras, and its position and opening are uncertain "
+                f"(opening +-{100 * sigma:.0f} cm); add photos that show the ground, or place it by site coordinates"
+            )
+        placed = Placement(R, mid, sx, opening, sigma, "two ground points", warnings)
+        placed.ground_points = [a.info, b.info]
+        return placed
     if spec.ground_point is not None:
-        P = lift_to_ground(view, spec.ground_point, ground=ground)
-        return Placement(rotation_z(spec.rotation_deg), P, 1.0, None, None, "ground point and rotation", warnings)
+        g = ground_click(view, spec.ground_point, **kw)
+        if g.info["ground"] == "assumed":
+            warnings.append(
+                "no ground was found around the clicked point or in the site model: the design stands on a ground "
+                "assumed 1.5 m below the cameras; add photos that show the ground, or place it by site coordinates"
+            )
+        placed = Placement(rotation_z(spec.rotation_deg), g.xyz, 1.0, None, None, "ground point and rotation", warnings)
+        placed.ground_points = [g.info]
+        return placed
     raise PlacementError("the placement names a photo but neither 'ground_points' nor 'ground_point'")

@@ -18,6 +18,7 @@ import numpy as np
 import trimesh
 from PIL import Image
 
+from reconstruct.clicks import ClickLifter
 from reconstruct.dense import load_surface, load_surface_coloured
 from reconstruct.design import Design, describe, load_design
 from reconstruct.drawing import elevation, fabrication_dimensions, top_view, write_dxf, write_svg
@@ -110,6 +111,14 @@ def write_glb(site: Site, meshes: list[Mesh], vs: dict[str, View], path: Path) -
     tmp.replace(path)
 
 
+def _click_lifter(site: Site, photos: Path) -> ClickLifter:
+    """The placement's clicks are triangulated from the photos (the local ground) like every
+    other click; without the photos at hand they fall back to the surface and the ground plane."""
+    return ClickLifter(
+        site.reconstruction, photos if photos.is_dir() else None, surface_path=site.run_dir / "surface.ply"
+    )
+
+
 def plan(
     run_dir: Path,
     design_path: Path,
@@ -135,6 +144,8 @@ def plan(
         vs,
         scale_sigma_rel=float(site.info.get("scale_sigma_rel", 0.0)),
         ground=site.info.get("ground_plane", {}).get("plane", FLAT_GROUND),
+        ground_found=bool(site.info.get("ground_plane", {}).get("found", True)),
+        lifter=_click_lifter(site, images_dir or site.images_dir),
     )
     meshes = placed_meshes(design, placement)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -215,6 +226,7 @@ def plan(
         "drawings": {"plan.svg": f"1:{scale_top}", "elevation.svg": f"1:{scale_elev}", "plan.dxf": "metres"},
         "dimensions": [m.to_json() for m in measures],
         "montages": montages,
+        "placement_image": spec.image,
         "occlusion": "dense site surface" if surface else "none (no dense surface)",
         "timings": {k: round(v, 3) for k, v in timings.items()},
     }

@@ -24,6 +24,7 @@ from reconstruct.dense import DenseConfig, dense_surface, load_surface, transfor
 from reconstruct.errors import ReconstructionError
 from reconstruct.geometry import views
 from reconstruct.orient import Orientation, camera_up, orient
+from reconstruct.poses import check_poses
 from reconstruct.reference import ScaleReference, check_reference
 from reconstruct.scale import estimate_scale
 from reconstruct.sfm import SfmConfig, run_sfm
@@ -162,10 +163,19 @@ def _build(
     timings = dict(sfm.timings)
 
     t0 = time.perf_counter()
+    poses = check_poses(rec)
+    registered = [n for n in sfm.registered if n not in {e["image"] for e in poses.excluded}]
+    if len(registered) < cfg.min_photos:
+        raise ReconstructionError(
+            f"only {len(registered)} photos agree on the site's geometry; at least {cfg.min_photos} are needed"
+        )
+    timings["pose_check_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
     scale = estimate_scale(rec, reference, image_dir=image_dir)
     rec.transform(pycolmap.Sim3d(scale.scale, pycolmap.Rotation3d(np.eye(3)), np.zeros(3)))
     pts = np.array([p.xyz for p in rec.points3D.values()])
-    vs = [views(rec)[n] for n in sfm.registered]
+    vs = [views(rec)[n] for n in registered]
     vertical = vertical_from_lines(image_dir, vs, camera_up(vs))
     ori = orient(pts, vs, vertical=vertical)
     rec.transform(pycolmap.Sim3d(1.0, pycolmap.Rotation3d(ori.R), ori.t))
@@ -178,7 +188,8 @@ def _build(
         t0 = time.perf_counter()
         dense_info.update(dense_surface(rec, image_dir, surface_path, dense_cfg))
         timings["dense_s"] = time.perf_counter() - t0
-        ori = _refine_with_surface(rec, surface_path, sfm.registered, ori)
+        ori = _refine_with_surface(rec, surface_path, registered, ori)
+    scale_warnings = list(scale.warnings) + plausible_heights(rec, registered, ori.ground)
 
     (stage / "model").mkdir()
     rec.write_text(str(stage / "model"))
@@ -188,14 +199,15 @@ def _build(
         "pipeline_version": PIPELINE_VERSION,
         "units": "metres",
         "up": "+Z",
-        "scale": scale.to_json(),
+        "scale": {**scale.to_json(), "warnings": scale_warnings},
         "scale_source": scale.source,
         "scale_sigma_rel": scale.sigma_rel,
         "ground_plane": ori.ground,
         "up_source": ori.up_source,
         "facades": ori.facades,
-        "registered_images": sfm.registered,
-        "unregistered_images": sfm.unregistered,
+        "registered_images": registered,
+        "unregistered_images": sfm.unregistered + [e["image"] for e in poses.excluded],
+        "pose_check": poses.to_json(),
         "num_points": int(rec.num_points3D()),
         "mean_reprojection_error_px": round(float(rec.compute_mean_reprojection_error()), 4),
         "choices": sfm.choices,
@@ -210,10 +222,36 @@ def _build(
         "site: scale %.5f m/unit (+-%.2f %%), %d photos, ground found: %s",
         scale.scale,
         100 * scale.sigma_rel,
-        len(sfm.registered),
+        len(registered),
         ori.ground["found"],
     )
     return Site(run_dir, rec, info)
+
+
+# People hold a phone between about these heights above the ground they stand on.
+PLAUSIBLE_CAMERA_HEIGHT_M = (0.7, 2.6)
+
+
+def plausible_heights(rec: pycolmap.Reconstruction, registered: list[str], ground: dict[str, Any]) -> list[str]:
+    """With the ground found, the scale implies how high the photos were taken: a check on a
+    single reference that nothing else can give. A median height a person with a phone cannot
+    reach means the reference length (or its clicks) is wrong."""
+    if not ground.get("found"):
+        return []
+    vs = views(rec)
+    n = np.asarray(ground.get("plane", [0.0, 0.0, 1.0, 0.0])[:3], float)
+    d = float(ground.get("plane", [0.0, 0.0, 1.0, 0.0])[3])
+    heights = [float(vs[name].centre @ n - d) for name in registered if name in vs]
+    if len(heights) < 3:
+        return []
+    h = float(np.median(heights))
+    lo, hi = PLAUSIBLE_CAMERA_HEIGHT_M
+    if lo <= h <= hi:
+        return []
+    return [
+        f"with this scale the photos were taken {h:.2f} m above the ground (median), where a person holds a phone "
+        f"at {lo}-{hi} m: check the reference length and its clicks"
+    ]
 
 
 def _refine_with_surface(
