@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -128,13 +130,41 @@ def cmd_plan(args: argparse.Namespace) -> int:
     for p in (Path(args.design), Path(args.placement)):
         if not p.is_file():
             raise SystemExit(f"error: {p} does not exist")
-    res = plan(run_dir, Path(args.design), Path(args.placement), out, images_dir=images)
+    with _progress_bar("plan") as tick:
+        res = plan(run_dir, Path(args.design), Path(args.placement), out, images_dir=images, progress=tick)
     info_path = run_dir / "site.json"
     site_info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-    write_report_html(plan_report(site_info, res), out / "report.html")
+    write_report_html(plan_report(site_info, res), out / "report.html", company=args.company)
     made = [m["file"] for m in res["montages"] if "file" in m]
     print(json.dumps({"placement": res["placement"], "montages": made, "drawings": res["drawings"]}, indent=1))
     return 0
+
+
+@contextlib.contextmanager
+def _progress_bar(title: str) -> Iterator[Callable[[str, float], None]]:
+    """A progress bar on stderr (rich) fed with (sub-stage, fraction done); the elapsed time and an
+    ETA come with it. Silent when stderr is not a terminal."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    with Progress(
+        TextColumn("{task.description:<28}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>3.0f}%"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=False,
+        disable=not sys.stderr.isatty(),
+    ) as bar:
+        task = bar.add_task(title, total=1.0)
+
+        def tick(sub: str, fraction: float) -> None:
+            bar.update(task, completed=max(0.0, min(1.0, fraction)), description=f"{title}: {sub}")
+
+        yield tick
+        bar.update(task, completed=1.0, description=f"{title}: done")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -600,6 +630,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plan", help="merge a design into the site: drawings, 3D plan, montages")
     pl.add_argument("run_dir")
+    pl.add_argument("--company", default="", help="the designer's business name, shown on the report")
     pl.add_argument("--design", required=True)
     pl.add_argument("--placement", required=True)
     pl.add_argument("--out", required=True)

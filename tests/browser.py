@@ -20,6 +20,9 @@ def open_page(page: Path, work: Path, *, shot: Path | None = None) -> tuple[list
             "--enable-unsafe-swiftshader",
             "--no-first-run",
             "--disable-background-networking",
+            # The network is off: no proxy answers and no host name resolves.
+            "--proxy-server=127.0.0.1:9",
+            "--host-resolver-rules=MAP * ~NOTFOUND",
             "--disable-component-update",
             "--disable-sync",
             f"--user-data-dir={work / 'chromium'}",
