@@ -165,8 +165,21 @@ class PhotoPublic(BaseModel):
     length: int
     faces_blurred: int
     plates_blurred: int
-    width: int | None
-    height: int | None
+    width: int | None = Field(description="Width of the anonymised, upright JPEG.")
+    height: int | None = Field(description="Height of the anonymised, upright JPEG.")
+    uploaded_width: int | None = Field(
+        default=None,
+        description="Width of the photo as uploaded, before orientation: the frame a reference's and a "
+        "placement's pixels are given in (for a HEIC, after its clean-aperture crop).",
+    )
+    uploaded_height: int | None = Field(default=None, description="Height of the photo as uploaded.")
+    uploaded_orientation: int | None = Field(
+        default=None,
+        ge=1,
+        le=8,
+        description="The EXIF orientation (1-8) that turns the uploaded frame upright: the EXIF tag of a JPEG, "
+        "or a HEIC's irot/imir boxes (whatever its EXIF tag says).",
+    )
     sha256: str | None = Field(description="SHA-256 of the anonymised JPEG.")
     error: str | None
     created_at: datetime

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import io
 import logging
+import struct
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -179,6 +181,116 @@ def _orientation_applied(im: Image.Image, orientation: int) -> bool:
         return False
 
 
+def _boxes(data: bytes, start: int, end: int) -> Iterator[tuple[str, int, int]]:
+    """ISO base media file format boxes in ``data[start:end]``: (type, payload start, end)."""
+    i = start
+    while i + 8 <= end:
+        size, typ = struct.unpack_from(">I4s", data, i)
+        hdr = 8
+        if size == 1:
+            if i + 16 > end:
+                return
+            size, hdr = struct.unpack_from(">Q", data, i + 8)[0], 16
+        elif size == 0:
+            size = end - i
+        if size < hdr or i + size > end:
+            return
+        yield typ.decode("latin-1"), i + hdr, i + size
+        i += size
+
+
+def heif_transforms(data: bytes) -> list[tuple[str, int]]:
+    """The primary image's transformative properties in the order they apply: ``("irot", a)``
+    (a quarter turns anticlockwise), ``("imir", m)`` (libheif's reading: 0 flips top to bottom,
+    1 left to right) and ``("clap", 0)`` (a clean-aperture crop). Raises ``ValueError`` (or
+    ``struct.error``) on a malformed box structure."""
+    top = {t: (s, e) for t, s, e in _boxes(data, 0, len(data))}
+    ms, me = top["meta"]
+    meta = {t: (s, e) for t, s, e in _boxes(data, ms + 4, me)}  # meta is a full box
+    ps, _ = meta["pitm"]
+    primary = struct.unpack_from(">H" if data[ps] == 0 else ">I", data, ps + 4)[0]
+    iprp = {t: (s, e) for t, s, e in _boxes(data, *meta["iprp"])}
+    props = list(_boxes(data, *iprp["ipco"]))
+    s, e = iprp["ipma"]
+    version, flags = data[s], int.from_bytes(data[s + 1 : s + 4], "big")
+    i = s + 4
+    (entries,) = struct.unpack_from(">I", data, i)
+    i += 4
+    chosen: list[int] = []
+    for _ in range(entries):
+        if i >= e:
+            raise ValueError("truncated ipma")
+        if version < 1:
+            (item,) = struct.unpack_from(">H", data, i)
+            i += 2
+        else:
+            (item,) = struct.unpack_from(">I", data, i)
+            i += 4
+        count = data[i]
+        i += 1
+        idx = []
+        for _ in range(count):
+            if flags & 1:
+                idx.append(struct.unpack_from(">H", data, i)[0] & 0x7FFF)
+                i += 2
+            else:
+                idx.append(data[i] & 0x7F)
+                i += 1
+        if item == primary:
+            chosen = idx
+    steps: list[tuple[str, int]] = []
+    for k in chosen:
+        if not 1 <= k <= len(props):
+            continue
+        typ, start, _ = props[k - 1]
+        if typ == "irot":
+            steps.append(("irot", data[start] & 3))
+        elif typ == "imir":
+            steps.append(("imir", data[start] & 1))
+        elif typ == "clap":
+            steps.append(("clap", 0))
+    return steps
+
+
+def _orientation_of(steps: list[tuple[str, int]]) -> int:
+    """The EXIF orientation (1-8) that turns and mirrors as ``steps`` do (crops aside): each of
+    the eight is one element of the square's symmetry group, so any sequence is one of them."""
+    probe = np.arange(6, dtype=np.uint8).reshape(2, 3)
+    out = probe
+    for name, v in steps:
+        if name == "irot":
+            out = np.rot90(out, v)
+        elif name == "imir":
+            out = out[::-1, :] if v == 0 else out[:, ::-1]
+    for k in range(1, 9):
+        im = Image.fromarray(probe)
+        im.getexif()[_EXIF_ORIENTATION] = k
+        if np.array_equal(np.asarray(ImageOps.exif_transpose(im)), out):
+            return k
+    return 1  # unreachable: the eight cover the group
+
+
+def _heif_frame(data: bytes, decoded: tuple[int, int], notes: list[str]) -> tuple[int, tuple[int, int]]:
+    """The transform libheif applied to a HEIF/AVIF image, as (orientation, uploaded size).
+
+    libheif turns and mirrors the image as its ``irot``/``imir`` boxes say (and crops it to its
+    clean aperture), and pillow-heif then sets the EXIF orientation to 1, so the EXIF tag says
+    nothing about what was done: an iPhone photo stored 4032 x 3024 with a quarter turn was
+    recorded as orientation 1 of a 3024 x 4032 photo, and points given in the photo as uploaded
+    were read as if it were upright. The uploaded frame is the image after its clean-aperture
+    crop (the codec's padding, which no viewer shows) and before turning and mirroring."""
+    try:
+        steps = heif_transforms(data)
+    except (KeyError, ValueError, IndexError, struct.error):
+        notes.append("HEIF orientation boxes unreadable; the decoded image is taken as uploaded")
+        return 1, decoded
+    if any(n == "clap" for n, _ in steps) and next(n for n, _ in steps) != "clap":
+        notes.append("HEIF crop after a turn: the uploaded frame is taken as the decoded image turned back")
+    k = _orientation_of(steps)
+    w, h = decoded
+    return k, ((h, w) if k in (5, 6, 7, 8) else (w, h))
+
+
 def decode(data: bytes, *, max_pixels: int) -> Decoded:
     """Decode ``data`` into oriented sRGB pixels, or raise :class:`InvalidImage`."""
     if not data:
@@ -217,8 +329,13 @@ def decode(data: bytes, *, max_pixels: int) -> Decoded:
                 _refuse_raw(im)
             segments = [(str(m), bytes(b[:16])) for m, b in getattr(im, "applist", [])]
             im.load()
-            turned = orientation != 1 and _orientation_applied(im, orientation)
-            if turned and orientation in (5, 6, 7, 8):
+            if fmt == "HEIF":
+                # libheif applied the HEIF transforms while decoding; the EXIF tag is reset to 1.
+                orientation, (w, h) = _heif_frame(data, im.size, notes)
+                turned = True
+            else:
+                turned = orientation != 1 and _orientation_applied(im, orientation)
+            if fmt != "HEIF" and turned and orientation in (5, 6, 7, 8):
                 w, h = h, w  # Pillow reported the turned size: keep the size as stored
             im = _to_srgb(im, notes)
             if orientation != 1 and not turned:
