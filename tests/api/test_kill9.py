@@ -9,6 +9,7 @@ processes go with it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -56,22 +57,14 @@ class Srv:
             kids = psutil.Process(self.proc.pid).children(recursive=True)
         except psutil.NoSuchProcess:
             kids = []
-        with _suppress():
+        with contextlib.suppress(ProcessLookupError, psutil.NoSuchProcess):
             os.killpg(self.proc.pid, signal.SIGKILL)
         for k in kids:  # any that left the group (Ray daemons start sessions of their own)
-            with _suppress():
+            with contextlib.suppress(ProcessLookupError, psutil.NoSuchProcess):
                 k.kill()
         self.proc.wait(30)
         psutil.wait_procs(kids, timeout=30)
         self.out.close()
-
-
-class _suppress:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> bool:
-        return exc[0] is not None and issubclass(exc[0], ProcessLookupError | psutil.NoSuchProcess)  # type: ignore[arg-type]
 
 
 def _db(data: Path) -> sqlite3.Connection:
@@ -249,7 +242,5 @@ def test_kill9_during_uploads_anonymisation_and_a_job(tmp_path: Path) -> None:
 
 
 def _swallow(fn, *args):  # type: ignore[no-untyped-def]
-    try:
+    with contextlib.suppress(httpx.TransportError, AssertionError):  # the server was killed under it
         fn(*args)
-    except (httpx.TransportError, AssertionError):
-        pass  # the server was killed under it
