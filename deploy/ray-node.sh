@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Start this host's Ray node for Siteplan: `ray-node.sh head [RAY START ARGS]` or
-# `ray-node.sh worker HEAD_IP:6379 [RAY START ARGS]` (extra arguments go to `ray start` as they are).
+# Start this host's Ray node for Siteplan: `ray-node.sh head`, `ray-node.sh worker HEAD_IP:6379` or
+# `ray-node.sh driver HEAD_IP:6379`, each with optional extra `ray start` arguments.
 # The one place a node's `ray start` line is written: deploy/ray-cluster*.yaml call it, the
 # container images call it, and tests/workers/test_cluster_processes.py starts its nodes with it.
 #
@@ -9,24 +9,27 @@
 #   GPU worker  --num-gpus=N (N GPUs found by nvidia-smi, or SITEPLAN_NODE_GPUS): the
 #               GPU-capable stages (faces, PatchMatch, rendering) land here.
 #   CPU worker  siteplan_cpu=<CPUs> and one siteplan_batch slot: the CPU stages land here.
+#   driver      --num-cpus=0 --num-gpus=0: a host that runs `siteplan serve` (or reprocess) and no
+#               stage; a Ray driver needs a raylet of its own host (an API pod, a second API host).
 # Token auth is always on: the token is read from RAY_AUTH_TOKEN or from the file
 # RAY_AUTH_TOKEN_PATH (default /etc/siteplan/ray-token); without one the node is not started.
 #
 # Settings (environment): SITEPLAN_HOME (project checkout, default: this script's parent),
 # SITEPLAN_RAY_TEMP (Ray's temp, plasma fallback and spill dir, default /srv/siteplan/ray: local
 # disk, not the shared data folder), SITEPLAN_NODE_IP (the private address to bind and announce),
-# SITEPLAN_NODE_GPUS, SITEPLAN_NODE_CPUS, SITEPLAN_RAY_PORT (6379), SITEPLAN_RAY_CLIENT_PORT
-# (10001), SITEPLAN_NODE_BLOCK=1 (stay in the foreground: containers).
+# SITEPLAN_NODE_GPUS, SITEPLAN_NODE_CPUS, SITEPLAN_RAY_PORT (6379),
+# SITEPLAN_NODE_BLOCK=1 (stay in the foreground: containers).
+# No Ray Client server is started (port 10001): drivers join as `driver` nodes instead.
 set -euo pipefail
 
 role=${1:-}
 case "$role" in
   head) shift ;;
-  worker)
+  worker|driver)
     head_address=${2:-}
-    if [ -z "$head_address" ]; then echo "ray-node.sh worker needs the head's HOST:PORT" >&2; exit 2; fi
+    if [ -z "$head_address" ]; then echo "ray-node.sh $role needs the head's HOST:PORT" >&2; exit 2; fi
     shift 2 ;;
-  *) echo "usage: ray-node.sh head | ray-node.sh worker HEAD_HOST:PORT" >&2; exit 2 ;;
+  *) echo "usage: ray-node.sh head | ray-node.sh worker|driver HEAD_HOST:PORT" >&2; exit 2 ;;
 esac
 
 home=${SITEPLAN_HOME:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
@@ -62,8 +65,9 @@ if [ "$role" = head ]; then
   # `ray stop` + the tmpfiles rule in docs/operations.md), never to /tmp.
   spill="{\"object_spilling_config\": \"{\\\"type\\\": \\\"filesystem\\\", \\\"params\\\": {\\\"directory_path\\\": \\\"$temp/spill\\\"}}\"}"
   args+=(--head "--port=${SITEPLAN_RAY_PORT:-6379}" --num-cpus=0
-    "--ray-client-server-port=${SITEPLAN_RAY_CLIENT_PORT:-10001}"
     "--dashboard-host=${SITEPLAN_NODE_IP:-127.0.0.1}" "--system-config=$spill")
+elif [ "$role" = driver ]; then
+  args+=("--address=$head_address" --num-cpus=0 --num-gpus=0)
 elif [ "$gpus" -gt 0 ]; then
   args+=("--address=$head_address" "--num-cpus=$cpus" "--num-gpus=$gpus")
 else

@@ -195,13 +195,15 @@ def test_api_deployment_and_service(core: list[dict[str, Any]], raycluster: dict
     (cm,) = by_kind(core, "ConfigMap")
     pod = api["spec"]["template"]
     c = pod["spec"]["containers"][0]
-    assert c["args"][:2] == ["siteplan", "serve"]
+    (line,) = c["args"]
+    assert c["command"] == ["bash", "-c"]
+    assert line.startswith('/opt/siteplan/deploy/ray-node.sh driver "$SITEPLAN_RAY_ADDRESS" && exec siteplan serve')
     assert svc["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
     port = next(p for p in c["ports"] if p["name"] == svc["spec"]["ports"][0]["targetPort"])
     assert str(port["containerPort"]) == cm["data"]["SITEPLAN_PORT"]
     assert cm["data"]["SITEPLAN_HOST"] == "0.0.0.0"
     assert svc["spec"]["type"] == "ClusterIP" and raycluster["spec"]["headGroupSpec"]["serviceType"] == "ClusterIP"
-    assert cm["data"]["SITEPLAN_RAY_ADDRESS"] == f"ray://{raycluster['metadata']['name']}-head-svc:10001"
+    assert cm["data"]["SITEPLAN_RAY_ADDRESS"] == f"{raycluster['metadata']['name']}-head-svc:6379"
     assert c["readinessProbe"]["httpGet"]["path"] == "/v1/health"
 
 

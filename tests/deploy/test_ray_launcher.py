@@ -149,6 +149,12 @@ def test_cpu_host_declares_siteplan_cpu(tmp_path: Path) -> None:
     assert json.loads(p["resources"]) == {"siteplan_cpu": 16, "siteplan_batch": 1}
 
 
+def test_driver_host_joins_with_nothing_to_run_stages(tmp_path: Path) -> None:
+    p = parsed_start(ray_node(tmp_path, "driver", "siteplan-head-svc:6379", gpus=1))
+    assert p["address"] == "siteplan-head-svc:6379" and p["num_cpus"] == 0 and p["num_gpus"] == 0
+    assert p["resources"] in (None, "{}") and not p["head"]
+
+
 def test_a_node_without_a_token_is_not_started(tmp_path: Path) -> None:
     proc = ray_node(tmp_path, "worker", "10.0.0.10:6379", token=False, RAY_AUTH_TOKEN_PATH=str(tmp_path / "none"))
     assert proc.returncode == 2 and proc.stdout == ""
