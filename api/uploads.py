@@ -8,22 +8,36 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import UTC
 from email.utils import formatdate
 from pathlib import Path
+from typing import Any, TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.errors import ApiError, not_found
 from api.services import Services
-from privacy.vault import UploadStaging, VaultError, discard_upload, file_lock, upload_lock_path, upload_staging
-from siteplan.db import Photo, tenant_session
+from privacy.lifecycle import ContractBusy, contract_lock
+from privacy.vault import (
+    UploadAppender,
+    UploadStaging,
+    VaultError,
+    contract_lock_path,
+    discard_upload,
+    file_lock,
+    shred_upload_dir,
+    upload_lock_path,
+    upload_staging,
+)
+from siteplan.db import Contract, Photo, tenant_session
+from siteplan.paths import lifecycle_paths
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -74,10 +88,67 @@ def drop_upload(db: Session, svc: Services, p: Photo, *, wait_s: float = 1.0) ->
         fresh = reread(db, p.id)
         if fresh.state != "uploading":
             raise ApiError(409, "conflict", "this upload has just completed; delete the photo instead")
-        staging_of(svc, fresh).discard()
+        shred_upload_dir(svc.settings.uploads_dir, fresh.contract_id, fresh.id)  # no key needed
         db.delete(fresh)
         db.commit()
         lock_path(svc, fresh).unlink(missing_ok=True)
+
+
+class UploadGone(ApiError):
+    """The upload was deleted (its client erased, its contract ended, or the upload itself)
+    while a request was writing it: nothing more is written, 410."""
+
+    def __init__(self) -> None:
+        super().__init__(410, "gone", "this upload no longer exists (deleted, or its client's data was erased)")
+
+
+def _still_open(svc: Services, tenant_id: str, upload_id: str) -> bool:
+    with tenant_session(svc.factory, tenant_id) as db:
+        p = db.get(Photo, upload_id)
+        if p is None or p.state != "uploading":
+            return False
+        c = db.get(Contract, p.contract_id)
+        return c is not None and c.state == "active"
+
+
+@contextmanager
+def writing(svc: Services, tenant_id: str, p: Upload | Photo, *, wait_s: float = 30.0) -> Iterator[None]:
+    """Each write of a PATCH (a batch of chunks, the tail, the publish) holds the contract's data
+    lock shared and re-reads the upload's row under it: once a termination or an erasure (which
+    hold it exclusive) has deleted the upload, nothing is written any more (UploadGone, 410), so
+    no staging directory or sealed tail is made again. Lock order: contract lock, then the
+    upload's lock (held by the caller), then the database."""
+    path = contract_lock_path(lifecycle_paths(svc.settings).lock_dir, p.contract_id)
+    with ExitStack() as held:
+        try:
+            held.enter_context(file_lock(path, exclusive=False, wait_s=0.0))
+        except TimeoutError:
+            # A termination (long) or an erasure (short) holds it: a gone upload says so at once.
+            if not _still_open(svc, tenant_id, p.id):
+                raise UploadGone() from None
+            try:
+                held.enter_context(file_lock(path, exclusive=False, wait_s=wait_s, poll_s=0.05))
+            except TimeoutError:
+                raise ApiError(409, "upload_busy", "the contract's data is being changed; retry shortly") from None
+        if not _still_open(svc, tenant_id, p.id):
+            raise UploadGone()
+        yield
+
+
+def write_guarded(svc: Services, tenant_id: str, p: Upload, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` under :func:`writing` (for run_in_threadpool)."""
+    with writing(svc, tenant_id, p):
+        return fn(*args)
+
+
+def close_guarded(svc: Services, tenant_id: str, p: Upload, app: UploadAppender, last: bool) -> None:
+    """End a request's appending; if the upload is gone, close the file without writing the tail."""
+    try:
+        with writing(svc, tenant_id, p):
+            app.close(last=last)
+    except UploadGone:
+        app.abandon()
+        raise
 
 
 def expires(svc: Services, last_activity: float) -> str:
@@ -112,9 +183,10 @@ def expire_uploads(svc: Services) -> int:
             if fresh is None:
                 continue
             try:
-                drop_upload(db, svc, fresh, wait_s=0.0)
+                with contract_lock(lifecycle_paths(svc.settings), fresh.contract_id, wait_s=0.0):
+                    drop_upload(db, svc, fresh, wait_s=0.0)
                 gone += 1
-            except ApiError:  # busy, or completed meanwhile
+            except (ApiError, ContractBusy):  # busy, or completed meanwhile: the next sweep
                 continue
     gone += _sweep_orphans(svc)
     if gone:
@@ -136,17 +208,34 @@ def _sweep_orphans(svc: Services) -> int:
         live = set(db.scalars(select(Photo.id).where(Photo.state == "uploading")))
     cutoff = time.time() - ORPHAN_AGE_S
     gone = 0
+    paths = lifecycle_paths(svc.settings)
     for contract_dir in (d for d in root.iterdir() if d.is_dir()):
-        for entry in list(contract_dir.iterdir()):
-            pid = entry.name[1:-5] if entry.name.startswith(".") and entry.name.endswith(".lock") else entry.name
-            try:
-                if pid in live or entry.stat().st_mtime > cutoff:
-                    continue
-                if entry.is_dir():
-                    discard_upload(root, svc.vault, contract_dir.name, pid)
-                    gone += 1
-                else:
-                    entry.unlink(missing_ok=True)
-            except (OSError, VaultError):  # a name that is no upload id: not ours to touch
+        try:
+            # Under the contract's lock (never beside a termination or an erasure). What is
+            # found is shredded without its key: an ended contract's key is destroyed, and a
+            # left-over tail is ciphertext all the same.
+            with contract_lock(paths, contract_dir.name, wait_s=0.0):
+                gone += _sweep_contract_dir(svc, contract_dir, live, cutoff)
+        except (ContractBusy, VaultError):  # busy: the next sweep; a name that is no id: not ours
+            continue
+    return gone
+
+
+def _sweep_contract_dir(svc: Services, contract_dir: Path, live: set[str], cutoff: float) -> int:
+    root = svc.settings.uploads_dir
+    gone = 0
+    for entry in list(contract_dir.iterdir()):
+        pid = entry.name[1:-5] if entry.name.startswith(".") and entry.name.endswith(".lock") else entry.name
+        try:
+            if pid in live or entry.stat().st_mtime > cutoff:
                 continue
+            if entry.is_dir():
+                discard_upload(root, svc.vault, contract_dir.name, pid)
+                gone += 1
+            else:
+                entry.unlink(missing_ok=True)
+        except (OSError, VaultError):  # a name that is no upload id: not ours to touch
+            continue
+    with contextlib.suppress(OSError):
+        contract_dir.rmdir()  # empty now: an ended contract leaves no folder
     return gone

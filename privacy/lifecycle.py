@@ -49,7 +49,7 @@ from privacy import register, signing
 from privacy.fields import design_descriptor, open_reference
 from privacy.rights import delete_contract_rows
 from privacy.subjects import open_subject
-from privacy.vault import Vault, file_lock, shred_file
+from privacy.vault import Vault, contract_lock_path, file_lock, shred_file
 from siteplan.db import (
     BillingRecord,
     Certificate,
@@ -72,6 +72,38 @@ BILLING_RETENTION = timedelta(days=7 * 365 + 2)  # 7 years (P10), leap days incl
 
 class TerminationError(RuntimeError):
     """Termination cannot proceed as asked (the message says why)."""
+
+
+class ContractBusy(TerminationError):
+    """Another termination or erasure of this contract holds its lock: nothing was done."""
+
+
+# How long termination and erasure wait for the contract's lock: an upload holds it (shared) only
+# while it writes one batch, so this is a wait for a few writes, never for a whole upload.
+CONTRACT_LOCK_WAIT_S = 30.0
+
+
+@contextlib.contextmanager
+def contract_lock(paths: Paths, contract_id: str, *, wait_s: float = CONTRACT_LOCK_WAIT_S) -> Iterator[None]:
+    """The contract's data lock, exclusive: termination, erasure and the sweeps. ContractBusy
+    when it cannot be had within ``wait_s``."""
+    try:
+        with file_lock(contract_lock_path(paths.lock_dir, contract_id), exclusive=True, wait_s=wait_s, poll_s=0.05):
+            yield
+    except TimeoutError:
+        raise ContractBusy("another termination, erasure or sweep of this contract is running; retry shortly") from None
+
+
+@contextlib.contextmanager
+def termination_lock(paths: Paths, contract_id: str) -> Iterator[None]:
+    """One termination of a contract at a time: a second one (a double click, the API and the
+    CLI) is refused at once with ContractBusy and runs none of the steps."""
+    path = paths.lock_dir / f"terminate-{contract_id}.lock"
+    try:
+        with file_lock(path, exclusive=True, wait_s=0.0):
+            yield
+    except TimeoutError:
+        raise ContractBusy("a termination of this contract is already running; wait for it to finish") from None
 
 
 class InvalidRecipientKey(TerminationError):
@@ -98,6 +130,11 @@ class Paths:
     exports: Path
     certificates: Path
     signing_key: Path
+    locks: Path | None = None  # the per-contract lock files; default: beside the uploads folder
+
+    @property
+    def lock_dir(self) -> Path:
+        return self.locks if self.locks is not None else self.uploads.parent / "locks"
 
 
 def _sha256_file(p: Path) -> str:
@@ -425,7 +462,9 @@ def terminate_contract(
     wait_for_jobs_s: float = 120.0,
     checkpoint: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) a termination; returns the signed certificate."""
+    """Run (or resume) a termination; returns the signed certificate. Takes the contract's
+    termination lock (a second termination: ContractBusy), then its data lock, so no upload,
+    erasure or sweep writes the contract's data while the steps run."""
     if disposition not in DISPOSITIONS:
         raise TerminationError(f"disposition must be one of {', '.join(DISPOSITIONS)}")
     if disposition == "transfer":
@@ -433,7 +472,35 @@ def terminate_contract(
             raise TerminationError("a transfer needs the receiving processor's public key")
         recipient_key(recipient_public_pem)  # a bad key is refused before the contract is frozen
     hook = checkpoint or (lambda _step: None)
+    with factory() as db:
+        if db.get(Contract, contract_id) is None:
+            raise TerminationError("no such contract")
+    with termination_lock(paths, contract_id), contract_lock(paths, contract_id):
+        return _terminate(
+            factory,
+            vault,
+            paths,
+            contract_id=contract_id,
+            disposition=disposition,
+            actor=actor,
+            recipient_public_pem=recipient_public_pem,
+            wait_for_jobs_s=wait_for_jobs_s,
+            hook=hook,
+        )
 
+
+def _terminate(
+    factory: sessionmaker[Session],
+    vault: Vault,
+    paths: Paths,
+    *,
+    contract_id: str,
+    disposition: str,
+    actor: str,
+    recipient_public_pem: bytes | None,
+    wait_for_jobs_s: float,
+    hook: Callable[[str], None],
+) -> dict[str, Any]:
     with factory.begin() as db:
         c = db.get(Contract, contract_id)
         if c is None:
@@ -466,11 +533,19 @@ def terminate_contract(
         with factory.begin() as db:
             projects = select(Project.id).where(Project.contract_id == contract_id)
             jobs = list(db.scalars(select(Job.id).where(Job.project_id.in_(projects))))
-            n = db.execute(
-                update(Job)
-                .where(Job.project_id.in_(projects), Job.state.in_(("queued", "running")))
-                .values(state="cancelled", error="the contract ended")
-            ).rowcount  # type: ignore[attr-defined]
+            live_jobs = list(
+                db.scalars(select(Job.id).where(Job.project_id.in_(projects), Job.state.in_(("queued", "running"))))
+            )
+            db.execute(update(Job).where(Job.id.in_(live_jobs)).values(state="cancelled", error="the contract ended"))
+            # Which jobs this termination stopped, in the same transaction as stopping them: a
+            # resumed attempt (the first one crashed or timed out) adds to the list, so the
+            # certificate counts what the whole termination did.
+            ct = db.get(Contract, contract_id)
+            assert ct is not None
+            tt = dict(ct.termination or {})
+            tt["cancelled_jobs"] = sorted({*tt.get("cancelled_jobs", []), *live_jobs})
+            ct.termination = tt
+            n = len(tt["cancelled_jobs"])
         # Every job of the contract, not only those running now: a resumed termination (the
         # first run cancelled them) must wait for them too. A cancelled job notices within a
         # second, kills its stage's task and wipes its scratch; a directory no live job holds

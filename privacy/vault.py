@@ -400,15 +400,34 @@ def file_lock(path: Path, *, exclusive: bool, wait_s: float = 0.0, poll_s: float
         os.close(fd)
 
 
+def contract_lock_path(locks_dir: Path, contract_id: str) -> Path:
+    """The contract's data lock (docs/workers.md, "Locks"): shared by each write of an upload
+    (PATCH), exclusive for termination, erasure and the sweeps, across threads and processes."""
+    return locks_dir / f"contract-{_check_id(contract_id)}.lock"
+
+
+def shred_upload_dir(uploads_dir: Path, contract_id: str, upload_id: str) -> int:
+    """Shred what arrived of an unfinished upload without its key (it may be destroyed: the
+    files are ciphertext, overwritten all the same) and its lock file. Returns files shredded."""
+    d = uploads_dir / _check_id(contract_id) / _check_id(upload_id)
+    n = 0
+    if d.is_dir():
+        for p in sorted(d.rglob("*")):
+            if p.is_file() and not p.is_symlink():
+                n += shred_file(p)
+        shutil.rmtree(d, ignore_errors=True)
+    upload_lock_path(uploads_dir, contract_id, upload_id).unlink(missing_ok=True)
+    return n
+
+
 def upload_lock_path(uploads_dir: Path, contract_id: str, upload_id: str) -> Path:
     """The upload's writer lock, beside its staging directory (finishing deletes that one)."""
     return uploads_dir / contract_id / f".{upload_id}.lock"
 
 
 def discard_upload(uploads_dir: Path, vault: Vault, contract_id: str, upload_id: str) -> None:
-    """Shred what arrived of an unfinished upload, and its lock file."""
-    upload_staging(uploads_dir, vault, contract_id, upload_id).discard()
-    upload_lock_path(uploads_dir, contract_id, upload_id).unlink(missing_ok=True)
+    """Shred what arrived of an unfinished upload, and its lock file (no key needed)."""
+    shred_upload_dir(uploads_dir, contract_id, upload_id)
 
 
 class UploadStaging:
@@ -580,6 +599,11 @@ class UploadAppender:
     def write_many(self, pieces: list[bytes]) -> None:
         for piece in pieces:
             self.write(piece)
+
+    def abandon(self) -> None:
+        """Close without writing anything more (the upload was deleted under this request)."""
+        if not self.f.closed:
+            self.f.close()
 
     def close(self, *, last: bool = False) -> None:
         """End this request's appending. ``last``: every declared byte has arrived (and been

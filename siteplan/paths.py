@@ -13,4 +13,5 @@ def lifecycle_paths(settings: Settings) -> Paths:
         exports=settings.root / "exports",
         certificates=settings.root / "certificates",
         signing_key=settings.key_dir / "signing.pem",
+        locks=settings.root / "locks",
     )

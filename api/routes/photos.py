@@ -24,13 +24,25 @@ from api.routes.common import IDEMPOTENCY_HELP, commit_or_conflict, count, finge
 from api.routes.projects import get_project, require_active
 from api.schemas import PhotoList, PhotoPublic
 from api.services import Services
-from api.uploads import Upload, drop_upload, expires, lock_path, locked, reread, staging_of
+from api.uploads import (
+    Upload,
+    UploadGone,
+    close_guarded,
+    drop_upload,
+    expires,
+    lock_path,
+    locked,
+    reread,
+    staging_of,
+    write_guarded,
+    writing,
+)
 from privacy import register
 from privacy.anonymize import AnonymizationPolicy
 from privacy.decode import sniff_format
 from privacy.errors import InvalidImage
 from privacy.isolated import untrusted_size
-from privacy.vault import CHUNK
+from privacy.vault import CHUNK, UploadStaging
 from siteplan.db import Photo, tenant_session
 
 log = logging.getLogger(__name__)
@@ -235,6 +247,16 @@ def _finish_patch(svc: Services, tenant_id: str, upload_id: str, actor: str, **v
         db.commit()
 
 
+def _publish(
+    svc: Services, tenant_id: str, p: Upload, staging: UploadStaging, sealed_last: bool, offset: int, actor: str
+) -> None:
+    """The upload is whole: into the vault and quarantined, under the contract's lock (an
+    erasure or termination either comes before, and this answers 410, or after, and takes it)."""
+    with writing(svc, tenant_id, p):
+        info = staging.publish(offset) if sealed_last else staging.complete()
+        _finish_patch(svc, tenant_id, p.id, actor, original_object=info.object_id, state="quarantined")
+
+
 @router.patch(
     "/uploads/{upload_id}",
     status_code=204,
@@ -307,15 +329,17 @@ async def patch_upload(
                 batch.append(piece)
                 batched += len(piece)
                 if batched >= 4 * CHUNK:
-                    await run_in_threadpool(app.write_many, batch)
+                    await run_in_threadpool(write_guarded, svc, c.tenant_id, p, app.write_many, batch)
                     batch, batched = [], 0
             if batch and refused is None:
-                await run_in_threadpool(app.write_many, batch)
+                await run_in_threadpool(write_guarded, svc, c.tenant_id, p, app.write_many, batch)
                 batch, batched = [], 0
         except ClientDisconnect:
             log.info("upload %s: connection dropped at byte %d; it can resume", p.id[:8], app.offset + batched)
             if batch:
-                await run_in_threadpool(app.write_many, batch)
+                await run_in_threadpool(write_guarded, svc, c.tenant_id, p, app.write_many, batch)
+        except UploadGone:
+            raise  # erased or ended under this request: nothing more is written (finally: no tail)
         except ApiError as exc:
             refused = exc
         finally:
@@ -323,7 +347,7 @@ async def patch_upload(
             # the head, in an earlier one): seal the last chunk in place and publish it below
             # (3 fsyncs instead of 8: no tail file to write, read back and shred).
             whole = refused is None and overflow is None and checked and app.offset == p.length
-            await run_in_threadpool(lambda: app.close(last=whole))
+            await run_in_threadpool(close_guarded, svc, c.tenant_id, p, app, whole)
         offset = app.offset
         if overflow is not None and refused is None:
             raise ApiError(overflow.status, overflow.code, overflow.message, headers={"Upload-Offset": str(offset)})
@@ -344,13 +368,7 @@ async def patch_upload(
             lock_path(svc, p).unlink(missing_ok=True)
             raise refused
         if offset == p.length:
-            if app.sealed_last:
-                info = await run_in_threadpool(staging.publish, offset)
-            else:
-                info = await run_in_threadpool(staging.complete)
-            await run_in_threadpool(
-                _finish_patch, svc, c.tenant_id, p.id, c.token_id, original_object=info.object_id, state="quarantined"
-            )
+            await run_in_threadpool(_publish, svc, c.tenant_id, p, staging, app.sealed_last, offset, c.token_id)
             lock_path(svc, p).unlink(missing_ok=True)  # still held: a waiter reads the new state
             runner = svc.runner
             if runner is not None:

@@ -21,9 +21,11 @@ from api.routes.common import (
 from api.schemas import SubjectCreate, SubjectList, SubjectPublic, SubjectUpdate
 from api.services import Services
 from privacy import register
+from privacy.lifecycle import ContractBusy, contract_lock
 from privacy.rights import erase_subject, export_subject
 from privacy.subjects import SubjectFields, index_key_id, new_subject, query_digests, read_fields, write_fields
 from siteplan.db import Contract, Subject, SubjectToken
+from siteplan.paths import lifecycle_paths
 
 router = APIRouter(prefix="/subjects", tags=["subjects"], responses=ERROR_RESPONSES)
 
@@ -125,8 +127,11 @@ def get_subject(subject_id: str, db: DB, svc: ServicesDep, _: ReadCaller) -> Sub
 
 
 @router.patch("/{subject_id}", response_model=SubjectPublic)
-def patch_subject(subject_id: str, body: SubjectUpdate, db: DB, svc: ServicesDep, c: UploadCaller) -> SubjectPublic:
-    """Rectify a subject's data (P7)."""
+def patch_subject(
+    subject_id: str, body: SubjectUpdate, db: DB, svc: ServicesDep, c: UploadCaller, _: ReadCaller
+) -> SubjectPublic:
+    """Rectify a subject's data (P7). Needs the read scope too: rectifying is changing what one
+    can read."""
     s = _get(db, subject_id)
     old = read_fields(svc.vault.keys, s)
     given = body.model_dump(exclude_unset=True)
@@ -206,18 +211,25 @@ def export(subject_id: str, db: DB, svc: ServicesDep, c: ReadCaller) -> Response
 
 
 @router.delete("/{subject_id}", status_code=204, response_class=Response)
-def erase(subject_id: str, db: DB, svc: ServicesDep, c: UploadCaller) -> Response:
-    """Erasure (P7): the subject, their projects and every photo, design and plan of those."""
+def erase(subject_id: str, db: DB, svc: ServicesDep, c: UploadCaller, _: ReadCaller) -> Response:
+    """Erasure (P7): the subject, their projects and every photo, design and plan of those.
+    Needs the read scope too (an upload-only token cannot see the subject it would erase).
+    Holds the contract's data lock: no upload of the subject's projects writes meanwhile."""
     s = _get(db, subject_id)
-    erase_subject(db, svc.vault, s, svc.settings.uploads_dir)
-    register.record(
-        db,
-        tenant_id=c.tenant_id,
-        actor=c.token_id,
-        action="subject_erased",
-        categories=["subject_identity", "subject_contact", "photos", "derived_media", "site_models"],
-        purpose="erasure (P7)",
-        ref=subject_id,
-    )
-    db.commit()
+    try:
+        with contract_lock(lifecycle_paths(svc.settings), s.contract_id):
+            s = _get(db, subject_id)  # again under the lock: a racing erasure may have won
+            erase_subject(db, svc.vault, s, svc.settings.uploads_dir)
+            register.record(
+                db,
+                tenant_id=c.tenant_id,
+                actor=c.token_id,
+                action="subject_erased",
+                categories=["subject_identity", "subject_contact", "photos", "derived_media", "site_models"],
+                purpose="erasure (P7)",
+                ref=subject_id,
+            )
+            db.commit()
+    except ContractBusy as exc:
+        raise ApiError(409, "busy", str(exc)) from None
     return Response(status_code=204)

@@ -13,6 +13,7 @@ from api.errors import ERROR_RESPONSES, ApiError, not_found
 from api.routes.common import IDEMPOTENCY_HELP, commit_or_conflict, count, fingerprint, remember, replay, set_location
 from api.schemas import ContractCreate, ContractList, ContractPublic, ContractTerminate, TenantPublic
 from privacy.lifecycle import (
+    ContractBusy,
     InvalidRecipientKey,
     TerminationError,
     delete_export,
@@ -114,6 +115,8 @@ def post_terminate(
         )
     except InvalidRecipientKey as exc:
         raise ApiError(422, "invalid", str(exc), field="recipient_public_key") from None
+    except ContractBusy as exc:  # another termination of it is running: it ran none of the steps
+        raise ApiError(409, "termination_running", str(exc)) from None
     except TerminationError as exc:
         raise ApiError(409, "conflict", str(exc)) from None
     db.expire_all()
