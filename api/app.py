@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -113,14 +114,24 @@ class Guard:
     the generic 500; it goes no further, so the server logs no traceback either (Starlette's own
     error middleware re-raises after answering). tus answers carry Tus-Resumable, errors too."""
 
-    def __init__(self, app: ASGIApp, *, routes: Callable[[], list[Any]]) -> None:
-        self.app, self._routes = app, routes
-        self._templates: dict[Any, str] | None = None
+    def __init__(self, app: ASGIApp, *, paths: Callable[[], list[str]]) -> None:
+        self.app, self._paths = app, paths
+        self._templates: list[tuple[re.Pattern[str], str]] | None = None
 
     def _template(self, scope: Scope) -> str:
+        """The template of the route the request matched (``/v1/projects/{project_id}``), from
+        the app's OpenAPI paths. (The endpoint this layer looked up is not in its scope: a layer
+        below copies the scope, and included routers wrap their routes, so every line said '?'.)"""
         if self._templates is None:
-            self._templates = {getattr(r, "endpoint", None): getattr(r, "path", "?") for r in self._routes()}
-        return self._templates.get(scope.get("endpoint"), "?")
+            try:
+                paths = self._paths()
+            except Exception:  # the log line must never fail
+                paths = []
+            self._templates = [
+                (re.compile("^" + re.sub(r"\\{[^/]+?\\}", "[^/]+", re.escape(t)) + "$"), t) for t in paths
+            ]
+        path = scope.get("path", "")
+        return next((t for rx, t in self._templates if rx.match(path)), "?")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -212,7 +223,7 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
         app.include_router(r, prefix="/v1")
     app.include_router(metrics.router)
     app.add_middleware(BodyLimit, json_bytes=settings.max_json_bytes, upload_bytes=settings.max_upload_bytes + 65536)
-    app.add_middleware(Guard, routes=lambda: list(app.routes))  # added last: the outermost of ours
+    app.add_middleware(Guard, paths=lambda: list(app.openapi().get("paths", {})))  # added last: the outermost of ours
     return app
 
 

@@ -71,6 +71,8 @@ def error_response(status: int, code: str, message: str, field: str | None = Non
 
 def _field(loc: tuple[Any, ...] | list[Any]) -> str | None:
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    if loc and loc[0] == "header" and parts:  # as the client writes it: Upload-Length
+        parts = ["-".join(w.capitalize() for w in parts[0].split("-")), *parts[1:]]
     return ".".join(parts) or None
 
 

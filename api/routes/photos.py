@@ -127,7 +127,9 @@ def create_upload(
     db: DB,
     svc: ServicesDep,
     c: UploadCaller,
-    upload_length: Annotated[int, Header(ge=1, description="The photo's size in bytes.")],
+    upload_length: Annotated[
+        str, Header(pattern=r"^[0-9]{1,19}$", description="The photo's size in bytes (digits only, as tus says).")
+    ],
     tus_resumable: Annotated[str | None, Header()] = None,
     upload_metadata: Annotated[
         str | None, Header(max_length=4096, description="Ignored: file names can be personal data.")
@@ -135,19 +137,25 @@ def create_upload(
     idempotency_key: Annotated[str | None, Header(description=IDEMPOTENCY_HELP)] = None,
 ) -> Response:
     _check_tus(tus_resumable)
+    length = int(upload_length)
+    if length < 1:
+        raise ApiError(422, "invalid", "Upload-Length must be at least 1", field="Upload-Length")
     project = get_project(db, project_id)
-    fp = fingerprint(svc, c.tenant_id, "POST", f"/projects/{project_id}/uploads", {"length": upload_length})
+    fp = fingerprint(svc, c.tenant_id, "POST", f"/projects/{project_id}/uploads", {"length": length})
     if (rec := replay(db, idempotency_key, fp)) is not None:
+        if db.get(Photo, str((rec.body or {}).get("photo_id"))) is None:
+            # The upload this key made was deleted since: its location would lead nowhere.
+            raise ApiError(410, "gone", "the upload this Idempotency-Key created was deleted; use a new key")
         return Response(status_code=rec.status, headers=TUS_HEADERS | {"Location": rec.location or ""})
     require_active(db, project)
-    if upload_length > svc.settings.max_upload_bytes:
+    if length > svc.settings.max_upload_bytes:
         raise ApiError(
             413,
             "too_large",
             f"a photo may be at most {svc.settings.max_upload_bytes // 2**20} MB",
             field="Upload-Length",
         )
-    p = Photo(tenant_id=c.tenant_id, project_id=project.id, contract_id=project.contract_id, length=upload_length)
+    p = Photo(tenant_id=c.tenant_id, project_id=project.id, contract_id=project.contract_id, length=length)
     db.add(p)
     db.flush()
     loc = f"/v1/uploads/{p.id}"
@@ -217,6 +225,17 @@ def _check_pixels(head: bytes, max_pixels: int) -> None:
         )
 
 
+# Exactly the types docs/api.md names (the gate's sniffer also knows GIF and BMP, to name them).
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "TIFF", "HEIF")
+
+
+def accepted_format(head: bytes) -> str:
+    fmt = sniff_format(head)
+    if fmt not in ACCEPTED_FORMATS:
+        raise InvalidImage("unsupported_type", "not a supported image type (JPEG, PNG, WebP, TIFF, HEIC/HEIF)")
+    return fmt
+
+
 def _begin_patch(svc: Services, tenant_id: str, upload_id: str) -> Upload:
     # A short session of its own: no DB connection is held while the body streams in.
     with tenant_session(svc.factory, tenant_id) as db:
@@ -276,7 +295,7 @@ async def patch_upload(
     request: Request,
     svc: ServicesDep,
     c: UploadCaller,
-    upload_offset: Annotated[int, Header(ge=0)],
+    upload_offset: Annotated[str, Header(pattern=r"^[0-9]{1,19}$", description="Digits only, as tus says.")],
     content_type: Annotated[str | None, Header()] = None,
     content_length: Annotated[int | None, Header(ge=0)] = None,
     tus_resumable: Annotated[str | None, Header()] = None,
@@ -291,7 +310,7 @@ async def patch_upload(
         p = await run_in_threadpool(_begin_patch, svc, c.tenant_id, upload_id)
         staging = staging_of(svc, p)
         start = await run_in_threadpool(staging.offset)
-        if upload_offset != start:
+        if int(upload_offset) != start:
             raise ApiError(
                 409,
                 "offset_mismatch",
@@ -315,7 +334,7 @@ async def patch_upload(
                     head += piece[: _HEAD_BYTES - len(head)]
                     if len(head) >= sniff_at and start == 0 and len(head) - len(piece) < sniff_at:
                         try:
-                            sniff_format(bytes(head))
+                            accepted_format(bytes(head))
                         except InvalidImage as exc:
                             refused = ApiError(415, "unsupported_type", str(exc))
                             break
@@ -354,7 +373,7 @@ async def patch_upload(
         if refused is None and head is None and not checked and offset >= min(_HEAD_BYTES, p.length):
             first = await run_in_threadpool(staging.head, _HEAD_BYTES)
             try:
-                sniff_format(first)
+                accepted_format(first)
                 _check_pixels(first, max_pixels)
             except InvalidImage as exc:
                 refused = ApiError(415, "unsupported_type", str(exc))
