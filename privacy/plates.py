@@ -56,6 +56,9 @@ class PlateConfig:
     min_aspect: float = 1.8
     max_aspect: float = 7.5
     min_glyphs: int = 4  # separate glyph-shaped dark blobs
+    # The character-row cue (MSER): glyph heights at work_side, and MSER's stability step.
+    row_glyph_px: tuple[int, int] = (8, 80)
+    mser_delta: int = 5
 
 
 def _local_otsu(g8: np.ndarray, tile: int, floor_share: float) -> np.ndarray:
@@ -125,8 +128,77 @@ class ClassicalPlateDetector:
                     if self._plate_colours(rgb, full):
                         boxes.append(full)
             src, src_s = gray, s
+        # A second, independent cue on the coarsest image (the work size): rows of character
+        # regions (MSER), each row checked by the same glyph test. It finds the US 2:1 plates
+        # whose glyph row the morphology above does not make into one blob (busy backgrounds,
+        # a state name or a logo between the glyphs, thin strokes) and plates of any colour.
+        for b in self._character_rows(src):
+            boxes.append(Box(b.x / src_s, b.y / src_s, b.w / src_s, b.h / src_s, b.score))
         del src, gray
         return nms(boxes, 0.2)
+
+    def _character_rows(self, gray: np.ndarray) -> list[Box]:
+        """Plates found as a row of at least ``min_glyphs`` MSER regions of a glyph's shape that
+        share a height, a top and a baseline and stand side by side, each row passing
+        :meth:`_glyph_score`; the box covers the plate around the row (a US plate's glyphs are
+        about half its height)."""
+        cfg = self.config
+        hh, ww = gray.shape
+        lo, hi = cfg.row_glyph_px
+        mser = cv2.MSER_create(delta=cfg.mser_delta, min_area=max(12, lo * lo // 6), max_area=hi * hi)
+        regions, bbs = mser.detectRegions(gray)
+        if len(bbs) < cfg.min_glyphs:
+            return []
+        x, y, w, h = np.asarray(bbs, float).T
+        area = np.array([len(r) for r in regions], float)
+        keep = (h >= lo) & (h <= hi) & (w >= 0.1 * h) & (w <= h) & (area >= 0.15 * w * h) & (area <= 0.9 * w * h)
+        order = np.lexsort((-h[keep], x[keep]))
+        x, y, w, h = (a[keep][order] for a in (x, y, w, h))
+        n = len(x)
+        cx, bot = x + w / 2, y + h
+        parent = list(range(n))
+
+        def root(i: int) -> int:
+            while parent[i] != i:
+                parent[i] = parent[parent[i]]
+                i = parent[i]
+            return i
+
+        for i in range(n):
+            for j in range(i + 1, n):
+                if cx[j] - cx[i] > 1.6 * h[i]:
+                    break  # sorted by x: nothing further can be a neighbour
+                if (
+                    abs(h[j] - h[i]) > 0.2 * max(h[i], h[j])
+                    or abs(bot[j] - bot[i]) > 0.2 * h[i]
+                    or abs(y[j] - y[i]) > 0.2 * h[i]
+                    or cx[j] - cx[i] < 0.25 * h[i]  # the same glyph again (MSER nests regions)
+                ):
+                    continue
+                parent[root(j)] = root(i)
+        groups: dict[int, list[int]] = {}
+        for i in range(n):
+            groups.setdefault(root(i), []).append(i)
+        out: list[Box] = []
+        for members in groups.values():
+            if len(members) < cfg.min_glyphs:
+                continue
+            g = np.array(members)
+            hm = float(np.median(h[g]))
+            glyphs = 1 + int(np.sum(np.diff(np.sort(cx[g])) >= 0.25 * hm))
+            x0, x1 = float(x[g].min()), float((x[g] + w[g]).max())
+            y0, y1 = float(np.median(y[g])), float(np.median(bot[g]))
+            if not cfg.min_glyphs <= glyphs <= 12 or not 1.5 * hm <= x1 - x0 <= 12 * hm or y1 <= y0:
+                continue
+            py, px = max(2, round((y1 - y0) / 3)), max(2, round((x1 - x0) / 10))
+            patch = gray[max(0, round(y0) - py) : round(y1) + py, max(0, round(x0) - px) : round(x1) + px]
+            score = self._glyph_score(patch)
+            if score <= 0:
+                continue
+            bx0, by0 = max(0.0, x0 - 0.3 * hm), max(0.0, y0 - 0.6 * hm)
+            bx1, by1 = min(float(ww), x1 + 0.3 * hm), min(float(hh), y1 + 0.6 * hm)
+            out.append(Box(bx0, by0, bx1 - bx0, by1 - by0, score))
+        return out
 
     @staticmethod
     def _plate_colours(rgb: np.ndarray, box: Box) -> bool:

@@ -33,3 +33,17 @@ def paste_plate(site: np.ndarray, crop: np.ndarray, plate: Box, glyph_px: float,
     size = (max(1, round(crop.shape[1] * s)), max(1, round(crop.shape[0] * s)))
     site[y : y + size[1], x : x + size[0]] = cv2.resize(crop, size, interpolation=cv2.INTER_AREA)
     return Box(x + plate.x * s, y + plate.y * s, plate.w * s, plate.h * s)
+
+
+def plate_split(plates_dir: Path) -> dict[str, list[Path]]:
+    """The labelled photos of a plate set (their ``.txt`` files) in two fixed halves: ``tune``
+    (what the detector may be tuned on) and ``held_out`` (what its recall is claimed on). A
+    file goes to ``held_out`` when the first byte of the SHA-256 of its name is odd: the split
+    does not depend on the order or the number of files (docs/privacy.md names both halves)."""
+    import hashlib
+
+    out: dict[str, list[Path]] = {"tune": [], "held_out": []}
+    for txt in sorted(plates_dir.glob("*.txt")):
+        odd = hashlib.sha256(txt.name.encode()).digest()[0] & 1
+        out["held_out" if odd else "tune"].append(txt)
+    return out
