@@ -145,7 +145,7 @@ class ClassicalPlateDetector:
         cfg = self.config
         hh, ww = gray.shape
         lo, hi = cfg.row_glyph_px
-        mser = cv2.MSER_create(delta=cfg.mser_delta, min_area=max(12, lo * lo // 6), max_area=hi * hi)
+        mser = cv2.MSER.create(delta=cfg.mser_delta, min_area=max(12, lo * lo // 6), max_area=hi * hi)
         regions, bbs = mser.detectRegions(gray)
         if len(bbs) < cfg.min_glyphs:
             return []
