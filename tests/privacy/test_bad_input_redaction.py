@@ -53,7 +53,8 @@ def test_a_long_panorama_is_redacted_end_to_end(data: Path) -> None:
     left = paste_faces(pano[:, :1500], crops[:6], 20)
     right_view = pano[:, 10400:]
     right = [Box(b.x + 10400, b.y, b.w, b.h) for b in paste_faces(right_view, crops[6:12], 40)]
-    crop, plate = plate_crops(data / "plates" / "eu")[7]
+    # A plate the detector finds at this size in a plain photo: this test is about the shape.
+    crop, plate = plate_crops(data / "plates" / "eu")[6]
     placed = paste_plate(pano, crop, plate, 20, 11000, 700)
     src = _jpeg(pano)
     original = np.asarray(Image.open(io.BytesIO(src)).convert("RGB"))
