@@ -51,6 +51,8 @@ class Part:
     color: tuple[float, float, float, float]
     name: str = ""
     texture: Any | None = None  # trimesh TextureVisuals (UVs per vertex + material), for plan.glb
+    metallic: float = 0.0  # glTF metallic-roughness factors (the montage renderer shades with them)
+    roughness: float = 0.7
 
 
 @dataclass
@@ -189,6 +191,16 @@ def _color_of(geom: trimesh.Trimesh) -> tuple[float, float, float, float]:
         return (0.6, 0.6, 0.6, 1.0)
 
 
+def _metal_rough(geom: trimesh.Trimesh) -> tuple[float, float]:
+    """The part's glTF metallic and roughness factors (glTF's defaults, 1 and 1, where a PBR
+    material leaves them out); a non-PBR material (OBJ, STL) is a painted dielectric."""
+    mat = getattr(geom.visual, "material", None)
+    if mat is None or not hasattr(mat, "metallicFactor"):
+        return 0.0, 0.7
+    m, r = getattr(mat, "metallicFactor", None), getattr(mat, "roughnessFactor", None)
+    return (1.0 if m is None else float(m)), (1.0 if r is None else float(r))
+
+
 def _frame(up: str, front: str) -> np.ndarray:
     """Rotation taking file coordinates to the design frame (X width, Y front, Z up)."""
     z = np.array(AXES[up], float)
@@ -274,7 +286,8 @@ def load_design(path: Path) -> Design:
     parts = []
     for name, g in geoms:
         v = (Rf @ ((np.asarray(g.vertices, float) - anchor) * k).T).T
-        parts.append(Part(v, np.asarray(g.faces, np.int64), _color_of(g), name, _textured(g)))
+        metal, rough = _metal_rough(g)
+        parts.append(Part(v, np.asarray(g.faces, np.int64), _color_of(g), name, _textured(g), metal, rough))
     d = Design(desc.name, parts, desc.scalable, warnings)
     for w in warnings:
         log.warning("design: %s", w)

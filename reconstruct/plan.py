@@ -34,7 +34,9 @@ MIN_VISIBLE_SHARE = 0.002  # of the photo's pixels, for a montage to be worth ma
 
 
 def placed_meshes(design: Design, placement: Placement) -> list[Mesh]:
-    return [Mesh(placement.apply(p.vertices), p.faces, p.color, p.texture) for p in design.parts]
+    return [
+        Mesh(placement.apply(p.vertices), p.faces, p.color, p.texture, p.metallic, p.roughness) for p in design.parts
+    ]
 
 
 def push_back(vertices: np.ndarray, centre: np.ndarray, *, metres: float = 0.05, share: float = 0.01) -> np.ndarray:
@@ -49,6 +51,30 @@ def _atomic_save_jpeg(rgb: np.ndarray, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     Image.fromarray(rgb).save(tmp, "JPEG", quality=90)
     tmp.replace(path)
+
+
+GLB_SURFACE = ".surface-glb.ply"  # the site surface decimated for plan.glb, kept beside surface.ply
+
+
+def _glb_surface(run_dir: Path) -> Any:
+    """The site surface for plan.glb: decimated to 150k triangles once (it took 3-7 s of every
+    plan), then read back from a cache beside surface.ply while that is unchanged."""
+    src, cache = run_dir / "surface.ply", run_dir / GLB_SURFACE
+    if not src.is_file():
+        return None
+    if cache.is_file() and cache.stat().st_mtime >= src.stat().st_mtime:
+        got = load_surface_coloured(cache, max_triangles=150_000)
+        if got is not None:
+            return got
+    surface = load_surface_coloured(src, max_triangles=150_000)
+    if surface is not None:
+        tmp = run_dir / f".{GLB_SURFACE}.tmp"
+        try:
+            tmp.write_bytes(surface.export(file_type="ply"))
+            tmp.replace(cache)
+        except OSError:  # a read-only run folder: no cache, the same surface
+            tmp.unlink(missing_ok=True)
+    return surface
 
 
 def write_glb(site: Site, meshes: list[Mesh], vs: dict[str, View], path: Path) -> None:
@@ -69,7 +95,7 @@ def write_glb(site: Site, meshes: list[Mesh], vs: dict[str, View], path: Path) -
         pts, cols = pts[keep], cols[keep]
     if len(pts):
         scene.add_geometry(trimesh.PointCloud(pts, colors=cols), node_name="site_points", geom_name="site_points")
-    surface = load_surface_coloured(site.run_dir / "surface.ply", max_triangles=150_000)
+    surface = _glb_surface(site.run_dir)
     if surface is not None:
         scene.add_geometry(surface, node_name="site_surface", geom_name="site_surface")
     for i, m in enumerate(meshes):

@@ -6,17 +6,20 @@ Chosen over pyrender/OSMesa and open3d's renderer because it is the fastest meas
 straight from the photo's intrinsics with COLMAP's pixel convention, with no half-pixel error:
 pixel (0,0)'s centre is at (0.5, 0.5), which is also where OpenGL samples it.
 
-The montage is: photo, darkened by a soft projected shadow of the design on the ground
-(z = 0) from one directional light, then the design shaded with ambient + that light,
-multisampled for clean edges, composited by alpha. An optional occluder mesh (the site's
-surface) is drawn into the depth buffer first, so site surfaces in front hide the design.
+The montage is: the photo, darkened by a soft projected shadow of the design from the sun and by
+a soft contact shadow right under it (both on the ground at the design's base); then the design
+shaded with its own glTF metallic-roughness material under an ambient light taken from the photo
+(sky and ground colours) plus the sun, multisampled for anti-aliased edges, composited by alpha.
+An optional occluder mesh (the site's surface) hides the design where the site is in front; that
+visibility mask follows the coarse dense depth, so its boundary is refined to the photo's own
+edges in a band around it (a local two-colour split, :func:`refine_visibility`).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import cv2
@@ -36,8 +39,11 @@ uniform vec2 nf;     // near, far
 in vec3 in_pos;
 in vec3 in_normal;
 in vec4 in_color;
+in vec2 in_mr;       // metallic, roughness
 out vec3 v_normal;
+out vec3 v_pos;
 out vec4 v_color;
+out vec2 v_mr;
 void main() {
     vec3 pc = R * in_pos + t;
     float n = nf.x, f = nf.y;
@@ -46,20 +52,49 @@ void main() {
                        (f + n) / (f - n) * pc.z - 2.0 * f * n / (f - n),
                        pc.z);
     v_normal = in_normal;
+    v_pos = in_pos;
     v_color = in_color;
+    v_mr = in_mr;
 }
 """
 
+# Metallic-roughness shading (glTF's model, Schlick Fresnel, GGX highlight) lit by the sun and a
+# hemisphere ambient (sky above, ground below). Linear in, sRGB out.
 _FS = """
 #version 330
-uniform vec3 light;
-uniform float ambient;
+uniform vec3 light;      // towards the sun, unit
+uniform vec3 sun;        // sun radiance (linear RGB)
+uniform vec3 sky;        // ambient from above (linear RGB)
+uniform vec3 ground;     // ambient from below
+uniform vec3 eye;        // camera centre, world
+uniform float ambient;   // 1: unlit (shadow masks)
 in vec3 v_normal;
+in vec3 v_pos;
 in vec4 v_color;
+in vec2 v_mr;
 out vec4 frag;
 void main() {
-    float diff = abs(dot(normalize(v_normal), light));
-    vec3 lin = v_color.rgb * (ambient + (1.0 - ambient) * diff);
+    if (ambient >= 1.0) { frag = v_color; return; }
+    vec3 V = normalize(eye - v_pos);
+    vec3 N = normalize(v_normal);
+    if (dot(N, V) < 0.0) N = -N;  // double-sided: the face the camera sees
+    vec3 base = v_color.rgb;
+    float metal = v_mr.x, rough = clamp(v_mr.y, 0.04, 1.0);
+    vec3 F0 = mix(vec3(0.04), base, metal);
+    vec3 diff = base * (1.0 - metal);
+    float ndl = max(dot(N, light), 0.0);
+    vec3 H = normalize(light + V);
+    float a2 = rough * rough * rough * rough;
+    float ndh = max(dot(N, H), 0.0);
+    float d = ndh * ndh * (a2 - 1.0) + 1.0;
+    float D = a2 / (3.14159 * d * d);
+    vec3 F = F0 + (1.0 - F0) * pow(1.0 - max(dot(H, V), 0.0), 5.0);
+    float k = (rough + 1.0) * (rough + 1.0) / 8.0;
+    float ndv = max(dot(N, V), 1e-3);
+    float G = ndv / (ndv * (1.0 - k) + k) * ndl / (ndl * (1.0 - k) + k);
+    vec3 spec = D * F * G / max(4.0 * ndv * ndl, 1e-3);
+    vec3 amb = mix(ground, sky, 0.5 + 0.5 * N.z);
+    vec3 lin = (diff / 3.14159 + spec) * sun * ndl * 3.14159 + amb * (diff + F0 * (1.0 - rough) * 0.5);
     frag = vec4(pow(clamp(lin, 0.0, 1.0), vec3(1.0 / 2.2)), v_color.a);
 }
 """
@@ -85,21 +120,70 @@ class Mesh:
     faces: np.ndarray  # M x 3
     color: tuple[float, float, float, float]
     texture: Any | None = None  # the design's texture visual, carried to plan.glb (not rendered)
+    metallic: float = 0.0  # glTF metallic-roughness factors
+    roughness: float = 0.7
+    buffer: np.ndarray | None = field(default=None, repr=False, compare=False)  # _flat's, once made
+
+
+def _flat_one(m: Mesh) -> np.ndarray:
+    tri = np.asarray(m.vertices, np.float32)[np.asarray(m.faces)]  # M x 3 x 3
+    n = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+    n /= np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-12)
+    out = np.empty((len(tri), 3, 12), np.float32)
+    out[:, :, 0:3] = tri
+    out[:, :, 3:6] = n[:, None, :]
+    out[:, :, 6:10] = np.asarray(m.color, np.float32)
+    out[:, :, 10:12] = (m.metallic, m.roughness)
+    return out.reshape(-1, 12)
 
 
 def _flat(meshes: list[Mesh]) -> np.ndarray:
-    """Interleaved per-corner pos, face normal, colour (float32)."""
+    """Interleaved per-corner pos, face normal, linear colour, metallic-roughness (float32); a
+    mesh keeps its buffer, so a design drawn into several photos is flattened once."""
     chunks = []
     for m in meshes:
-        tri = np.asarray(m.vertices, np.float64)[np.asarray(m.faces)]  # M x 3 x 3
-        n = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
-        n /= np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-12)
-        nn = np.repeat(n[:, None, :], 3, axis=1)
-        col = np.broadcast_to(np.asarray(m.color, np.float64), (len(tri), 3, 4))
-        chunks.append(np.concatenate([tri, nn, col], axis=2).reshape(-1, 10))
+        if m.buffer is None:
+            m.buffer = _flat_one(m)
+        chunks.append(m.buffer)
     if not chunks:
-        return np.zeros((0, 10), np.float32)
-    return np.ascontiguousarray(np.concatenate(chunks).astype(np.float32))
+        return np.zeros((0, 12), np.float32)
+    return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
+
+
+@dataclass
+class Lighting:
+    """The light a montage is drawn in: the sun's direction and radiance, and a hemisphere
+    ambient (sky above, ground below), linear RGB."""
+
+    light: np.ndarray
+    sun: tuple[float, float, float] = (2.2, 2.1, 1.95)
+    sky: tuple[float, float, float] = (0.35, 0.38, 0.42)
+    ground: tuple[float, float, float] = (0.18, 0.17, 0.15)
+
+
+def _linear(c: np.ndarray) -> np.ndarray:
+    return np.asarray(np.power(np.clip(c, 0.0, 1.0), 2.2))
+
+
+def photo_lighting(photo: np.ndarray, view: View) -> Lighting:
+    """Ambient from the photo itself: the mean colour of its upper third (sky, facades) and of
+    its lower third (the ground), in linear RGB; the sun from the site's gravity (default_light),
+    its strength from the photo's brightness (a dull photo gets a dimmer sun)."""
+    small = np.asarray(cv2.resize(photo, (64, 48), interpolation=cv2.INTER_AREA), float) / 255.0
+
+    def tint(c: np.ndarray) -> np.ndarray:  # the photo's colour cast, desaturated: a hint, not a dye
+        return np.asarray(0.7 * c.mean() + 0.3 * c)
+
+    top = tint(_linear(small[:16].reshape(-1, 3).mean(axis=0)))
+    bottom = tint(_linear(small[-16:].reshape(-1, 3).mean(axis=0)))
+    key = float(_linear(small.reshape(-1, 3).mean(axis=0)).mean())
+    sun_k = float(np.clip(4.0 * key, 0.8, 2.4))
+    return Lighting(
+        default_light(view),
+        sun=(sun_k, sun_k * 0.96, sun_k * 0.9),
+        sky=tuple(float(x) for x in np.clip(top * 1.4, 0.08, 0.8)),  # type: ignore[arg-type]
+        ground=tuple(float(x) for x in np.clip(bottom * 1.2, 0.05, 0.6)),  # type: ignore[arg-type]
+    )
 
 
 def _near_far(view: View, meshes: list[Mesh]) -> tuple[float, float]:
@@ -114,18 +198,23 @@ def render(
     view: View,
     meshes: list[Mesh],
     *,
-    light: np.ndarray,
-    ambient: float = 0.45,
+    light: np.ndarray | None = None,
+    lighting: Lighting | None = None,
+    ambient: float = 0.0,
     occluders: list[Mesh] | None = None,
     samples: int = 4,
+    additive: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Render ``meshes`` with ``view``'s camera: RGBA uint8 (H x W x 4), premultiplied alpha."""
+    """Render ``meshes`` with ``view``'s camera: RGBA uint8 (H x W x 4), premultiplied alpha.
+    ``ambient`` = 1 draws the meshes' colours unlit (masks); ``additive`` sums them (clamped)."""
     import moderngl
 
     ctx = _context()
     w, h = view.width, view.height
     occ = occluders or []
     near, far = _near_far(view, meshes + occ)
+    if lighting is None:
+        lighting = Lighting(default_light(view) if light is None else np.asarray(light, float))
     with _lock:
         prog = ctx.program(vertex_shader=_VS, fragment_shader=_FS)
         prog["R"].write(np.ascontiguousarray(view.R.T, dtype=np.float32).tobytes())
@@ -134,38 +223,55 @@ def render(
         prog["intr"].value = (float(K[0, 0]), float(K[1, 1]), float(K[0, 2]), float(K[1, 2]))
         prog["size"].value = (float(w), float(h))
         prog["nf"].value = (near, far)
-        L = np.asarray(light, float)
-        prog["light"].value = tuple(float(x) for x in L / np.linalg.norm(L))
-        prog["ambient"].value = ambient
+        L = np.asarray(lighting.light, float)
+        prog["ambient"].value = float(ambient)
+        if ambient < 1.0:  # the unlit program optimises the lighting uniforms away
+            prog["light"].value = tuple(float(x) for x in L / np.linalg.norm(L))
+            prog["sun"].value = lighting.sun
+            prog["sky"].value = lighting.sky
+            prog["ground"].value = lighting.ground
+            prog["eye"].value = tuple(float(x) for x in view.centre)
         s = min(samples, ctx.max_samples)
+        s = s if s > 1 else 0  # one sample: a plain renderbuffer, read directly
         ms = ctx.framebuffer(
             color_attachments=[ctx.renderbuffer((w, h), 4, samples=s)],
             depth_attachment=ctx.depth_renderbuffer((w, h), samples=s),
         )
-        out = ctx.framebuffer(color_attachments=[ctx.renderbuffer((w, h), 4)])
+        out = ctx.framebuffer(color_attachments=[ctx.renderbuffer((w, h), 4)]) if s > 1 else ms
         try:
             ms.use()
             ctx.viewport = (0, 0, w, h)
             ms.clear(0.0, 0.0, 0.0, 0.0, depth=1.0)
             ctx.enable(moderngl.DEPTH_TEST)
             ctx.disable(moderngl.CULL_FACE)
+            ctx.disable(moderngl.BLEND)
             # Occluders are drawn in transparent black, the clear colour: they fill the depth
             # buffer and leave the photo visible (no colour mask state to get wrong).
-            hidden = [Mesh(m.vertices, m.faces, (0.0, 0.0, 0.0, 0.0)) for m in occ]
-            for group in (hidden, meshes):
+            hidden = [
+                m if tuple(m.color) == (0, 0, 0, 0) else Mesh(m.vertices, m.faces, (0.0, 0.0, 0.0, 0.0)) for m in occ
+            ]
+            for i, group in enumerate((hidden, meshes)):
                 data = _flat(group)
                 if not len(data):
                     continue
+                if i == 1 and additive:
+                    ctx.enable(moderngl.BLEND)
+                    ctx.blend_func = moderngl.ONE, moderngl.ONE
+                    ctx.depth_func = "<="
                 vbo = ctx.buffer(data.tobytes())
-                vao = ctx.vertex_array(prog, [(vbo, "3f 3f 4f", "in_pos", "in_normal", "in_color")])
+                vao = ctx.vertex_array(prog, [(vbo, "3f 3f 4f 2f", "in_pos", "in_normal", "in_color", "in_mr")])
                 vao.render(moderngl.TRIANGLES)
                 vao.release()
                 vbo.release()
-            ctx.copy_framebuffer(out, ms)
+            ctx.disable(moderngl.BLEND)
+            ctx.depth_func = "<"
+            if s > 1:
+                ctx.copy_framebuffer(out, ms)
             rgba = np.frombuffer(out.read(components=4, dtype="f1"), np.uint8).reshape(h, w, 4)
         finally:
             ms.release()
-            out.release()
+            if s > 1:
+                out.release()
             prog.release()
     return np.flipud(rgba).copy(), np.array([near, far])
 
@@ -196,6 +302,60 @@ def default_light(view: View) -> np.ndarray:
     return np.asarray(L / np.linalg.norm(L))
 
 
+def refine_visibility(photo: np.ndarray, vis: np.ndarray, cover: np.ndarray, *, radius: int) -> np.ndarray:
+    """The design's visibility (0 hidden by the site, 1 seen), moved onto the photo's own edges.
+
+    The mask from the dense depth is right away from its boundary and off by a few pixels at it.
+    In a band of ``radius`` px around that boundary (inside the design's silhouette), each pixel
+    is given to the side whose colour it has: the local mean colours of the surely hidden and the
+    surely seen pixels beside it (box-filtered over twice the band) are the two candidates, and the
+    pixel's share between them is its visibility (a joint-bilateral-style two-colour split; mixed
+    pixels on the edge come out partial, i.e. anti-aliased), smoothed over 3 x 3 px against the
+    photo's noise. Where one side has no sure pixels near, or the two colours are alike, the
+    coarse mask stays. (A guided filter of the coarse mask, tried first, moved a 4 px error by
+    only 0.2 px: with the photo's edge and the mask's a few pixels apart, the local linear model
+    has nothing to follow.)"""
+    inside = cover > 0.02
+    hard = (vis > 0.5) & inside
+    hidden = (vis <= 0.5) & inside
+    if not hard.any() or not hidden.any():
+        return vis
+    edge = cv2.morphologyEx(hard.astype(np.uint8), cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8)) > 0
+    edge &= inside
+    ker = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+    band = (cv2.dilate(edge.astype(np.uint8), ker) > 0) & inside
+    # Work only around the band: it is a thin strip of a window that may hold megapixels.
+    ys, xs = np.nonzero(band)
+    m = 2 * radius + 2
+    r0, r1 = max(0, int(ys.min()) - m), min(band.shape[0], int(ys.max()) + m + 1)
+    c0, c1 = max(0, int(xs.min()) - m), min(band.shape[1], int(xs.max()) + m + 1)
+    full, vis = vis, vis[r0:r1, c0:c1]
+    band, hard, hidden = band[r0:r1, c0:c1], hard[r0:r1, c0:c1], hidden[r0:r1, c0:c1]
+    photo = photo[r0:r1, c0:c1]
+    sure_v = (hard & ~band).astype(np.float32)
+    sure_h = (hidden & ~band).astype(np.float32)
+    img = photo.astype(np.float32) / 255.0
+    k = (4 * radius + 1, 4 * radius + 1)
+
+    def box(x: np.ndarray) -> np.ndarray:
+        return np.asarray(cv2.boxFilter(x, -1, k, normalize=False, borderType=cv2.BORDER_CONSTANT))
+
+    nv, nh = box(sure_v), box(sure_h)
+    mv = box(img * sure_v[:, :, None]) / np.maximum(nv, 1.0)[:, :, None]
+    mh = box(img * sure_h[:, :, None]) / np.maximum(nh, 1.0)[:, :, None]
+    dv = ((img - mv) ** 2).sum(axis=2)
+    dh = ((img - mh) ** 2).sum(axis=2)
+    apart = ((mv - mh) ** 2).sum(axis=2)
+    t = dh / np.maximum(dh + dv, 1e-6)
+    t = np.clip((t - 0.5) * 2.0 + 0.5, 0.0, 1.0)
+    t = np.asarray(cv2.blur(t.astype(np.float32), (3, 3)))  # against the photo's noise
+    ok = band & (nv > 3) & (nh > 3) & (apart > 0.01)  # both sides known, and told apart (>~0.06 per channel)
+    out = full.astype(np.float32).copy()
+    sub = out[r0:r1, c0:c1]
+    sub[ok] = t[ok]
+    return out
+
+
 def montage(
     photo: np.ndarray,
     view: View,
@@ -203,15 +363,19 @@ def montage(
     *,
     occluders: list[Mesh] | None = None,
     shadow_strength: float = 0.45,
+    contact_strength: float = 0.35,
     ground_z: float = 0.0,
+    refine_edges: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Composite the design into ``photo`` (H x W x 3 uint8). Returns (image, design alpha mask).
-    The shadow falls on the level ground at ``ground_z`` (the design's base)."""
+    Shadows fall on the level ground at ``ground_z`` (the design's base)."""
     if photo.shape[:2] != (view.height, view.width):
         raise ValueError("the photo's size differs from its camera's")
-    light = default_light(view)
+    lighting = photo_lighting(photo, view)
+    light = lighting.light
     sh = shadow_meshes(meshes, light, ground_z) if shadow_strength > 0 else []
-    k = max(3, int(0.006 * max(view.width, view.height)) | 1)  # shadow softness
+    contact = contact_meshes(meshes, ground_z) if contact_strength > 0 else []
+    k = max(3, int(0.006 * max(view.width, view.height)) | 1)  # sun shadow softness
     # Render only the window the design and its shadow can reach: a 12 MP frame costs memory and
     # time the design (often a few % of the photo) does not need.
     win = _window(view, meshes + sh, pad=k + 8)
@@ -220,19 +384,97 @@ def montage(
         return photo.copy(), mask
     x0, y0, x1, y1 = win
     sub = _cropped(view, x0, y0, x1 - x0, y1 - y0)
-    img = photo[y0:y1, x0:x1].astype(np.float32)
-    if sh:
-        srgba, _ = render(sub, sh, light=light, ambient=1.0, occluders=occluders, samples=1)
-        soft = np.asarray(cv2.GaussianBlur(srgba[:, :, 3].astype(np.float32) / 255.0, (k, k), 0))
-        img *= (1.0 - shadow_strength * soft)[:, :, None]
-    rgba, _ = render(sub, meshes, light=light, occluders=occluders)
+    crop = photo[y0:y1, x0:x1]
+    if occluders:
+        occluders = [o for o in (_cull(view, m, meshes + sh, win) for m in occluders) if len(o.faces)]
+    img = crop.astype(np.float32)
+    if sh or contact:
+        # One pass, two channels: the sun's shadow in red, the contact shadow in green.
+        tinted = [Mesh(m.vertices, m.faces, (1.0, 0.0, 0.0, 1.0)) for m in sh]
+        tinted += [Mesh(m.vertices, m.faces, (0.0, 1.0, 0.0, 1.0)) for m in contact]
+        # Shadows are soft: drawn at a quarter of the resolution (1/16 of the pixels), blurred
+        # there, then scaled up.
+        q = 0.25 if max(sub.width, sub.height) > 800 else 1.0
+        low = _scaled(sub, q)
+        srgba, _ = render(low, tinted, ambient=1.0, occluders=occluders, samples=1, additive=True)
+        dark = np.zeros(srgba.shape[:2], np.float32)
+        if sh:
+            kq = max(3, int(k * q) | 1)
+            dark += shadow_strength * np.asarray(
+                cv2.GaussianBlur(srgba[:, :, 0].astype(np.float32) / 255.0, (kq, kq), 0)
+            )
+        if contact:
+            kc = max(3, int(_contact_kernel(sub, meshes, ground_z) * q) | 1)
+            soft = np.asarray(cv2.GaussianBlur(srgba[:, :, 1].astype(np.float32) / 255.0, (kc, kc), 0))
+            dark += contact_strength * np.clip(soft * 2.0, 0.0, 1.0)
+        if q != 1.0:
+            dark = np.asarray(cv2.resize(dark, (sub.width, sub.height), interpolation=cv2.INTER_LINEAR))
+        img *= (1.0 - np.clip(dark, 0.0, 0.8))[:, :, None]
+    rgba, _ = render(sub, meshes, lighting=lighting)  # the design whole: colour and coverage
+    cover = rgba[:, :, 3].astype(np.float32) / 255.0
+    vis = np.ones_like(cover)
+    if occluders:
+        # The design's own buffers, unlit, one sample: a hard visibility mask whose boundary is
+        # refined to the photo's edges below.
+        seen, _ = render(sub, meshes, ambient=1.0, occluders=occluders, samples=1)
+        vis = (seen[:, :, 3] > 0).astype(np.float32)
+        vis[cover <= 0.0] = 0.0
+        if refine_edges:
+            vis = refine_visibility(crop, vis, cover, radius=max(6, int(0.005 * max(view.width, view.height))))
     # The multisample resolve averages (rgb, 1) with the cleared (0, 0): colour is premultiplied.
-    a = rgba[:, :, 3:4].astype(np.float32) / 255.0
-    img = img * (1.0 - a) + rgba[:, :, :3].astype(np.float32)
+    a = (cover * vis)[:, :, None]
+    img = img * (1.0 - a) + rgba[:, :, :3].astype(np.float32) * vis[:, :, None]
     out = photo.copy()
     out[y0:y1, x0:x1] = np.clip(img + 0.5, 0, 255).astype(np.uint8)
-    mask[y0:y1, x0:x1] = rgba[:, :, 3]
+    mask[y0:y1, x0:x1] = np.clip(a[:, :, 0] * 255.0 + 0.5, 0, 255).astype(np.uint8)
     return out, mask
+
+
+def contact_meshes(meshes: list[Mesh], ground_z: float = 0.0, reach_m: float = 0.25) -> list[Mesh]:
+    """The design's parts within ``reach_m`` of the ground, flattened straight down onto it: the
+    dark where it meets the ground (ambient occlusion), blurred over about 30 cm."""
+    out = []
+    for m in meshes:
+        v = np.asarray(m.vertices, float)
+        low = v[:, 2] - ground_z < reach_m
+        f = np.asarray(m.faces)
+        keep = low[f].all(axis=1)
+        if not keep.any():
+            continue
+        p = v.copy()
+        p[:, 2] = ground_z + 0.003
+        out.append(Mesh(p, f[keep], (0.0, 0.0, 0.0, 1.0)))
+    return out
+
+
+def _contact_kernel(view: View, meshes: list[Mesh], ground_z: float) -> int:
+    """About 30 cm on the ground at the design's distance, in pixels (odd, 3-151): a soft dark a few
+    centimetres wide beside the foot."""
+    allv = np.vstack([m.vertices for m in meshes])
+    c = allv.mean(axis=0)
+    c[2] = ground_z
+    z = float((view.R @ c + view.t)[2])
+    px = 0.30 * float(view.K[0, 0]) / max(z, 0.1)
+    return int(np.clip(px, 3, 151)) | 1
+
+
+def _cull(view: View, occ: Mesh, meshes: list[Mesh], win: tuple[int, int, int, int]) -> Mesh:
+    """The occluder's triangles that can hide something in the pixel window ``win`` of
+    ``view`` (full-photo pixels): a corner in the window (with a margin) and nearer than the
+    farthest of ``meshes``. A site surface of 400k triangles is mostly elsewhere; drawing all of
+    it twice per photo cost more than the design."""
+    v = np.asarray(occ.vertices, float)
+    if len(v) < 5000 or not meshes:
+        return occ
+    far = float(max(((view.R @ np.asarray(m.vertices, float).T).T[:, 2] + view.t[2]).max() for m in meshes))
+    uv, z = view.project(v)
+    x0, y0, x1, y1 = win
+    m = 0.05 * max(x1 - x0, y1 - y0) + 8
+    near = (z > 0.0) & (z < far + 0.5)
+    inside = (uv[:, 0] > x0 - m) & (uv[:, 0] < x1 + m) & (uv[:, 1] > y0 - m) & (uv[:, 1] < y1 + m)
+    f = np.asarray(occ.faces)
+    keep = (near & inside)[f].any(axis=1) & near[f].all(axis=1) | (z[f] <= 0.0).any(axis=1) & near[f].any(axis=1)
+    return Mesh(v, f[keep], occ.color)
 
 
 def _window(view: View, meshes: list[Mesh], *, pad: int) -> tuple[int, int, int, int] | None:
@@ -252,6 +494,17 @@ def _window(view: View, meshes: list[Mesh], *, pad: int) -> tuple[int, int, int,
     if x1 - x0 < 2 or y1 - y0 < 2:
         return None
     return x0, y0, x1, y1
+
+
+def _scaled(view: View, q: float) -> View:
+    """The same camera on a grid ``q`` times as fine (corner-origin pixel coordinates scale)."""
+    if q == 1.0:
+        return view
+    K = view.K.astype(np.float64).copy()
+    K[:2] *= q
+    return View(
+        view.name, K, view.R, view.t, max(1, round(view.width * q)), max(1, round(view.height * q)), view.camera
+    )
 
 
 def _cropped(view: View, x0: int, y0: int, w: int, h: int) -> View:

@@ -68,19 +68,107 @@ class JobCancelled(Exception):
     """The job was cancelled (its contract is ending, its client's data erased) while it ran."""
 
 
-def _await(ref: Any, cancelled: Callable[[], bool] | None) -> Any:
+def _await(ref: Any, cancelled: Callable[[], bool] | None, tick: Callable[[], None] | None = None) -> Any:
     """``ray.get(ref)``, checking every second whether the job was cancelled meanwhile; if so
     the task is killed (its worker process with it) and JobCancelled raised, so a cancelled job
-    stops within about a second, not at the end of a minute-long stage, and writes no more."""
-    if cancelled is None:
+    stops within about a second, not at the end of a minute-long stage, and writes no more.
+    ``tick`` is called each second too (sub-stage progress)."""
+    if cancelled is None and tick is None:
         return ray.get(ref)
     while True:
         ready, _ = ray.wait([ref], timeout=1.0)
         if ready:
             return ray.get(ref)
-        if cancelled():
+        if cancelled is not None and cancelled():
             ray.cancel(ref, force=True)
             raise JobCancelled()
+        if tick is not None:
+            try:
+                tick()
+            except JobCancelled:
+                ray.cancel(ref, force=True)
+                raise
+
+
+SubProgress = Callable[[str, str, float, float | None], None]  # stage, sub-stage, fraction, ETA s
+# Shares of the reconstruct stage's time per sub-stage (the demo's 11 photos: extract 34 s,
+# match 6, map 4, scale and up 2, dense 7), for its progress and ETA.
+RECONSTRUCT_SHARES = (
+    ("extract", 0.55),
+    ("match", 0.1),
+    ("map", 0.1),
+    ("scale", 0.05),
+    ("dense", 0.15),
+    ("publish", 0.05),
+)
+PROGRESS_FILE = ".progress.json"
+
+
+def _count(db: Path, table: str) -> int | None:
+    """Rows in a table of the COLMAP database a running task writes: opened read-only and
+    immutable, so this reader takes no lock the writer could wait on (a torn read is None)."""
+    import sqlite3
+
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro&immutable=1", uri=True, timeout=0.1)
+        try:
+            return int(con.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+        finally:
+            con.close()
+    except Exception:
+        return None
+
+
+class StageWatch:
+    """Sub-stage progress of a running stage task, read from what it leaves in the run folder:
+    reconstruct (extract k/N from the features stored, match from the pairs verified, map, scale,
+    dense, publish from its work folders) and plan (montage k/N from its progress file). Reports
+    (stage, sub-stage, fraction of the stage, ETA in seconds) to ``report`` when it changes."""
+
+    def __init__(self, stage: str, out: Path, n_photos: int, report: SubProgress) -> None:
+        self.stage, self.out, self.n, self.report = stage, out, max(1, n_photos), report
+        self.t0 = time.perf_counter()
+        self.last: tuple[str, float] | None = None
+
+    def _reconstruct(self) -> tuple[str, float]:
+        shares = dict(RECONSTRUCT_SHARES)
+        before = {k: sum(v for kk, v in RECONSTRUCT_SHARES[:i]) for i, (k, _) in enumerate(RECONSTRUCT_SHARES)}
+        sfm = next((p for p in self.out.glob("sfm-*") if p.is_dir()), None)
+        stage_dir = self.out / ".staging"
+        if sfm is not None:
+            if any((sfm / d).exists() for d in ("sparse", "sparse-global")):
+                return "map", before["map"]
+            db = sfm / "database.db"
+            k = _count(db, "descriptors") if db.is_file() else 0
+            if k is None or k < self.n:
+                k = k or 0
+                return f"extract {k}/{self.n}", before["extract"] + shares["extract"] * k / self.n
+            pairs = _count(db, "two_view_geometries") or 0
+            share = min(0.95, pairs / (self.n * (self.n - 1) / 2))
+            return "match", before["match"] + shares["match"] * share
+        if stage_dir.is_dir():
+            if (stage_dir / "model").is_dir():
+                return "publish", before["publish"]
+            if any(stage_dir.glob("mvs-*")):
+                return "dense", before["dense"]
+            return "scale", before["scale"]
+        return "start", 0.0
+
+    def _plan(self) -> tuple[str, float]:
+        try:
+            d = json.loads((self.out / PROGRESS_FILE).read_text())
+            return str(d["sub"]), float(d["fraction"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return "place and draw", 0.0
+
+    def __call__(self) -> None:
+        sub, frac = self._reconstruct() if self.stage == "reconstruct" else self._plan()
+        if self.last is not None and self.last[0] == sub and abs(self.last[1] - frac) < 0.01:
+            return
+        self.last = (sub, frac)
+        dt = time.perf_counter() - self.t0
+        eta = dt / frac - dt if frac > 0.03 else None
+        self.report(self.stage, sub, frac, eta)
 
 
 class JobFailed(RuntimeError):
@@ -145,21 +233,31 @@ def site_and_plan(
     progress: Progress,
     stage_done: Callable[[str, float], None],
     fail: Callable[[str], JobFailed],
-    resumed: bool = False,
+    resumed: bool | str = False,
     pool: Pool = "interactive",
     attempts_dir: Path | None = None,
     cancelled: Callable[[], bool] | None = None,
+    sub_progress: SubProgress | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Stages 2 and 3 on anonymised photos (Ray must be up): the metric site, then the plan.
     ``resumed``: ``out`` already holds the site from an earlier attempt; go straight to the plan.
     ``attempts_dir``: where each stage task marks its attempts (``workers.tasks.count_attempts``).
     ``cancelled``: polled while a stage runs; when it turns true the stage's task is killed and
-    JobCancelled raised."""
+    JobCancelled raised. ``sub_progress``: (stage, sub-stage, fraction of the stage, ETA s) at the
+    start of each stage and as its task advances (StageWatch).
+    ``resumed`` may be a message: why the site is already there (a checkpoint, a reused model)."""
     att = str(attempts_dir) if attempts_dir else None
+    n = len(good)
     if resumed:
         info = json.loads((out / "site.json").read_text())
-        progress("[2/4] reconstruct: done in an earlier attempt, resumed from its checkpoint")
-        return info, _plan_stage(out, design, placement, photos_out, progress, stage_done, fail, pool, att, cancelled)
+        why = resumed if isinstance(resumed, str) else "done in an earlier attempt, resumed from its checkpoint"
+        progress(f"[2/4] reconstruct: {why}")
+        return info, _plan_stage(
+            out, design, placement, photos_out, progress, stage_done, fail, pool, att, cancelled, sub_progress, n
+        )
+    if sub_progress is not None:
+        sub_progress("reconstruct", "start", 0.0, None)
+    watch = StageWatch("reconstruct", out, n, sub_progress) if sub_progress is not None else None
     # 2. Metric site.
     t = time.perf_counter()
     progress(f"[2/4] reconstruct: SIFT, matching and mapping on {len(good)} photos, then scale and up")
@@ -171,6 +269,7 @@ def site_and_plan(
                 **stage_options("gpu", pool=pool, memory_mb=STAGE_MEMORY_MB["reconstruct"])
             ).remote(str(photos_out), sorted(intr), intr, reference.model_dump(), str(out), sfm.model_dump(), att),
             cancelled,
+            watch,
         )
     except ray.exceptions.RayTaskError as exc:
         cause = exc.cause if isinstance(exc.cause, (ReconstructionError, ScaleReferenceError)) else None
@@ -183,7 +282,9 @@ def site_and_plan(
         f"(+-{100 * info['scale_sigma_rel']:.2f} %)"
     )
 
-    return info, _plan_stage(out, design, placement, photos_out, progress, stage_done, fail, pool, att, cancelled)
+    return info, _plan_stage(
+        out, design, placement, photos_out, progress, stage_done, fail, pool, att, cancelled, sub_progress, n
+    )
 
 
 def _plan_stage(
@@ -197,16 +298,23 @@ def _plan_stage(
     pool: Pool = "interactive",
     attempts_dir: str | None = None,
     cancelled: Callable[[], bool] | None = None,
+    sub_progress: SubProgress | None = None,
+    n_photos: int = 1,
 ) -> dict[str, Any]:
     # 3. Design merge, drawings, montages.
     t = time.perf_counter()
     progress("[3/4] plan: place the design, draw the plan, render montages")
+    if sub_progress is not None:
+        sub_progress("plan", "start", 0.0, None)
+    (out / PROGRESS_FILE).unlink(missing_ok=True)
+    watch = StageWatch("plan", out, n_photos, sub_progress) if sub_progress is not None else None
     try:
         plan_result = _await(
             plan_task.options(**stage_options("gpu", pool=pool, memory_mb=STAGE_MEMORY_MB["plan"])).remote(
                 str(out), str(design), str(placement), str(out), str(photos_out), attempts_dir
             ),
             cancelled,
+            watch,
         )
     except ray.exceptions.RayTaskError as exc:
         # Our own errors speak to the designer; anything else may carry paths: its type only.
@@ -214,6 +322,7 @@ def _plan_stage(
         raise fail(f"planning failed: {exc.cause if known else unexpected(exc.cause)}") from None
     except ray.exceptions.RayError as exc:
         raise fail(f"planning lost its worker too often ({type(exc).__name__}); try again") from None
+    (out / PROGRESS_FILE).unlink(missing_ok=True)
     stage_done("plan", time.perf_counter() - t)
     return plan_result
 

@@ -13,6 +13,7 @@ killed attempt left: a finished retry leaves neither a second nor a half-written
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -110,4 +111,11 @@ def plan_task(
     import_pycolmap()  # before any reconstruct module: keeps Ray's SIGTERM handling
     from reconstruct.plan import plan
 
-    return plan(Path(run_dir), Path(design), Path(placement), Path(out_dir), images_dir=Path(images_dir))
+    def progress(sub: str, fraction: float) -> None:  # read by the driver (workers.job.StageWatch)
+        tmp = Path(out_dir) / ".progress.json.tmp"
+        tmp.write_text(json.dumps({"sub": sub, "fraction": round(0.3 + 0.7 * fraction, 3)}))
+        tmp.replace(Path(out_dir) / ".progress.json")
+
+    return plan(
+        Path(run_dir), Path(design), Path(placement), Path(out_dir), images_dir=Path(images_dir), progress=progress
+    )
