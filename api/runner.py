@@ -6,9 +6,11 @@ photo still in quarantine and every job still queued or running.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -106,6 +108,95 @@ def _ingest_claimed(svc: Services, photo_id: str, key_id: str, original: str) ->
         )
 
 
+class FairQueue:
+    """Anonymisation queued per tenant and served round-robin: one tenant's photos (say, a
+    burst of decompression bombs, each tens of seconds of decoding under the pixel cap) never
+    hold another tenant's for longer than one photo's start.
+
+    ``workers`` photos run at once for any one tenant; one more lane is kept for the others, so
+    a tenant alone runs as before, and a second tenant's photo starts at once beside the first's
+    instead of queueing behind all of them (the sandbox bounds each photo's CPU time and memory:
+    privacy/sandbox.py)."""
+
+    def __init__(self, fn: Callable[[str], None], workers: int) -> None:
+        self._fn = fn
+        self._per_tenant = max(1, workers)
+        self._lanes = self._per_tenant + 1
+        self._cv = threading.Condition()
+        self._queues: dict[str, deque[tuple[str, Future[None]]]] = {}
+        self._order: deque[str] = deque()  # tenants in round-robin order
+        self._running: dict[str, int] = {}
+        self._threads: list[threading.Thread] = []
+        self._stopped = False
+
+    def submit(self, tenant_id: str, item_id: str) -> Future[None]:
+        fut: Future[None] = Future()
+        with self._cv:
+            if self._stopped:
+                raise RuntimeError("the queue is shut down")
+            if tenant_id not in self._queues:
+                self._queues[tenant_id] = deque()
+                self._order.append(tenant_id)
+            self._queues[tenant_id].append((item_id, fut))
+            if len(self._threads) < self._lanes:
+                t = threading.Thread(target=self._work, name=f"ingest-{len(self._threads)}", daemon=True)
+                self._threads.append(t)
+                t.start()
+            self._cv.notify()
+        return fut
+
+    def _next(self) -> tuple[str, str, Future[None]] | None:
+        """The first tenant in turn with a photo waiting and a lane of its own free (caller holds
+        the condition); that tenant goes to the back of the order."""
+        for tenant in list(self._order):
+            q = self._queues.get(tenant)
+            if q and self._running.get(tenant, 0) < self._per_tenant:
+                self._order.remove(tenant)
+                self._order.append(tenant)  # served: the others go first next time
+                item, fut = q.popleft()
+                return tenant, item, fut
+        return None
+
+    def _work(self) -> None:
+        while True:
+            with self._cv:
+                picked = None
+                while not self._stopped and (picked := self._next()) is None:
+                    self._cv.wait()
+                if picked is None:
+                    return
+                tenant, item, fut = picked
+                self._running[tenant] = self._running.get(tenant, 0) + 1
+            try:
+                if fut.set_running_or_notify_cancel():
+                    try:
+                        self._fn(item)
+                        fut.set_result(None)
+                    except BaseException as exc:  # _safe catches; this is for the future's sake
+                        fut.set_exception(exc)
+            finally:
+                with self._cv:
+                    self._running[tenant] -= 1
+                    if not self._queues.get(tenant) and not self._running[tenant]:
+                        self._queues.pop(tenant, None)
+                        self._running.pop(tenant, None)
+                        with contextlib.suppress(ValueError):
+                            self._order.remove(tenant)
+                    self._cv.notify_all()
+
+    def shutdown(self) -> None:
+        """Cancel what waits; wait for the photos being anonymised."""
+        with self._cv:
+            self._stopped = True
+            for q in self._queues.values():
+                for _, fut in q:
+                    fut.cancel()
+                q.clear()
+            self._cv.notify_all()
+        for t in self._threads:
+            t.join()
+
+
 MAX_JOB_ATTEMPTS = 3  # a job whose process died this many times fails instead of resuming again
 SCRATCH_GRACE_S = 30.0  # a scratch directory younger than this may belong to a job starting now
 
@@ -114,7 +205,7 @@ class Runner:
     def __init__(self, svc: Services) -> None:
         self.svc = svc
         n = svc.settings.ingest_workers
-        self._ingest = ThreadPoolExecutor(max_workers=n, thread_name_prefix="ingest") if n else None
+        self._ingest = FairQueue(lambda pid: self._safe(ingest_photo, pid), n) if n else None
         self._jobs = ThreadPoolExecutor(max_workers=1, thread_name_prefix="job") if svc.settings.run_jobs else None
         self._lock = threading.Lock()
         self._stopped = False
@@ -209,22 +300,26 @@ class Runner:
         with db_factory() as db:
             quarantined = list(
                 db.execute(
-                    select(Photo.id, Photo.project_id).where(Photo.state == "quarantined").order_by(Photo.created_at)
+                    select(Photo.id, Photo.project_id, Photo.tenant_id)
+                    .where(Photo.state == "quarantined")
+                    .order_by(Photo.created_at)
                 )
             )
             blocked: dict[str, bool] = {}
-            photos = []
-            for pid, proj in quarantined:
+            photos: list[tuple[str, str]] = []
+            for pid, proj, tenant in quarantined:
                 if proj not in blocked:
                     blocked[proj] = bool(consent_problem(db, db.get(Project, proj)))
                 if not blocked[proj]:
-                    photos.append(pid)
+                    photos.append((pid, tenant))
             # Interactive plan jobs only: batch reprocessing has its own driver (`siteplan reprocess`),
             # so a batch never queues in front of a designer waiting for a plan.
             jobs = list(
                 db.scalars(select(Job.id).where(Job.state == "queued", Job.kind == "plan").order_by(Job.created_at))
             )
-        n_photos = sum(self.submit_ingest(pid) is not None for pid in photos if pid not in self._pending)
+        n_photos = sum(
+            self.submit_ingest(pid, tenant) is not None for pid, tenant in photos if pid not in self._pending
+        )
         n_jobs = sum(self.submit_job(jid) is not None for jid in jobs if jid not in self._pending)
         if n_photos or n_jobs:
             log.info("resumed %d photos and %d jobs", n_photos, n_jobs)
@@ -254,10 +349,25 @@ class Runner:
         fut.add_done_callback(lambda _f: self._pending.discard(item_id))
         return fut
 
-    def submit_ingest(self, photo_id: str) -> Future[None] | None:
+    def submit_ingest(self, photo_id: str, tenant_id: str | None = None) -> Future[None] | None:
         if self._ingest is None:
             return None
-        return self._submit(self._ingest, ingest_photo, photo_id)
+        if tenant_id is None:
+            with self.svc.factory() as db:
+                tenant_id = db.scalar(select(Photo.tenant_id).where(Photo.id == photo_id))
+            if tenant_id is None:
+                return None
+        with self._lock:
+            if photo_id in self._pending:
+                return None
+            self._pending.add(photo_id)
+        try:
+            fut = self._ingest.submit(tenant_id, photo_id)
+        except RuntimeError:  # shut down
+            self._pending.discard(photo_id)
+            return None
+        fut.add_done_callback(lambda _f: self._pending.discard(photo_id))
+        return fut
 
     def submit_job(self, job_id: str) -> Future[None] | None:
         if self._jobs is None:
@@ -283,6 +393,7 @@ class Runner:
             if self._timer is not None:
                 self._timer.cancel()
         self._wake.set()
-        for ex in (self._ingest, self._jobs):
-            if ex is not None:
-                ex.shutdown(wait=True, cancel_futures=True)
+        if self._ingest is not None:
+            self._ingest.shutdown()
+        if self._jobs is not None:
+            self._jobs.shutdown(wait=True, cancel_futures=True)
