@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import errors
-from api.routes import designs, jobs, meta, metrics, photos, projects, subjects, tenants
+from api.routes import designs, jobs, measure, meta, metrics, photos, projects, subjects, tenants
 from api.routes.photos import TUS_VERSION
 from api.runner import Runner
 from api.services import RateLimiter, Services, TokenCache
@@ -219,6 +219,7 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
         photos.router,
         designs.router,
         jobs.router,
+        measure.router,
     ):
         app.include_router(r, prefix="/v1")
     app.include_router(metrics.router)

@@ -8,6 +8,10 @@
    read from git at BEFORE_23; the ratio is printed.
 2. The whole `plan` step (placement, plan.glb, drawings, montages) for 20 photos (1600x1200,
    the synthetic site's cameras) on a synthetic site: target under 30 s.
+3. A second placement through the API on the demo's photos (`--replan`, a few minutes): a real
+   `siteplan serve`, the sample photos uploaded, a first job (the peer: it reconstructs), then a
+   job with another placement on the same photos, which reuses the site and only plans: target
+   under 15 s end to end (POST to done); the ratio to the first is printed.
 Each runs in its own process, so its peak RSS is its own.
 """
 
@@ -154,6 +158,62 @@ def plan_20() -> dict[str, Any]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def replan_api() -> dict[str, Any]:
+    import httpx
+
+    from tests.api.server import cli, serve, server_env
+    from tests.api.test_real_server import _upload
+
+    sample = ROOT / "sample_data"
+    tmp = Path(tempfile.mkdtemp(prefix="bench-replan-"))
+    try:
+        env = server_env(tmp / "data", num_cpus=str(os.cpu_count() or 2))
+        tenant = cli(env, "tenant", "create", "Bench Gates", "--with-contract")
+        token = cli(env, "token", "create", "--tenant", tenant["tenant_id"], "--scopes", "upload,read")["token"]
+        with (
+            serve(env, tmp / "server.log") as srv,
+            httpx.Client(base_url=srv.base, headers={"Authorization": f"Bearer {token}"}, timeout=60) as http,
+        ):
+            pid = http.post("/v1/projects", json={"contract_id": tenant["contract_id"], "reference": "b"}).json()["id"]
+            ids = {p.name: _upload(http, pid, p.read_bytes()) for p in sorted((sample / "photos").glob("00*.jpg"))}
+            desc = json.loads((sample / "design" / "gate.json").read_text())
+            desc.pop("file")
+            design_id = http.post(f"/v1/projects/{pid}/designs", json={"descriptor": desc}).json()["id"]
+            glb = (sample / "design" / "gate.glb").read_bytes()
+            http.put(f"/v1/designs/{design_id}/file", content=glb, headers={"Content-Type": "model/gltf-binary"})
+            while not all(
+                p["state"] in ("anonymised", "rejected")
+                for p in http.get(f"/v1/projects/{pid}/photos", params={"limit": 50}).json()["items"]
+            ):
+                time.sleep(1)
+            ref = json.loads((sample / "reference.json").read_text())
+            for seg in ref["segments"]:
+                seg["image"] = ids[seg["image"]]
+            place = json.loads((sample / "placement.json").read_text())
+            place["image"] = ids[place["image"]]
+
+            def job(placement: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+                t0 = time.perf_counter()
+                body = {"design_id": design_id, "reference": ref, "placement": placement}
+                j = http.post(f"/v1/projects/{pid}/jobs", json=body).json()
+                while j["state"] in ("queued", "running"):
+                    time.sleep(0.25)
+                    j = http.get(f"/v1/jobs/{j['id']}").json()
+                return time.perf_counter() - t0, j
+
+            first_s, first = job(place)
+            second_s, second = job(dict(place, ground_points=[[u + 40, v] for u, v in place["ground_points"]]))
+        return {
+            "first_job_s": round(first_s, 1),
+            "second_placement_s": round(second_s, 1),
+            "reused_site": second["result"].get("reused_site_from_job") == first["id"],
+            "states": [first["state"], second["state"]],
+            "second_timings": second["timings"],
+        }
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main() -> None:
     os.environ["LP_NUM_THREADS"] = "1"  # llvmpipe: one core for the montage target
     # Side by side, alternating, three rounds each: the machine is shared, so one run says little.
@@ -182,6 +242,16 @@ def main() -> None:
             )
     if b["error"] is None:
         print(f"plan, 20 photos: {b['result']['seconds']:.1f} s (target 30 s), peak RSS {b['peak_rss_mb']:.0f} MB")
+    if "--replan" in sys.argv:
+        c = measured(replan_api)
+        print(json.dumps({"replan_api": c}, indent=1, default=str))
+        if c["error"] is None:
+            r = c["result"]
+            print(
+                f"second placement through the API: {r['second_placement_s']:.1f} s (target 15 s; reused the site: "
+                f"{r['reused_site']}); the first job, which reconstructs: {r['first_job_s']:.1f} s; "
+                f"second / first = {r['second_placement_s'] / r['first_job_s']:.2f}"
+            )
 
 
 if __name__ == "__main__":

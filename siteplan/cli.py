@@ -181,7 +181,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     def progress(msg: str) -> None:
         print(f"{time.perf_counter() - t0:6.1f}s  {msg}", flush=True)
 
-    report = run_main_job(settings, inputs, progress)
+    with _progress_bar("job") as tick:
+
+        def sub(stage: str, sub_stage: str, fraction: float, eta_s: float | None) -> None:
+            done = {"reconstruct": 0.1, "plan": 0.8}.get(stage, 0.0)
+            tick(f"{stage}: {sub_stage}", done + (0.7 if stage == "reconstruct" else 0.2) * fraction)
+
+        report = run_main_job(settings, inputs, progress, sub_progress=sub)
     print("\nwrote:")
     for f in report["files"] + ["report.json", "report.html", "model/", "photos/"]:
         print(f"  {out / f}")

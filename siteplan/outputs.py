@@ -8,6 +8,10 @@ from pathlib import PurePath
 # What the API hands back, besides one montage_<photo>.jpg per photo; the site model and raw
 # surfaces stay internal.
 OUTPUTS = ("plan.glb", "plan.svg", "plan.dxf", "elevation.svg", "report.html", "report.json")
+# The site model a finished job keeps (sealed) for the next job on the same photos; stored as a
+# plan file of that job so that erasure, export and incident scope cover it, never listed or served.
+SITE_MODEL = ".site-model.tar"
+SITE_MODEL_FILES = ("model", "site.json", "points.ply", "surface.ply", ".surface-glb.ply")
 MEDIA_TYPES = {
     ".glb": "model/gltf-binary",
     ".svg": "image/svg+xml",

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
 STAGES = ("anonymise", "reconstruct", "plan", "report")
+DEMO_COMPANY = "Demo designer"  # the demo's tenant: the business name its report shows
 
 
 @dataclass
@@ -327,8 +328,11 @@ def _plan_stage(
     return plan_result
 
 
-def run_main_job(settings: Settings, inputs: JobInputs, progress: Progress = print) -> dict[str, Any]:
-    """Run the whole job; returns the report. Raises :class:`JobFailed` with an actionable message."""
+def run_main_job(
+    settings: Settings, inputs: JobInputs, progress: Progress = print, sub_progress: SubProgress | None = None
+) -> dict[str, Any]:
+    """Run the whole job; returns the report. Raises :class:`JobFailed` with an actionable message.
+    ``sub_progress``: (stage, sub-stage, fraction, ETA s) as reconstruct and plan advance."""
     t_job = time.perf_counter()
     out = inputs.out_dir
     photos = list_images(inputs.photos_dir) if inputs.photos_dir.is_dir() else []
@@ -348,7 +352,7 @@ def run_main_job(settings: Settings, inputs: JobInputs, progress: Progress = pri
     keys = FileKeyStore(settings.key_dir)
     Session = init_db(settings.db_url, keys)
     with Session.begin() as db:
-        tenant = create_tenant(db, keys, label="Demo designer")
+        tenant = create_tenant(db, keys, label=DEMO_COMPANY)
         contract = create_contract(db, keys, tenant_id=tenant.id)
         project = new_project(db, keys, tenant_id=tenant.id, contract_id=contract.id, reference="demo-site")
         job = Job(
@@ -441,6 +445,7 @@ def run_main_job(settings: Settings, inputs: JobInputs, progress: Progress = pri
             stage_done=stage_done,
             fail=fail,
             attempts_dir=attempts_dir,
+            sub_progress=sub_progress,
         )
         placed.unlink(missing_ok=True)
 
@@ -459,6 +464,7 @@ def run_main_job(settings: Settings, inputs: JobInputs, progress: Progress = pri
         },
         "site": {k: info[k] for k in SITE_KEYS},
         "plan": plan_result,
+        "designer": {"company": DEMO_COMPANY},
         "files": sorted(p.name for p in out.iterdir() if p.is_file() and not p.name.startswith(".")),
     }
     stage_done("report", time.perf_counter() - t)

@@ -30,8 +30,8 @@ from reconstruct.report import SITE_KEYS, write_report_html
 from reconstruct.sfm import SfmConfig
 from siteplan import PIPELINE_VERSION, leases
 from siteplan.consent import MESSAGES, consent_problem
-from siteplan.db import BillingRecord, Design, Job, Photo, PlanFile, Project
-from siteplan.outputs import OUTPUTS, media_type
+from siteplan.db import BillingRecord, Design, Job, Photo, PlanFile, Project, Tenant
+from siteplan.outputs import OUTPUTS, SITE_MODEL, SITE_MODEL_FILES, media_type
 from siteplan.settings import Settings
 from workers.job import JobCancelled, JobFailed, map_placement, map_reference, site_and_plan
 from workers.routing import Pool
@@ -113,6 +113,10 @@ def run_project_job(
             if design is None or design.object is None or design.project_id != project.id:
                 raise JobFailed("the design has no file yet; upload it first")
             photo_rows = [(p.id, p.object, p.intrinsics) for p in photos]
+            photo_digests = sorted((p.id, p.sha256 or p.object or "") for p in photos)
+            tenant = db.get(Tenant, job.tenant_id)
+            company = tenant.label if tenant is not None else ""
+            reuse_ok = job.kind == "plan"  # a reprocess re-runs the site on purpose
             checkpoint = (job.result or {}).get("checkpoint")
             pool: Pool = "batch" if job.kind == "reprocess" else "interactive"
             rejected = db.scalars(
@@ -162,8 +166,8 @@ def run_project_job(
                 j = db.get(Job, job_id)
                 if j is None or j.state == "cancelled":
                     raise JobCancelled()
-                j.stage, j.timings = name, dict(timings)
-                j.progress = {"reconstruct": 0.7, "plan": 0.9}.get(name, j.progress)
+                j.timings = dict(timings)
+                j.progress = {"reconstruct": 0.7, "plan": 0.95}.get(name, j.progress)
                 j.stage_attempts = _add_attempts(j.stage_attempts, count_attempts(attempts_dir))
             shutil.rmtree(attempts_dir, ignore_errors=True)  # counted once, after the commit
             if name == "reconstruct":
@@ -177,6 +181,25 @@ def run_project_job(
         def fail(msg: str) -> JobFailed:
             return JobFailed(msg)
 
+        last_write = [0.0]
+
+        def sub_progress(stage: str, sub: str, fraction: float, eta_s: float | None) -> None:
+            """The job's stage is the one running (so a failed job says where it stopped), its
+            progress the share done, and result.progress the sub-stage and ETA; written at most
+            every 2 s (and at each stage's start)."""
+            now = time.perf_counter()
+            if sub != "start" and now - last_write[0] < 2.0:
+                return
+            last_write[0] = now
+            lo, hi = {"reconstruct": (0.1, 0.7), "plan": (0.7, 0.95)}.get(stage, (0.0, 1.0))
+            with factory.begin() as db:
+                j = db.get(Job, job_id)
+                if j is None or j.state == "cancelled":
+                    raise JobCancelled()
+                j.stage, j.progress = stage, round(lo + (hi - lo) * max(0.0, min(1.0, fraction)), 3)
+                eta = None if eta_s is None else round(eta_s, 1)
+                j.result = {**(j.result or {}), "progress": {"stage": stage, "sub_stage": sub, "eta_s": eta}}
+
         with factory.begin() as db:
             j = db.get(Job, job_id)
             if j is None or j.state == "cancelled":
@@ -185,10 +208,19 @@ def run_project_job(
         out = scratch / "out"
         out.mkdir(parents=True, exist_ok=True)
         attempts_dir = scratch / "attempts"
-        resumed = False
+        resumed: bool | str = False
+        site_key = _site_key(photo_digests, good, mref)
+        reused_from: str | None = None
         if checkpoint and vault.exists(key_id, checkpoint):
             _untar_dir(vault.read_bytes(key_id, checkpoint), out)
             resumed = True
+        elif reuse_ok:
+            with factory() as db:
+                found = _find_site_model(db, project.id, site_key)
+            if found is not None and vault.exists(key_id, found[1]):
+                _untar_dir(vault.read_bytes(key_id, found[1]), out)
+                reused_from = found[0]
+                resumed = "the site model of an earlier job on the same photos and reference is reused"
         with ray_runtime(settings):
             info, plan_result = site_and_plan(
                 photos_out=photos_out,
@@ -205,6 +237,7 @@ def run_project_job(
                 pool=pool,
                 attempts_dir=attempts_dir,
                 cancelled=cancelled,
+                sub_progress=sub_progress,
             )
         timings["total"] = round(time.perf_counter() - t_job, 2)
         report = {
@@ -213,14 +246,21 @@ def run_project_job(
             "site": {k: info.get(k) for k in SITE_KEYS},
             "plan": plan_result,
             "timings_s": timings,
+            "designer": {"company": company},
+            "reused_site": reused_from is not None,
         }
         (out / "report.json").write_text(json.dumps(report, indent=2))
         write_report_html(report, out / "report.html", published=OUTPUTS)
+        # The site model, kept sealed for the next job on the same photos (a PlanFile row, so an
+        # erasure, an export and an incident scope see it like the other outputs; never listed).
+        site_tar = None if reused_from is not None else _tar_files(out, SITE_MODEL_FILES)
 
         # Seal the outputs, then publish them in one transaction.
         names = [n for n in OUTPUTS if (out / n).is_file()]
         names += sorted(p.name for p in out.glob("montage_*.jpg"))
         sealed = [(n, vault.put_file(key_id, out / n)) for n in names]
+        if site_tar is not None:
+            sealed.append((SITE_MODEL, vault.put(key_id, site_tar)))
         with factory.begin() as db:
             j = db.get(Job, job_id)
             if j is None or j.state != "running" or j.lease_holder != leases.holder():
@@ -256,7 +296,9 @@ def run_project_job(
             if ckpt:
                 vault.delete(key_id, str(ckpt))  # the outputs are published: the checkpoint goes
             j.result = {
-                "resumed_from_checkpoint": resumed,
+                "resumed_from_checkpoint": resumed is True,
+                "reused_site_from_job": reused_from,
+                "site_key": site_key,
                 "placement": plan_result.get("placement"),
                 "scale_source": info.get("scale_source"),
                 "scale_sigma_rel": info.get("scale_sigma_rel"),
@@ -294,6 +336,47 @@ def _add_attempts(before: dict[str, int] | None, now: dict[str, int]) -> dict[st
     for k, v in now.items():
         total[k] = total.get(k, 0) + v
     return total
+
+
+def _site_key(photos: list[tuple[str, str]], good: list[dict[str, Any]], reference: ScaleReference) -> str:
+    """What a site model is made from: the photos (ids and content hashes), their intrinsics, the
+    reference, the SfM settings and the pipeline version. Equal keys, equal site."""
+    import hashlib
+
+    doc = {
+        "photos": photos,
+        "intrinsics": sorted((g["input"], json.dumps(g["intrinsics"], sort_keys=True)) for g in good),
+        "reference": reference.model_dump(mode="json"),
+        "sfm": SfmConfig().model_dump(mode="json"),
+        "pipeline": PIPELINE_VERSION,
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def _find_site_model(db: Session, project_id: str, site_key: str) -> tuple[str, str] | None:
+    """(job id, vault object) of the newest finished job of this project whose site has this key."""
+    jobs = db.scalars(
+        select(Job).where(Job.project_id == project_id, Job.state == "done").order_by(Job.updated_at.desc())
+    ).all()
+    for j in jobs:
+        if (j.result or {}).get("site_key") != site_key:
+            continue
+        pf = db.scalars(select(PlanFile).where(PlanFile.job_id == j.id, PlanFile.name == SITE_MODEL)).first()
+        if pf is not None:
+            return j.id, pf.object
+    return None
+
+
+def _tar_files(d: Path, names: tuple[str, ...]) -> bytes:
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for n in names:
+            if (d / n).exists():
+                tar.add(d / n, arcname=n)
+    return buf.getvalue()
 
 
 def _tar_dir(d: Path) -> bytes:

@@ -19,15 +19,15 @@ from privacy import register
 from siteplan import PIPELINE_VERSION
 from siteplan.consent import CLIENT_RESTRICTED, MESSAGES, consent_problem
 from siteplan.db import Design, Job, Photo, PlanFile
-from siteplan.outputs import MEDIA_TYPES
+from siteplan.outputs import MEDIA_TYPES, SITE_MODEL
 
 router = APIRouter(tags=["jobs"], responses=ERROR_RESPONSES)
 
 
 def _public(j: Job) -> JobPublic:
     out = JobPublic.model_validate(j, from_attributes=True)
-    if out.result and "checkpoint" in out.result:  # internal: the sealed site of a finished stage
-        out.result = {k: v for k, v in out.result.items() if k != "checkpoint"}
+    if out.result and ({"checkpoint", "site_key"} & set(out.result)):  # internal: the sealed site's handles
+        out.result = {k: v for k, v in out.result.items() if k not in ("checkpoint", "site_key")}
     return out
 
 
@@ -242,7 +242,9 @@ def get_plan(job_id: str, db: DB, _: ReadCaller) -> PlanPublic:
     j = _get(db, job_id)
     if j.state != "done":
         raise ApiError(409, "not_ready", f"the job is {j.state}; its plan is not ready")
-    files = db.scalars(select(PlanFile).where(PlanFile.job_id == j.id).order_by(PlanFile.name)).all()
+    files = db.scalars(
+        select(PlanFile).where(PlanFile.job_id == j.id, PlanFile.name != SITE_MODEL).order_by(PlanFile.name)
+    ).all()  # the kept site model is internal
     return PlanPublic(
         job_id=j.id,
         files=[
@@ -268,7 +270,7 @@ def get_plan(job_id: str, db: DB, _: ReadCaller) -> PlanPublic:
 def get_plan_file(job_id: str, name: str, request: Request, db: DB, svc: ServicesDep, _: ReadCaller) -> Response:
     j = _get(db, job_id)
     f = db.scalars(select(PlanFile).where(PlanFile.job_id == j.id, PlanFile.name == name)).first()
-    if f is None:
+    if f is None or name == SITE_MODEL:
         raise not_found("plan file")
     etag = f'"{f.sha256[:32]}"'
     if request.headers.get("if-none-match") == etag:
