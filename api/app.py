@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import errors
+from api.access_log import AccessLog
 from api.routes import designs, jobs, measure, meta, metrics, photos, projects, subjects, tenants
 from api.routes.photos import TUS_VERSION
 from api.runner import Runner
@@ -224,7 +225,9 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
         app.include_router(r, prefix="/v1")
     app.include_router(metrics.router)
     app.add_middleware(BodyLimit, json_bytes=settings.max_json_bytes, upload_bytes=settings.max_upload_bytes + 65536)
-    app.add_middleware(Guard, paths=lambda: list(app.openapi().get("paths", {})))  # added last: the outermost of ours
+    app.add_middleware(Guard, paths=lambda: list(app.openapi().get("paths", {})))
+    # The access log outside the Guard, so it records the 500 the Guard answers (api/access_log.py).
+    app.add_middleware(AccessLog, paths=lambda: list(app.openapi().get("paths", {})))  # the outermost of ours
     return app
 
 

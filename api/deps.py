@@ -13,6 +13,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
+from api import access_log
 from api.errors import ApiError
 from api.services import CachedToken, Services
 from siteplan.db import tenant_session
@@ -57,6 +58,7 @@ async def caller(
             raise unauthorized
         svc.tokens.put(key, hit)
     c = Caller(hit.tenant_id, hit.token_id, hit.scopes)
+    access_log.note_tenant(c.tenant_id)
     wait = svc.limiter.take(c.token_id)
     if wait:
         raise ApiError(429, "rate_limited", "too many requests; slow down", headers={"Retry-After": str(int(wait))})
