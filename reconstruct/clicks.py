@@ -37,6 +37,10 @@ from reconstruct.multiview import MultiViewConfig, PhotoSet, refine_point, sigma
 log = logging.getLogger(__name__)
 
 DISAGREE_SIGMAS = 3.0  # surface lift and multi-view point further apart than this: a warning
+# The bundle adjustment's point sigma near a click is an absolute one: most of it is the whole
+# model's drift (the gauge), which moves both ends of a length alike. A multi-view point takes
+# this share of its variance; fitted on the tuned scenes (docs/reconstruct.md).
+POSE_WEIGHT = 0.35
 
 
 @dataclass
@@ -78,7 +82,8 @@ class ClickLifter:
         *,
         surface_path: Path | None = None,
         config: MultiViewConfig | None = None,
-        click_px: float = 1.0,
+        click_px: float = 0.5,
+        pose_weight: float = POSE_WEIGHT,
         multiview: bool = True,
     ) -> None:
         self.rec = rec
@@ -87,6 +92,7 @@ class ClickLifter:
         self.surface_path = surface_path
         self.config = config or MultiViewConfig()
         self.click_px = click_px
+        self.pose_weight = pose_weight
         self.multiview = multiview
         self._obs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._pix: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -189,7 +195,7 @@ class ClickLifter:
                 return ClickedPoint(None, None, "none", mv.views, f"{first.reason}; {reason}")
             surf.reason = reason
             return surf
-        cov = mv.cov + pose_var * np.eye(3) + self._click_cov(view, mv.xyz, first.normal)
+        cov = mv.cov + self.pose_weight * pose_var * np.eye(3) + self._click_cov(view, mv.xyz, first.normal)
         out = ClickedPoint(mv.xyz, cov, "multi-view", mv.views)
         if surf is not None and surf.cov is not None:
             out.surface_xyz, out.surface_sigma = surf.xyz, first.sigma
