@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -151,7 +152,14 @@ def run_project_job(
         (design_dir / "design.json").write_text(json.dumps(descriptor))
 
         # Reference and placement name photos by id, in pixels as uploaded: orient them.
-        ref = ScaleReference.model_validate(inputs["reference"])
+        try:
+            # The same model the API validated the body with; a job stored before a rule was
+            # added fails with the reason instead of as an internal error.
+            ref = ScaleReference.model_validate(inputs["reference"])
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise JobFailed(f"the job's scale reference is invalid at '{where}': {first['msg']}") from None
         try:
             check_reference(ref, {g["input"] for g in good})
             mref = map_reference(ref, good)

@@ -200,3 +200,64 @@ def test_certificate_counts_jobs_cancelled_by_an_earlier_attempt(live_sqlite: tu
     os.close(fd)
     signed = terminate_contract(svc.factory, svc.vault, paths, contract_id=t.contract_id, disposition="destroy")
     assert signed["document"]["jobs_cancelled"] == 1
+
+
+class _Killed(BaseException):
+    """Stands for kill -9 at a step boundary (BaseException: nothing in the code catches it)."""
+
+
+@pytest.mark.parametrize("step", ["freeze", "export", "inventory", "rows", "objects", "key"])
+def test_termination_killed_at_a_step_then_run_again(live_sqlite: tuple[LiveServer, Api], step: str) -> None:
+    """A 'return' termination stopped after each step and run again: one archive, one
+    certificate, and its counts are what happened (one running job cancelled, every object)."""
+    _, api = live_sqlite
+    t = api.tenant()
+    pid = _project(api, t)
+    svc, paths = api.svc, lifecycle_paths(api.svc.settings)
+    with svc.factory.begin() as db:
+        db.add(
+            Job(
+                tenant_id=t.id,
+                project_id=pid,
+                kind="plan",
+                state="running",
+                pipeline_version=PIPELINE_VERSION,
+                inputs={},
+                timings={},
+            )
+        )
+        obj = svc.vault.put(t.contract_id, JPEG)
+        db.add(
+            Photo(
+                tenant_id=t.id,
+                project_id=pid,
+                contract_id=t.contract_id,
+                length=len(JPEG),
+                state="anonymised",
+                object=obj.object_id,
+                sha256=obj.sha256,
+                intrinsics={},
+            )
+        )
+    n_objects = len(svc.vault.objects(t.contract_id))
+
+    def kill(at: str) -> None:
+        if at == step:
+            raise _Killed()
+
+    with pytest.raises(_Killed):
+        terminate_contract(
+            svc.factory, svc.vault, paths, contract_id=t.contract_id, disposition="return", checkpoint=kill
+        )
+    signed = terminate_contract(svc.factory, svc.vault, paths, contract_id=t.contract_id, disposition="return")
+    doc = signed["document"]
+    archives = sorted(p.name for p in paths.exports.iterdir() if not p.name.startswith("."))
+    assert archives == [f"{t.contract_id}-export.zip"], archives
+    assert doc["export"]["file"] == archives[0]
+    import hashlib
+
+    assert doc["export"]["sha256"] == hashlib.sha256((paths.exports / archives[0]).read_bytes()).hexdigest()
+    assert doc["jobs_cancelled"] == 1
+    assert doc["destroyed"]["objects"] == n_objects
+    with svc.factory() as db:
+        assert len(db.scalars(select(Certificate).where(Certificate.contract_id == t.contract_id)).all()) == 1
