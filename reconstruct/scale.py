@@ -1,9 +1,13 @@
 """Metric scale from reference segments measured on site.
 
-Each segment's endpoints are lifted onto the local surface in its photo; the ratio of the true
-length to the model length is that segment's scale, with a sigma from the endpoint lifts.
-Several segments are combined by inverse-variance weights; a segment that disagrees with the
-consensus by more than 5 % is reported and down-weighted by its inconsistency.
+Each segment's endpoints go through ``clicks.ClickLifter``: triangulated from every photo that
+sees them, or lifted onto the local surface where fewer than two photos agree (each endpoint says
+which, and why). The ratio of the true length to the model length is that segment's scale, with a
+sigma from the endpoints' covariances along the segment. The surface lift of the same clicks is a
+check: where the two disagree beyond their sigmas the reference is named and its sigma widened.
+Several references are combined by inverse-variance weights; one that disagrees with the others
+beyond both sigmas is named and down-weighted to its deviation, and the references' scatter
+widens the combined sigma.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from reconstruct.markers import detect_all, marker_scale
 from reconstruct.reference import ScaleReference
 
 log = logging.getLogger(__name__)
+DEPTH_RATIO_WARN = 1.6  # a reference whose endpoints' ranges differ this much may have slipped off
 
 
 @dataclass
@@ -82,6 +87,13 @@ def estimate_scale(
             continue
         ab = np.asarray(pb.xyz) - np.asarray(pa.xyz)
         model_len = float(np.linalg.norm(ab))
+        centre = vs[seg.image].centre
+        da, db = float(np.linalg.norm(pa.xyz - centre)), float(np.linalg.norm(pb.xyz - centre))
+        if max(da, db) > DEPTH_RATIO_WARN * min(da, db):
+            warnings.append(
+                f"reference segment {i}: its endpoints lie at very different distances from the camera "
+                f"({max(da, db) / min(da, db):.1f}x): check that both are on the measured object"
+            )
         assert seg.length_m is not None
         s = seg.length_m / model_len
         rel = math.hypot(pa.sigma_along(ab), pb.sigma_along(ab)) / model_len
@@ -111,12 +123,23 @@ def estimate_scale(
     scales = np.array([it["scale"] for it in used])
     sig = np.array([max(it["sigma_rel"], 1e-4) for it in used])
     median = float(np.median(scales))
-    for it in used:
-        dev = abs(it["scale"] / median - 1)
-        if dev > 0.05:
-            warnings.append(f"reference {it['kind']} {it['index']} disagrees with the others by {100 * dev:.1f} %")
-            # Down-weight by inconsistency: its effective sigma is at least its deviation.
-            it["sigma_rel"] = max(it["sigma_rel"], dev)
+    if len(used) >= 2:
+        # Each reference against the weighted scale of the others: one that disagrees beyond both
+        # sigmas (and by more than a tape's 0.5 %) is named and down-weighted to its deviation,
+        # so the scale comes from the consistent ones and the scatter widens the sigma below.
+        for k, it in enumerate(used):
+            rest = [j for j in range(len(used)) if j != k]
+            wr = 1.0 / sig[rest] ** 2
+            others = float(np.exp(np.sum(wr * np.log(scales[rest])) / wr.sum()))
+            both = math.hypot(float(sig[k]), 1.0 / math.sqrt(float(wr.sum())))
+            dev = abs(it["scale"] / others - 1)
+            if dev > max(3.0 * both, 0.005) and (len(used) == 2 or dev > abs(median / others - 1)):
+                warnings.append(
+                    f"reference {it['kind']} {it['index']} disagrees with the others by {100 * dev:.1f} % "
+                    f"(beyond their sigmas, {100 * both:.2f} %); the scale rests on the others"
+                )
+                it["sigma_rel"] = max(it["sigma_rel"], dev)
+                it["inconsistent"] = True
     sig = np.array([max(it["sigma_rel"], 1e-4) for it in used])
     w = 1.0 / sig**2
     log_s = float(np.sum(w * np.log(scales)) / w.sum())
