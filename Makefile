@@ -12,6 +12,8 @@ SYS_RUNTIME += postgresql-client
 # exiftool is the independent metadata reader the privacy tests check outputs with; Chromium
 # opens report.html headless to check its 3D viewer.
 SYS_TEST := libimage-exiftool-perl chromium
+# promtool (Debian's prometheus package; its server is not started) checks deploy/prometheus/.
+SYS_TEST += prometheus
 
 .PHONY: demo test lint typecheck sysdeps sysdeps-test venv venv-gpu clean bench images
 
