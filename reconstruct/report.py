@@ -227,7 +227,7 @@ def write_report_html(
         parts.append(_row("photos placed", f"{len(site['registered_images'])}"))
     if site.get("unregistered_images"):
         nums = ", ".join(f"photo {numbers[n]}" for n in sorted(site["unregistered_images"]) if n in numbers)
-        parts.append(_row("photos not placed", f"{nums} (too few features matched the others)"))
+        parts.append(_row("photos not placed", f"{nums} (the model could not place them; no montage)"))
     if site.get("num_points") is not None:
         parts.append(_row("points", site["num_points"]))
     if site.get("mean_reprojection_error_px") is not None:
