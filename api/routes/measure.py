@@ -12,12 +12,13 @@ import uuid
 from typing import Any
 
 from fastapi import APIRouter
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 from sqlalchemy import select
 
 from api.deps import DB, ReadCaller, ServicesDep
 from api.errors import ERROR_RESPONSES, ApiError, not_found
 from api.routes.projects import get_project, require_active
+from api.schemas import Strict
 from privacy import register
 from privacy.lifecycle import hold_scratch
 from privacy.metadata import orient_point
@@ -31,9 +32,7 @@ router = APIRouter(tags=["jobs"], responses=ERROR_RESPONSES)
 MAX_SEGMENTS = 50
 
 
-class MeasureRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class MeasureRequest(Strict):  # unknown fields, non-finite numbers, lone surrogates: 422 (#24)
     segments: list[Segment] = Field(
         min_length=1,
         max_length=MAX_SEGMENTS,
