@@ -154,3 +154,30 @@ def test_placement_without_a_ground_plane_lands_on_the_true_ground(site: tuple[o
     assert any("assumed" in w for w in blind.warnings)
     assert blind.opening_sigma_m is not None and placed.opening_sigma_m is not None
     assert blind.opening_sigma_m > 5 * placed.opening_sigma_m
+
+
+def test_a_reference_only_one_photo_sees_is_lifted_on_its_surface_and_says_so(
+    site: tuple[object, Path], tmp_path: Path
+) -> None:
+    """The other photos show nothing of the clicked spot (blank): the reference's endpoints fall
+    back to the surface lift with its sigma, each with the reason, and the scale is still given."""
+    from reconstruct.reference import ScaleReference
+    from reconstruct.scale import estimate_scale
+
+    scene, folder = site
+    for k in range(len(scene.cams_truth)):  # type: ignore[attr-defined]
+        name = f"{k:04d}.jpg"
+        img = cv2.imread(str(folder / name)) if k == 2 else np.full((1200, 1600, 3), 128, np.uint8)
+        cv2.imwrite(str(tmp_path / name), img)
+    rec = truth_frame(scene)  # type: ignore[arg-type]
+    A, B = np.array([-2.0, 1.5, 0.0]), np.array([1.8, 0.5, 0.0])
+    seg = Segment(image="0002.jpg", a=scene.pixel(2, A), b=scene.pixel(2, B), length_m=float(np.linalg.norm(A - B)))  # type: ignore[attr-defined]
+    est = estimate_scale(rec, ScaleReference(segments=[seg]), image_dir=tmp_path)
+    ref = est.per_reference[0]
+    for end in ("a", "b"):
+        assert ref["endpoints"][end]["lifted_on"] == "plane" and ref["endpoints"][end]["views"] == 1
+        assert "found in no other photo" in ref["endpoints"][end]["reason"]
+    assert est.scale == pytest.approx(1.0, rel=0.01) and est.sigma_rel > 0
+    # With the photos, the same reference is triangulated.
+    ref2 = estimate_scale(rec, ScaleReference(segments=[seg]), image_dir=folder).per_reference[0]
+    assert ref2["endpoints"]["a"]["lifted_on"] == "multi-view" and ref2["endpoints"]["a"]["views"] >= 3
