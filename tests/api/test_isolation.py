@@ -30,6 +30,7 @@ BODIES = {
         "reference": {"segments": []},
         "placement": {"site": {"position": [0, 0]}},
     },
+    ("POST", "/v1/jobs/{job_id}/measure"): {"segments": [{"image": "0" * 32, "a": [1, 1], "b": [90, 1]}]},
 }
 TUS = {"Tus-Resumable": "1.0.0", "Upload-Length": "10", "Upload-Offset": "0"}
 
