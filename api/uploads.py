@@ -6,8 +6,12 @@ writer per upload across threads and server processes, deletion, and expiry. The
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
+import os
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -119,20 +123,48 @@ def writing(svc: Services, tenant_id: str, p: Upload | Photo, *, wait_s: float =
     no staging directory or sealed tail is made again. Lock order: contract lock, then the
     upload's lock (held by the caller), then the database."""
     path = contract_lock_path(lifecycle_paths(svc.settings).lock_dir, p.contract_id)
-    with ExitStack() as held:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
         try:
-            held.enter_context(file_lock(path, exclusive=False, wait_s=0.0))
-        except TimeoutError:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
             # A termination (long) or an erasure (short) holds it: a gone upload says so at once.
             if not _still_open(svc, tenant_id, p.id):
                 raise UploadGone() from None
-            try:
-                held.enter_context(file_lock(path, exclusive=False, wait_s=wait_s, poll_s=0.05))
-            except TimeoutError:
-                raise ApiError(409, "upload_busy", "the contract's data is being changed; retry shortly") from None
-        if not _still_open(svc, tenant_id, p.id):
-            raise UploadGone()
+            deadline = time.monotonic() + wait_s
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise ApiError(
+                            409, "upload_busy", "the contract's data is being changed; retry shortly"
+                        ) from None
+                    time.sleep(0.05)
+        # The lock file counts its exclusive holders (privacy.lifecycle.bump_generation): the
+        # row is read again only when one has held it since this process last looked.
+        generation = os.pread(fd, 32, 0)
+        if _checked.get(p.id) != generation:
+            if not _still_open(svc, tenant_id, p.id):
+                raise UploadGone()
+            _remember_check(p.id, generation)
         yield
+    finally:
+        os.close(fd)
+
+
+_checked: OrderedDict[str, bytes] = OrderedDict()  # upload id -> lock generation it was checked at
+_checked_lock = threading.Lock()
+
+
+def _remember_check(upload_id: str, generation: bytes) -> None:
+    with _checked_lock:
+        _checked[upload_id] = generation
+        _checked.move_to_end(upload_id)
+        while len(_checked) > 10_000:
+            _checked.popitem(last=False)
 
 
 def write_guarded(svc: Services, tenant_id: str, p: Upload, fn: Callable[..., T], *args: Any) -> T:

@@ -566,7 +566,19 @@ def cmd_subject(args: argparse.Namespace) -> int:
     from siteplan.db import Subject
 
     settings, factory, vault = _services()
-    with factory.begin() as db:
+    held = contextlib.ExitStack()
+    if args.action == "erase":  # under the contract's data lock, as the API's erasure (docs/workers.md)
+        from privacy.lifecycle import ContractBusy, contract_lock
+        from siteplan.paths import lifecycle_paths
+
+        with factory() as db:
+            pre = db.get(Subject, args.subject)
+        if pre is not None:
+            try:
+                held.enter_context(contract_lock(lifecycle_paths(settings), pre.contract_id))
+            except ContractBusy as exc:
+                raise SystemExit(f"error: {exc}") from None
+    with held, factory.begin() as db:
         s = db.get(Subject, args.subject)
         if s is None:
             raise SystemExit("error: no such subject")
