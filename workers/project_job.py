@@ -95,7 +95,16 @@ def run_project_job(
         assert job is not None
         job.attempts, job.stage, job.progress = job.attempts + 1, "prepare", 0.02
     lease = leases.Lease(factory, Job, job_id).start()
-    running = hold_scratch(scratch)
+    try:
+        running = hold_scratch(scratch)
+    except OSError as exc:  # no scratch (disk full, permissions): fail now, never hold the lease on
+        log.error("job %s: no scratch directory (%s)", job_id[:8], type(exc).__name__)
+        with factory.begin() as db:
+            j = db.get(Job, job_id)
+            if j is not None and j.state == "running":
+                j.state, j.error = "failed", f"internal error ({type(exc).__name__}); the operators were told"
+        lease.release()
+        return
     try:
         with factory.begin() as db:
             job = db.get(Job, job_id)
