@@ -50,15 +50,38 @@ def test_images_build_with_the_makefiles_targets() -> None:
     makefile = (ROOT / "Makefile").read_text()
     targets = set(re.findall(r"^([a-z][a-z-]*):", makefile, re.M))
     s = stages()
-    assert set(s) == {"cpu", "gpu"}
+    assert set(s) == {"base", "cpu", "gpu"}
+    assert all(re.search(rf"^FROM base AS {t}$", CONTAINERFILE.read_text(), re.M) for t in ("cpu", "gpu"))
     made = {name: re.findall(r"RUN make ([a-z -]+?)(?: PYTHON=\S+)? &&", body) for name, body in s.items()}
-    assert made == {"cpu": ["sysdeps venv"], "gpu": ["sysdeps venv-gpu"]}
+    assert made == {"base": [], "cpu": ["sysdeps venv"], "gpu": ["sysdeps venv-gpu"]}
     for goals in made.values():
-        assert set(goals[0].split()) <= targets
+        assert all(set(g.split()) <= targets for g in goals)
     # Every package the wheel holds is copied in (a missing folder: an image that cannot import).
     include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
-    for name, body in s.items():
-        copied = set(re.findall(r"^COPY (\S+?)/? ", body, re.M))
-        assert {p.rstrip("*") for p in include} <= copied, name
-        assert {"Makefile", "scripts", "deploy"} <= copied | set(re.findall(r"^COPY (.+) \./$", body, re.M)[0].split())
-        assert re.search(r"^USER 10001$", body, re.M), f"{name} runs as root"
+    base = s["base"]
+    copied = set(re.findall(r"^COPY (\S+?)/? ", base, re.M)) | set(
+        re.findall(r"^COPY (.+) \./$", base, re.M)[0].split()
+    )
+    assert {p.rstrip("*") for p in include} | {"Makefile", "pyproject.toml", "scripts", "deploy"} <= copied
+    for name in ("cpu", "gpu"):
+        assert re.search(r"^USER 10001$", s[name], re.M), f"{name} runs as root"
+
+
+def test_every_node_gets_the_ray_and_python_of_the_head() -> None:
+    """Ray refuses a node or driver whose Ray or Python version differs from the head's: both
+    images share one Python base, and pip installs the Ray the RayCluster names."""
+    import sys
+
+    import ray
+    import yaml
+
+    s = stages()
+    assert "FROM python:3.11-slim-bookworm AS base" in CONTAINERFILE.read_text()
+    assert f"{sys.version_info.major}.{sys.version_info.minor}" == "3.11", "the base's Python is the tests' Python"
+    assert "PIP_CONSTRAINT=/opt/siteplan/deploy/constraints.txt" in s["base"]
+    pins = dict(
+        line.split("==") for line in (ROOT / "deploy" / "constraints.txt").read_text().splitlines()
+        if line and not line.startswith("#")
+    )  # fmt: skip
+    (rc,) = [d for d in yaml.safe_load_all((ROOT / "deploy" / "kuberay-raycluster.yaml").read_text()) if d]
+    assert pins["ray"] == rc["spec"]["rayVersion"] == ray.__version__
