@@ -173,6 +173,7 @@ def _build(
 
     t0 = time.perf_counter()
     scale = estimate_scale(rec, reference, image_dir=image_dir)
+    timings["scale_s"] = time.perf_counter() - t0  # the references' clicks triangulated included
     rec.transform(pycolmap.Sim3d(scale.scale, pycolmap.Rotation3d(np.eye(3)), np.zeros(3)))
     pts = np.array([p.xyz for p in rec.points3D.values()])
     vs = [views(rec)[n] for n in registered]
