@@ -234,7 +234,16 @@ def restore(
             if (Path(tmp) / "vault" / "objects").exists():
                 vault_root.mkdir(parents=True, exist_ok=True)
                 os.replace(Path(tmp) / "vault" / "objects", vault_root / "objects")
-    factory = factory_for()
+    return reconcile(factory_for(), vault, certificates_dir=certificates_dir)
+
+
+def reconcile(factory: sessionmaker[Session], vault: Vault, *, certificates_dir: Path | None = None) -> RestoreReport:
+    """What every restore runs once the database is back, so that it never resurrects: drop the
+    contracts whose data key was destroyed since, erase again the subjects erased since (the
+    ledger beside the keys), put back the register's later entries and the certificates of
+    contracts ended since. Safe on a database that was never restored (it finds nothing to do),
+    and the way to bring a database restored by other means (a managed snapshot, point-in-time
+    recovery) back in line: ``siteplan restore --reconcile-only``."""
     gone: list[str] = []
     certs = 0
     with factory.begin() as db:

@@ -468,17 +468,26 @@ def cmd_restore(args: argparse.Namespace) -> int:
     settings = Settings()
     settings.root.mkdir(parents=True, exist_ok=True, mode=0o700)
     vault = Vault(settings.vault_dir, FileKeyStore(settings.key_dir))
+    if args.reconcile_only == (args.archive is not None):
+        raise SystemExit("error: give a backup archive to restore, or --reconcile-only (not both)")
     try:
-        rep = restore(
-            Path(args.archive),
-            db_file=settings.root / "siteplan.db",
-            vault_root=settings.vault_dir,
-            factory_for=lambda: init_db(settings.db_url, vault.keys),
-            vault=vault,
-            force=args.force,
-            certificates_dir=lifecycle_paths(settings).certificates,
-            db_url=settings.db_url,
-        )
+        if args.reconcile_only:
+            from privacy.backup import reconcile
+
+            rep = reconcile(
+                init_db(settings.db_url, vault.keys), vault, certificates_dir=lifecycle_paths(settings).certificates
+            )
+        else:
+            rep = restore(
+                Path(args.archive),
+                db_file=settings.root / "siteplan.db",
+                vault_root=settings.vault_dir,
+                factory_for=lambda: init_db(settings.db_url, vault.keys),
+                vault=vault,
+                force=args.force,
+                certificates_dir=lifecycle_paths(settings).certificates,
+                db_url=settings.db_url,
+            )
     except BackupError as exc:
         raise SystemExit(f"error: {exc}") from None
     except (OSError, tarfile.TarError) as exc:
@@ -706,8 +715,14 @@ def build_parser() -> argparse.ArgumentParser:
     bk.add_argument("out", help="archive to write (.tar.gz)")
     bk.set_defaults(func=cmd_backup)
     rs = sub.add_parser("restore", help="restore a backup; contracts whose key was destroyed stay destroyed")
-    rs.add_argument("archive")
+    rs.add_argument("archive", nargs="?")
     rs.add_argument("--force", action="store_true", help="replace the current database")
+    rs.add_argument(
+        "--reconcile-only",
+        action="store_true",
+        help="no archive: bring a database restored by other means (a snapshot, PITR) in line with the "
+        "erasures, destroyed keys and register entries made since",
+    )
     rs.set_defaults(func=cmd_restore)
 
     inc = sub.add_parser("incident", help="which controllers and subjects an object or time window touches")

@@ -192,3 +192,42 @@ def test_the_cli_backs_up_and_restores_postgresql(tmp_path: Path, pg_url: str) -
     subprocess.run([*cli, "backup", str(tmp_path / "lite.tar.gz")], env=sqlite_env, cwd=ROOT, check=True)
     wrong = run("restore", str(tmp_path / "lite.tar.gz"), "--force")
     assert wrong.returncode != 0 and "holds a sqlite database" in wrong.stderr
+
+
+def test_a_database_restored_by_other_means_is_reconciled(world: World, tmp_path: Path) -> None:
+    """A managed snapshot or point-in-time recovery brings erased subjects and destroyed contracts
+    back; `siteplan restore --reconcile-only` takes them out again, and is a no-op after."""
+    w = world
+    url = w.settings.db_url.replace("+psycopg", "")
+    snapshot = tmp_path / "snapshot.dump"
+    subprocess.run(["pg_dump", "--format=custom", f"--file={snapshot}", url], check=True)
+    with w.factory.begin() as db:
+        s = db.get(Subject, w.c2.subject_id)
+        assert s is not None
+        erase_subject(db, w.vault, s)
+    terminate_contract(w.factory, w.vault, lifecycle_paths(w.settings), contract_id=w.c1.id, disposition="destroy")
+    w.factory.kw["bind"].dispose()
+    # The provider's restore, not ours: everything as it was at the snapshot.
+    subprocess.run(
+        ["pg_restore", "--clean", "--if-exists", "--no-owner", "--single-transaction", "-d", url, str(snapshot)],
+        check=True,
+        capture_output=True,
+    )
+    with init_db(w.settings.db_url)() as db:
+        assert db.get(Subject, w.c2.subject_id) is not None, "the snapshot brought the erased subject back"
+    env = {**os.environ, "SITEPLAN_DATA_DIR": str(w.settings.data_dir), "SITEPLAN_DATABASE_URL": w.settings.db_url}
+    cli = [sys.executable, "-m", "siteplan.cli", "restore", "--reconcile-only"]
+    first = subprocess.run(cli, env=env, cwd=ROOT, capture_output=True, text=True, check=False)
+    assert first.returncode == 0, first.stderr
+    rep = json.loads(first.stdout)
+    assert rep["erasures_replayed"] == 1 and rep["unrecoverable_contracts"] == [w.c1.id]
+    assert rep["certificates_restored"] == 1
+    with init_db(w.settings.db_url)() as db:
+        assert db.get(Subject, w.c2.subject_id) is None
+        assert db.scalars(select(Photo).where(Photo.contract_id == w.c1.id)).all() == []
+        assert db.get(Contract, w.c1.id).state == "ended"  # type: ignore[union-attr]
+        assert register.verify_register(db, w.tenant_id).ok
+    again = json.loads(subprocess.run(cli, env=env, cwd=ROOT, capture_output=True, text=True, check=True).stdout)
+    assert again["erasures_replayed"] == 0 and again["unrecoverable_contracts"] == []
+    both = subprocess.run([*cli, str(tmp_path / "x.tar.gz")], env=env, cwd=ROOT, capture_output=True, text=True)
+    assert both.returncode != 0 and "not both" in both.stderr
