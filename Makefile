@@ -59,7 +59,7 @@ venv-gpu: $(STAMP)
 # Every benchmark in turn, each printing its peer side by side (bench/README.md). Not part of
 # `make test`: minutes of machine time, and the numbers are for reading, not asserting.
 # bench/api.py drives the server with curl. The failed ones are named at the end, the rest still run.
-BENCHES := reconstruct scaling anonymize plan api pool plates
+BENCHES := reconstruct accuracy scaling anonymize plan api pool plates
 SYS_BENCH := curl
 bench: sysdeps $(STAMP)
 	@bash scripts/ensure_debs.sh $(SYS_BENCH)
