@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 
@@ -23,12 +23,12 @@ from api.uploads import expire_uploads
 from privacy import register
 from privacy.anonymize import AnonymizationPolicy
 from privacy.ingest import ingest
-from privacy.lifecycle import expire_exports, scratch_in_use, shred_scratch
+from privacy.lifecycle import contract_shared, expire_exports, scratch_in_use, shred_scratch
 from privacy.sandbox import SandboxUnavailable
 from privacy.vault import VaultError
 from siteplan import leases
 from siteplan.consent import consent_problem
-from siteplan.db import Job, Photo, Project
+from siteplan.db import Contract, Job, Photo, Project
 from siteplan.paths import lifecycle_paths
 
 log = logging.getLogger(__name__)
@@ -67,8 +67,19 @@ def ingest_photo(svc: Services, photo_id: str) -> None:
 
 def _ingest_claimed(svc: Services, photo_id: str, key_id: str, original: str) -> None:
     ours = (Photo.id == photo_id, Photo.state == "anonymising", leases.mine(Photo))
+
+    @contextlib.contextmanager
+    def still_ours() -> Iterator[bool]:
+        # The new JPEG is written under the contract's data lock, shared, once the row says it
+        # is still ours: never into a container a termination or an erasure has just emptied.
+        with contract_shared(lifecycle_paths(svc.settings), key_id), svc.factory() as db:
+            c = db.get(Contract, key_id)
+            yield (
+                c is not None and c.state == "active" and db.execute(select(Photo.id).where(*ours)).first() is not None
+            )
+
     try:
-        res = ingest(svc.vault, key_id=key_id, original=original, policy=AnonymizationPolicy())
+        res = ingest(svc.vault, key_id=key_id, original=original, policy=AnonymizationPolicy(), guard=still_ours)
     except SandboxUnavailable:
         # Our side failed, not the file: back to quarantine, untouched, for the next attempt
         # (the runner's recovery pass picks quarantined photos up again).

@@ -6,7 +6,10 @@ after anonymisation unless the controller's written instruction says to keep it 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +30,17 @@ class IngestResult:
     original_destroyed: bool
 
 
-def ingest(vault: Vault, *, key_id: str, original: str, policy: AnonymizationPolicy) -> IngestResult:
+def ingest(
+    vault: Vault,
+    *,
+    key_id: str,
+    original: str,
+    policy: AnonymizationPolicy,
+    guard: Callable[[], AbstractContextManager[bool]] | None = None,
+) -> IngestResult:
+    """``guard``: entered around the write of the new JPEG; it says whether the photo may still
+    be written (the caller holds the contract's data lock in it and checks the photo's row, so
+    nothing is written into a container a termination or an erasure has just emptied)."""
     data = vault.read_bytes(key_id, original)
     try:
         photo = anonymize(data, policy)
@@ -39,9 +52,12 @@ def ingest(vault: Vault, *, key_id: str, original: str, policy: AnonymizationPol
         return IngestResult(None, None, 0, 0, f"{exc}; the photo was refused (fail-closed policy)", destroyed)
     finally:
         del data
-    info = vault.put(key_id, photo.jpeg)
-    destroyed = False
-    if not policy.keep_original:
-        destroyed = vault.delete(key_id, original)
+    with guard() if guard is not None else contextlib.nullcontext(True) as ok:
+        if not ok:
+            return IngestResult(None, None, 0, 0, "the photo was deleted while it was anonymised", False)
+        info = vault.put(key_id, photo.jpeg)
+        destroyed = False
+        if not policy.keep_original:
+            destroyed = vault.delete(key_id, original)
     log.info("photo anonymised: %d faces, %d plates, %.2f s", len(photo.faces), len(photo.plates), photo.seconds)
     return IngestResult(info, photo.intrinsics.to_json(), len(photo.faces), len(photo.plates), None, destroyed)

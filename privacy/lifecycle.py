@@ -108,6 +108,18 @@ def contract_lock(paths: Paths, contract_id: str, *, wait_s: float = CONTRACT_LO
         os.close(fd)
 
 
+@contextlib.contextmanager
+def contract_shared(paths: Paths, contract_id: str, *, wait_s: float = CONTRACT_LOCK_WAIT_S) -> Iterator[None]:
+    """The contract's data lock, shared: one short write of the contract's data (a design's file
+    or an anonymised photo into the vault). The writer checks its row again inside: a
+    termination or an erasure that held the lock before it may have deleted it."""
+    try:
+        with file_lock(contract_lock_path(paths.lock_dir, contract_id), exclusive=False, wait_s=wait_s, poll_s=0.05):
+            yield
+    except TimeoutError:
+        raise ContractBusy("the contract's data is being changed; retry shortly") from None
+
+
 def bump_generation(fd: int) -> None:
     """Count one more exclusive holder in the lock file itself (a decimal number): a writer
     holding the lock shared reads it to know whether anyone could have deleted its upload since

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from sqlalchemy import select
@@ -15,8 +15,10 @@ from api.routes.projects import get_project, require_active
 from api.schemas import DesignCreate, DesignList, DesignPublic
 from api.services import Services
 from privacy.fields import design_descriptor, new_design
+from privacy.lifecycle import ContractBusy, contract_shared
 from privacy.vault import CHUNK
-from siteplan.db import Design, tenant_session
+from siteplan.db import Contract, Design, tenant_session
+from siteplan.paths import lifecycle_paths
 
 router = APIRouter(
     tags=["designs"],
@@ -147,15 +149,28 @@ async def put_design_file(
         if size == 0:
             raise ApiError(422, "invalid", "the design file is empty")
         await run_in_threadpool(w.write, bytes(batch))
-        info = await run_in_threadpool(w.commit)
+        return await run_in_threadpool(_commit_put, svc, c.tenant_id, design_id, contract_id, w, fmt)
     except BaseException:
         # Whatever cut the body short (a refusal, a dropped client, the body-size middleware,
         # a cancelled task): the sealed temporary file goes, never left in the vault.
         w.abort()  # a close and an unlink: done here even when the task is being cancelled
         raise
-    return await run_in_threadpool(
-        _finish_put, svc, c.tenant_id, design_id, contract_id, info.object_id, fmt, info.size
-    )
+
+
+def _commit_put(svc: Services, tenant_id: str, design_id: str, contract_id: str, w: Any, fmt: str) -> DesignPublic:
+    """Into the vault under the contract's data lock, shared, once the design and its contract
+    are still there: a termination or an erasure during the upload leaves no file (410)."""
+    try:
+        with contract_shared(lifecycle_paths(svc.settings), contract_id):
+            with tenant_session(svc.factory, tenant_id) as db:
+                d = db.get(Design, design_id)
+                ct = db.get(Contract, contract_id)
+                if d is None or ct is None or ct.state != "active":
+                    raise ApiError(410, "gone", "the design was deleted, or its contract ended, during the upload")
+            info = w.commit()
+            return _finish_put(svc, tenant_id, design_id, contract_id, info.object_id, fmt, info.size)
+    except ContractBusy as exc:
+        raise ApiError(409, "busy", str(exc)) from None
 
 
 def _begin_put(svc: Services, tenant_id: str, design_id: str) -> str:

@@ -261,3 +261,82 @@ def test_termination_killed_at_a_step_then_run_again(live_sqlite: tuple[LiveServ
     assert doc["destroyed"]["objects"] == n_objects
     with svc.factory() as db:
         assert len(db.scalars(select(Certificate).where(Certificate.contract_id == t.contract_id)).all()) == 1
+
+
+def test_termination_racing_a_slow_design_upload_leaves_no_file(live_sqlite: tuple[LiveServer, Api]) -> None:
+    server, api = live_sqlite
+    t = api.tenant()
+    pid = _project(api, t)
+    d = api.client.post(f"/v1/projects/{pid}/designs", json={"descriptor": {"name": "gate"}}, headers=t.auth)
+    design = d.json()["id"]
+    go, out = threading.Event(), []  # type: ignore[var-annotated]
+    glb = (Path(__file__).parents[2] / "sample_data" / "design" / "gate.glb").read_bytes()
+
+    def body() -> Iterator[bytes]:
+        for i in range(0, 40):
+            if i == 2:
+                go.set()
+            time.sleep(0.05)
+            yield glb[:65536] if i else glb[:4]
+
+    def put() -> None:
+        try:
+            with httpx.Client(base_url=server.url, timeout=60) as http:
+                out.append(
+                    http.put(
+                        f"/v1/designs/{design}/file",
+                        content=body(),
+                        headers=t.auth | {"Content-Type": "model/gltf-binary"},
+                    )
+                )
+        except httpx.TransportError as exc:
+            out.append(exc)
+
+    th = threading.Thread(target=put)
+    th.start()
+    assert go.wait(30)
+    end = api.client.post(f"/v1/contracts/{t.contract_id}/terminate", json={"disposition": "destroy"}, headers=t.auth)
+    assert end.status_code == 200, end.text
+    th.join(60)
+    (res,) = out
+    if isinstance(res, httpx.Response):
+        assert res.status_code in (404, 410), (res.status_code, res.text)
+    container = api.svc.vault.object_path(t.contract_id, "0" * 32).parent
+    assert not container.exists() or not any(container.iterdir()), list(container.iterdir())
+
+
+def test_erasure_during_anonymisation_leaves_no_photo(
+    live_sqlite: tuple[LiveServer, Api], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import privacy.ingest as ingest_mod
+    from api.runner import ingest_photo
+
+    _, api = live_sqlite
+    t = api.tenant()
+    r = api.client.post("/v1/subjects", json={"contract_id": t.contract_id, "name": "Jan"}, headers=t.auth)
+    subject = r.json()["id"]
+    pid = _project(api, t, subject)
+    r = api.client.post(f"/v1/projects/{pid}/uploads", headers=t.auth | TUS | {"Upload-Length": str(len(JPEG))})
+    loc = r.headers["Location"]
+    h = t.auth | TUS | {"Upload-Offset": "0", "Content-Type": "application/offset+octet-stream"}
+    assert api.client.patch(loc, content=JPEG, headers=h).status_code == 204
+    photo = loc.rsplit("/", 1)[1]
+    decoding, erased = threading.Event(), threading.Event()
+    real = ingest_mod.anonymize
+
+    def slow_anonymize(*a, **kw):  # type: ignore[no-untyped-def]
+        out = real(*a, **kw)
+        decoding.set()
+        assert erased.wait(30)
+        return out
+
+    monkeypatch.setattr(ingest_mod, "anonymize", slow_anonymize)
+    th = threading.Thread(target=ingest_photo, args=(api.svc, photo))
+    th.start()
+    assert decoding.wait(60)
+    assert api.client.delete(f"/v1/subjects/{subject}", headers=t.auth).status_code == 204
+    erased.set()
+    th.join(60)
+    assert api.svc.vault.objects(t.contract_id) == [], "the anonymised photo was written after the erasure"
+    with api.svc.factory() as db:
+        assert db.get(Photo, photo) is None
