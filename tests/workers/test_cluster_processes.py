@@ -8,8 +8,9 @@ autoscaler would start one): the job completes once, its attempts recorded, noth
 killed attempt. (The API's job has no CPU-only stage: reconstruct and plan are both GPU-capable,
 so a CPU node takes them only while no GPU node is up: workers/routing.py.)
 
-All nodes share this host's address (network namespaces were not set up: the addresses are not
-separated, the processes are)."""
+Run as root with `ip`, each node is in its own network namespace with its own address on a
+bridge (the API and the test's drivers run in the head's); otherwise all nodes share this host's
+address (separate processes, one address), and the test says which it ran with."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.api.server import cli, serve, server_env
+from tests.api.server import cli, server_env
 from tests.api.test_real_server import _upload
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -82,32 +83,95 @@ class Node:
                 p.kill()
 
 
+class Network:
+    """Each node in its own network namespace with its own address, on a bridge of this host
+    (root and `ip` needed): the nodes reach one another only through their addresses, as
+    separate machines would. The data folder stays shared by path (one file system)."""
+
+    def __init__(self) -> None:
+        tag = secrets.token_hex(2)
+        used = subprocess.run(["ip", "-o", "-4", "addr"], capture_output=True, text=True, check=True).stdout
+        third = next(n for n in range(17, 250) if f"10.251.{n}." not in used)
+        self.prefix, self.tag = f"10.251.{third}", tag
+        self.bridge = f"spbr{tag}"
+        self.namespaces: list[str] = []
+        self._ip("link", "add", self.bridge, "type", "bridge")
+        self._ip("addr", "add", f"{self.prefix}.1/24", "dev", self.bridge)
+        self._ip("link", "set", self.bridge, "up")
+
+    @staticmethod
+    def _ip(*args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True)
+
+    def add(self) -> tuple[str, str]:
+        """A new namespace and its address."""
+        i = len(self.namespaces)
+        ns, host_end, ns_end = f"spc{self.tag}{i}", f"vh{self.tag}{i}", f"vn{self.tag}{i}"
+        addr = f"{self.prefix}.{i + 2}"
+        self._ip("netns", "add", ns)
+        self.namespaces.append(ns)
+        self._ip("link", "add", host_end, "type", "veth", "peer", "name", ns_end)
+        self._ip("link", "set", ns_end, "netns", ns)
+        self._ip("link", "set", host_end, "master", self.bridge)
+        self._ip("link", "set", host_end, "up")
+        self._ip("-n", ns, "addr", "add", f"{addr}/24", "dev", ns_end)
+        self._ip("-n", ns, "link", "set", ns_end, "up")
+        self._ip("-n", ns, "link", "set", "lo", "up")
+        self._ip("-n", ns, "route", "add", "default", "via", f"{self.prefix}.1")
+        return ns, addr
+
+    def close(self) -> None:
+        for ns in self.namespaces:
+            subprocess.run(["ip", "netns", "delete", ns], capture_output=True, check=False)
+        subprocess.run(["ip", "link", "delete", self.bridge], capture_output=True, check=False)
+
+
+def can_use_netns() -> bool:
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        return False
+    probe = f"spprobe{secrets.token_hex(2)}"
+    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, check=False).returncode == 0
+    if made:
+        subprocess.run(["ip", "netns", "delete", probe], capture_output=True, check=False)
+    return made
+
+
 @dataclass
 class RayCluster:
     root: Path
     token: str
+    net: Network | None = None
     port: int = field(default_factory=free_port)
     nodes: list[Node] = field(default_factory=list)
+    head_ns: str | None = None
+    head_ip: str = "127.0.0.1"
+    addresses: dict[str, str] = field(default_factory=dict)
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.head_ip}:{self.port}"
 
     def env(self) -> dict[str, str]:
         return {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token}
+
+    def on_head(self, argv: list[str]) -> list[str]:
+        """A command run on the head's host (a driver needs a raylet of its own host)."""
+        return ["ip", "netns", "exec", self.head_ns, *argv] if self.head_ns else argv
 
     def start(self, name: str, *args: str, **settings: str) -> Node:
         temp = self.root / name  # short: Ray's socket paths must stay under 107 bytes
         log = self.root / f"{name}.log"
         env = self.env() | {"SITEPLAN_RAY_TEMP": str(temp), "SITEPLAN_NODE_BLOCK": "1"} | settings
+        argv = ["bash", str(RAY_NODE), *args, f"--dashboard-agent-listen-port={free_port()}"]
+        if self.net is not None:
+            ns, addr = self.net.add()
+            env["SITEPLAN_NODE_IP"] = addr
+            argv = ["ip", "netns", "exec", ns, *argv]
+            if args[0] == "head":
+                self.head_ns, self.head_ip = ns, addr
+            self.addresses[name] = addr
         with open(log, "wb") as out:
-            proc = subprocess.Popen(
-                ["bash", str(RAY_NODE), *args, f"--dashboard-agent-listen-port={free_port()}"],
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+            proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         node = Node(name, proc, temp, log)
         self.nodes.append(node)
         return node
@@ -119,10 +183,16 @@ class RayCluster:
         """The cluster's live nodes as its GCS reports them (a driver of its own, in a subprocess)."""
         code = (
             f"import json, ray; ray.init(address={self.address!r}, log_to_driver=False); "
-            "print(json.dumps([{'id': n['NodeID'], 'resources': n['Resources']} for n in ray.nodes() if n['Alive']]))"
+            "print(json.dumps([{'id': n['NodeID'], 'ip': n['NodeManagerAddress'], 'resources': n['Resources']}"
+            " for n in ray.nodes() if n['Alive']]))"
         )
         out = subprocess.run(
-            [sys.executable, "-c", code], env=self.env(), capture_output=True, text=True, timeout=90, check=False
+            self.on_head([sys.executable, "-c", code]),
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            timeout=90,
+            check=False,
         )
         assert out.returncode == 0, out.stderr[-3000:]
         return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
@@ -140,14 +210,50 @@ class RayCluster:
 @contextlib.contextmanager
 def ray_cluster() -> Iterator[RayCluster]:
     root = Path(tempfile.mkdtemp(prefix="spc-", dir="/tmp"))
-    c = RayCluster(root, secrets.token_hex(32))
+    net = Network() if can_use_netns() else None
+    c = RayCluster(root, secrets.token_hex(32), net)
     try:
         yield c
     finally:
         # All nodes drain at once (each `ray start --block` takes up to 30 s on SIGTERM).
         with ThreadPoolExecutor(max_workers=len(c.nodes) or 1) as pool:
             list(pool.map(Node.stop, c.nodes))
+        if net is not None:
+            net.close()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def serve_on_head(ray: RayCluster, env: dict[str, str], log: Path) -> Iterator[str]:
+    """`siteplan serve` on the head's host, bound to its address; yields the base URL."""
+    env = env | {"SITEPLAN_HOST": ray.head_ip}
+    base = f"http://{ray.head_ip}:{env['SITEPLAN_PORT']}"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            ray.on_head([str(Path(sys.executable).parent / "siteplan"), "serve"]),
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{base}/v1/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline and proc.poll() is None, log.read_text(errors="replace")[-3000:]
+            time.sleep(0.3)
+        yield base
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(30)
 
 
 def gpu_ids(nodes: list[dict]) -> set[str]:  # type: ignore[type-arg]
@@ -189,10 +295,13 @@ def test_a_plan_job_on_a_real_ray_cluster_survives_a_killed_raylet(tmp_path: Pat
         ray.worker("cpu", gpus=0)
         nodes = ray.wait_for(lambda ns: len(ns) == 2, "head and the CPU worker")
         (cpu_node,) = cpu_ids(nodes)
-        print(f"cluster up: {time.monotonic() - t_start:.1f} s")
+        mode = "own network namespaces" if ray.net else "one address"
+        print(f"cluster up: {time.monotonic() - t_start:.1f} s, nodes on {mode}")
+        if ray.net is not None:  # each node announces, and is reached at, its own address
+            assert sorted(n["ip"] for n in nodes) == sorted(ray.addresses.values())
         # A driver without the right token is turned away.
         no_token = subprocess.run(
-            [sys.executable, "-c", f"import ray; ray.init(address={ray.address!r})"],
+            ray.on_head([sys.executable, "-c", f"import ray; ray.init(address={ray.address!r})"]),
             env={**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "wrong" * 8},
             capture_output=True,
             text=True,
@@ -205,9 +314,10 @@ def test_a_plan_job_on_a_real_ray_cluster_survives_a_killed_raylet(tmp_path: Pat
         env = server_env(data) | ray.env() | {"SITEPLAN_RAY_ADDRESS": ray.address}
         tenant = cli(env, "tenant", "create", "Acme Gates", "--with-contract")
         token = cli(env, "token", "create", "--tenant", tenant["tenant_id"], "--scopes", "upload,read")["token"]
+        server_log = tmp_path / "server.log"
         with (
-            serve(env, tmp_path / "server.log") as srv,
-            httpx.Client(base_url=srv.base, headers={"Authorization": f"Bearer {token}"}, timeout=60) as http,
+            serve_on_head(ray, env, server_log) as base,
+            httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=60) as http,
         ):
             r = http.post("/v1/projects", json={"contract_id": tenant["contract_id"], "reference": "site"})
             pid = r.json()["id"]
@@ -243,7 +353,7 @@ def test_a_plan_job_on_a_real_ray_cluster_survives_a_killed_raylet(tmp_path: Pat
             t_job = time.monotonic()
             deadline = time.monotonic() + 400
             while job["state"] in ("queued", "running"):
-                assert time.monotonic() < deadline, (job, srv.text()[-3000:])
+                assert time.monotonic() < deadline, (job, server_log.read_text(errors="replace")[-3000:])
                 seen |= markers(attempts)
                 if gpu_a is None and any(m.startswith("reconstruct.") for m in seen):
                     # Reconstruct was routed with no GPU in the cluster: it runs on the CPU node.
@@ -260,12 +370,15 @@ def test_a_plan_job_on_a_real_ray_cluster_survives_a_killed_raylet(tmp_path: Pat
                 time.sleep(0.2)
                 job = http.get(f"/v1/jobs/{job['id']}").json()
             print(f"job: {time.monotonic() - t_job:.1f} s")
-            assert job["state"] == "done", (job, srv.text()[-3000:])
+            assert job["state"] == "done", (job, server_log.read_text(errors="replace")[-3000:])
             recon = [m for m in seen if m.startswith("reconstruct.")]
             plans = sorted((m for m in seen if m.startswith("plan.")), key=lambda m: int(m.split(".")[3]))
             assert len(recon) == 1 and len(plans) == 2, seen
             assert node_of(recon[0]) == cpu_node, "no GPU up: the GPU-capable stage ran on the siteplan_cpu node"
-            gpu_now = gpu_ids(ray.alive())
+            alive = ray.alive()
+            gpu_now = gpu_ids(alive)
+            if ray.net is not None:
+                assert len({n["ip"] for n in alive}) == len(alive) == 3  # head, CPU node, replacement GPU node
             assert node_of(plans[0]) == gpu_node, "a GPU up: the plan stage ran on the GPU node"
             assert node_of(plans[1]) in gpu_now - {gpu_node}, "the retry ran on the replacement GPU node"
             assert stage_attempts(data, job["id"]) == {"plan": 2, "reconstruct": 1}
@@ -278,6 +391,9 @@ def test_a_plan_job_on_a_real_ray_cluster_survives_a_killed_raylet(tmp_path: Pat
             assert killed_pids and not [p for p in killed_pids if alive_pid(p)]
             assert not (data / "scratch" / job["id"]).exists()
     print(f"whole test: {time.monotonic() - t_start:.1f} s")
+    if ray.net is not None:
+        left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+        assert f"spc{ray.net.tag}" not in left and ray.net.bridge not in subprocess.getoutput("ip -o link")
     assert not ray.root.exists()
     assert not any(str(ray.root) in " ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"]))
 
