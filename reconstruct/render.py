@@ -316,43 +316,50 @@ def refine_visibility(photo: np.ndarray, vis: np.ndarray, cover: np.ndarray, *, 
     only 0.2 px: with the photo's edge and the mask's a few pixels apart, the local linear model
     has nothing to follow.)"""
     inside = cover > 0.02
-    hard = (vis > 0.5) & inside
-    hidden = (vis <= 0.5) & inside
-    if not hard.any() or not hidden.any():
+    hard = ((vis > 0.5) & inside).astype(np.float32)
+    hidden = ((vis <= 0.5) & inside).astype(np.float32)
+    k = (2 * radius + 1, 2 * radius + 1)
+    # The band: pixels with both sides within the radius (box filters: O(1) a pixel).
+    near_v = cv2.boxFilter(hard, -1, k, normalize=True, borderType=cv2.BORDER_CONSTANT) > 1e-6
+    near_h = cv2.boxFilter(hidden, -1, k, normalize=True, borderType=cv2.BORDER_CONSTANT) > 1e-6
+    band = near_v & near_h & inside
+    if not band.any():
         return vis
-    edge = cv2.morphologyEx(hard.astype(np.uint8), cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8)) > 0
-    edge &= inside
-    ker = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
-    band = (cv2.dilate(edge.astype(np.uint8), ker) > 0) & inside
-    # Work only around the band: it is a thin strip of a window that may hold megapixels.
+    # The sure pixels: each side, farther than the radius from the other.
+    sure_v = hard * (~near_h)
+    sure_h = hidden * (~near_v)
     ys, xs = np.nonzero(band)
-    m = 2 * radius + 2
-    r0, r1 = max(0, int(ys.min()) - m), min(band.shape[0], int(ys.max()) + m + 1)
-    c0, c1 = max(0, int(xs.min()) - m), min(band.shape[1], int(xs.max()) + m + 1)
-    full, vis = vis, vis[r0:r1, c0:c1]
-    band, hard, hidden = band[r0:r1, c0:c1], hard[r0:r1, c0:c1], hidden[r0:r1, c0:c1]
-    photo = photo[r0:r1, c0:c1]
-    sure_v = (hard & ~band).astype(np.float32)
-    sure_h = (hidden & ~band).astype(np.float32)
-    img = photo.astype(np.float32) / 255.0
-    k = (4 * radius + 1, 4 * radius + 1)
+    R = 2 * radius  # the neighbourhood the two colours are taken from
+    r0, r1 = max(0, int(ys.min()) - R - 1), min(band.shape[0], int(ys.max()) + R + 2)
+    c0, c1 = max(0, int(xs.min()) - R - 1), min(band.shape[1], int(xs.max()) + R + 2)
+    img = photo[r0:r1, c0:c1].astype(np.float32) / 255.0
+    sv, sh = sure_v[r0:r1, c0:c1], sure_h[r0:r1, c0:c1]
+    yy, xx = ys - r0, xs - c0
+    h, w = img.shape[:2]
+    ya, yb = np.clip(yy - R, 0, h), np.clip(yy + R + 1, 0, h)
+    xa, xb = np.clip(xx - R, 0, w), np.clip(xx + R + 1, 0, w)
 
-    def box(x: np.ndarray) -> np.ndarray:
-        return np.asarray(cv2.boxFilter(x, -1, k, normalize=False, borderType=cv2.BORDER_CONSTANT))
+    def window_sums(x: np.ndarray) -> np.ndarray:  # sums over each band pixel's window, from an integral image
+        ii = cv2.integral(x, sdepth=cv2.CV_64F)
+        ii = ii.reshape(ii.shape[0], ii.shape[1], -1)
+        return np.asarray(ii[yb, xb] - ii[ya, xb] - ii[yb, xa] + ii[ya, xa])
 
-    nv, nh = box(sure_v), box(sure_h)
-    mv = box(img * sure_v[:, :, None]) / np.maximum(nv, 1.0)[:, :, None]
-    mh = box(img * sure_h[:, :, None]) / np.maximum(nh, 1.0)[:, :, None]
-    dv = ((img - mv) ** 2).sum(axis=2)
-    dh = ((img - mh) ** 2).sum(axis=2)
-    apart = ((mv - mh) ** 2).sum(axis=2)
-    t = dh / np.maximum(dh + dv, 1e-6)
-    t = np.clip((t - 0.5) * 2.0 + 0.5, 0.0, 1.0)
-    t = np.asarray(cv2.blur(t.astype(np.float32), (3, 3)))  # against the photo's noise
-    ok = band & (nv > 3) & (nh > 3) & (apart > 0.01)  # both sides known, and told apart (>~0.06 per channel)
-    out = full.astype(np.float32).copy()
+    nv, nh = window_sums(sv)[:, 0], window_sums(sh)[:, 0]
+    mv = window_sums(img * sv[:, :, None]) / np.maximum(nv, 1.0)[:, None]
+    mh = window_sums(img * sh[:, :, None]) / np.maximum(nh, 1.0)[:, None]
+    px = img[yy, xx]
+    dv = ((px - mv) ** 2).sum(axis=1)
+    dh = ((px - mh) ** 2).sum(axis=1)
+    apart = ((mv - mh) ** 2).sum(axis=1)
+    t = np.clip((dh / np.maximum(dh + dv, 1e-6) - 0.5) * 2.0 + 0.5, 0.0, 1.0)
+    ok = (nv > 3) & (nh > 3) & (apart > 0.01)  # both sides known, and told apart (>~0.06 per channel)
+    out = vis.astype(np.float32).copy()
     sub = out[r0:r1, c0:c1]
-    sub[ok] = t[ok]
+    sub[yy[ok], xx[ok]] = t[ok]
+    # Against the photo's noise: 3 x 3 smoothing, on the band only.
+    sm = np.asarray(cv2.blur(sub, (3, 3)))
+    bsub = band[r0:r1, c0:c1]
+    sub[bsub] = sm[bsub]
     return out
 
 
@@ -416,8 +423,13 @@ def montage(
     if occluders:
         # The design's own buffers, unlit, one sample: a hard visibility mask whose boundary is
         # refined to the photo's edges below.
-        seen, _ = render(sub, meshes, ambient=1.0, occluders=occluders, samples=1)
+        # Half the resolution on a large window (a 12 MP photo): the band refinement below puts
+        # the boundary back on the photo's edges anyway.
+        hq = 0.5 if max(sub.width, sub.height) > 1600 else 1.0
+        seen, _ = render(_scaled(sub, hq), meshes, ambient=1.0, occluders=occluders, samples=1)
         vis = (seen[:, :, 3] > 0).astype(np.float32)
+        if hq != 1.0:
+            vis = np.asarray(cv2.resize(vis, (sub.width, sub.height), interpolation=cv2.INTER_NEAREST))
         vis[cover <= 0.0] = 0.0
         if refine_edges:
             vis = refine_visibility(crop, vis, cover, radius=max(6, int(0.005 * max(view.width, view.height))))
