@@ -46,7 +46,13 @@ class AnonymizationPolicy(BaseModel):
 
     blur_faces: bool = Field(default=True, description="Detect and redact faces.")
     blur_plates: bool = Field(default=True, description="Detect and redact licence plates.")
-    blur_blocks: int = Field(default=6, ge=2, le=32, description="Mosaic cells across a redacted region.")
+    blur_blocks: int = Field(
+        default=6,
+        ge=2,
+        le=32,
+        description="Redaction strength: the blur's side is 3 / blur_blocks of the region's, never under half "
+        "of it (6 and up give that floor; 2-5 blur wider).",
+    )
     min_face_px: float = Field(
         default=12.0, gt=4, description="Smallest face height to find, in pixels (under 10 counts as 10)."
     )
