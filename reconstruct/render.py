@@ -37,10 +37,8 @@ uniform vec4 intr;   // fx, fy, cx, cy (pixels, corner origin)
 uniform vec2 size;   // width, height
 uniform vec2 nf;     // near, far
 in vec3 in_pos;
-in vec3 in_normal;
 in vec4 in_color;
 in vec2 in_mr;       // metallic, roughness
-out vec3 v_normal;
 out vec3 v_pos;
 out vec4 v_color;
 out vec2 v_mr;
@@ -51,7 +49,6 @@ void main() {
                        pc.z - 2.0 * (intr.y * pc.y + intr.w * pc.z) / size.y,
                        (f + n) / (f - n) * pc.z - 2.0 * f * n / (f - n),
                        pc.z);
-    v_normal = in_normal;
     v_pos = in_pos;
     v_color = in_color;
     v_mr = in_mr;
@@ -68,7 +65,6 @@ uniform vec3 sky;        // ambient from above (linear RGB)
 uniform vec3 ground;     // ambient from below
 uniform vec3 eye;        // camera centre, world
 uniform float ambient;   // 1: unlit (shadow masks)
-in vec3 v_normal;
 in vec3 v_pos;
 in vec4 v_color;
 in vec2 v_mr;
@@ -76,7 +72,9 @@ out vec4 frag;
 void main() {
     if (ambient >= 1.0) { frag = v_color; return; }
     vec3 V = normalize(eye - v_pos);
-    vec3 N = normalize(v_normal);
+    // The face's own normal, from the screen-space derivatives of its world position: flat
+    // shading with shared (indexed) vertices.
+    vec3 N = normalize(cross(dFdx(v_pos), dFdy(v_pos)));
     if (dot(N, V) < 0.0) N = -N;  // double-sided: the face the camera sees
     vec3 base = v_color.rgb;
     float metal = v_mr.x, rough = clamp(v_mr.y, 0.04, 1.0);
@@ -122,32 +120,36 @@ class Mesh:
     texture: Any | None = None  # the design's texture visual, carried to plan.glb (not rendered)
     metallic: float = 0.0  # glTF metallic-roughness factors
     roughness: float = 0.7
-    buffer: np.ndarray | None = field(default=None, repr=False, compare=False)  # _flat's, once made
+    buffer: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False, compare=False)  # _packed's
 
 
-def _flat_one(m: Mesh) -> np.ndarray:
-    tri = np.asarray(m.vertices, np.float32)[np.asarray(m.faces)]  # M x 3 x 3
-    n = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
-    n /= np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-12)
-    out = np.empty((len(tri), 3, 12), np.float32)
-    out[:, :, 0:3] = tri
-    out[:, :, 3:6] = n[:, None, :]
-    out[:, :, 6:10] = np.asarray(m.color, np.float32)
-    out[:, :, 10:12] = (m.metallic, m.roughness)
-    return out.reshape(-1, 12)
+def _packed_one(m: Mesh) -> tuple[np.ndarray, np.ndarray]:
+    """Per-vertex pos, linear colour, metallic-roughness (float32) and the faces (uint32)."""
+    v = np.asarray(m.vertices, np.float32)
+    out = np.empty((len(v), 9), np.float32)
+    out[:, 0:3] = v
+    out[:, 3:7] = np.asarray(m.color, np.float32)
+    out[:, 7:9] = (m.metallic, m.roughness)
+    return out, np.ascontiguousarray(np.asarray(m.faces, np.uint32))
 
 
-def _flat(meshes: list[Mesh]) -> np.ndarray:
-    """Interleaved per-corner pos, face normal, linear colour, metallic-roughness (float32); a
-    mesh keeps its buffer, so a design drawn into several photos is flattened once."""
-    chunks = []
+def _packed(meshes: list[Mesh]) -> tuple[np.ndarray, np.ndarray]:
+    """One vertex and one index buffer for the meshes, indexed (each vertex shaded once, not once
+    per face corner); a mesh keeps its buffers, so a design drawn into several photos is packed
+    once."""
+    verts, faces, base = [], [], 0
     for m in meshes:
         if m.buffer is None:
-            m.buffer = _flat_one(m)
-        chunks.append(m.buffer)
-    if not chunks:
-        return np.zeros((0, 12), np.float32)
-    return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
+            m.buffer = _packed_one(m)
+        v, f = m.buffer
+        verts.append(v)
+        faces.append(f + np.uint32(base) if base else f)
+        base += len(v)
+    if not verts:
+        return np.zeros((0, 9), np.float32), np.zeros((0, 3), np.uint32)
+    if len(verts) == 1:
+        return verts[0], faces[0]
+    return np.concatenate(verts), np.concatenate(faces)
 
 
 @dataclass
@@ -251,18 +253,22 @@ def render(
                 m if tuple(m.color) == (0, 0, 0, 0) else Mesh(m.vertices, m.faces, (0.0, 0.0, 0.0, 0.0)) for m in occ
             ]
             for i, group in enumerate((hidden, meshes)):
-                data = _flat(group)
-                if not len(data):
+                data, idx = _packed(group)
+                if not len(idx):
                     continue
                 if i == 1 and additive:
                     ctx.enable(moderngl.BLEND)
                     ctx.blend_func = moderngl.ONE, moderngl.ONE
                     ctx.depth_func = "<="
                 vbo = ctx.buffer(data.tobytes())
-                vao = ctx.vertex_array(prog, [(vbo, "3f 3f 4f 2f", "in_pos", "in_normal", "in_color", "in_mr")])
+                ibo = ctx.buffer(idx.tobytes())
+                vao = ctx.vertex_array(
+                    prog, [(vbo, "3f 4f 2f", "in_pos", "in_color", "in_mr")], index_buffer=ibo, index_element_size=4
+                )
                 vao.render(moderngl.TRIANGLES)
                 vao.release()
                 vbo.release()
+                ibo.release()
             ctx.disable(moderngl.BLEND)
             ctx.depth_func = "<"
             if s > 1:
