@@ -15,7 +15,7 @@
 # RAY_AUTH_TOKEN_PATH (default /etc/siteplan/ray-token); without one the node is not started.
 #
 # Settings (environment): SITEPLAN_HOME (project checkout, default: this script's parent),
-# SITEPLAN_RAY_TEMP (Ray's temp, plasma fallback and spill dir, default /srv/siteplan/ray: local
+# SITEPLAN_RAY_TEMP (Ray's temp, plasma fallback and spill dir, default /srv/ray: local
 # disk, not the shared data folder), SITEPLAN_NODE_IP (the private address to bind and announce),
 # SITEPLAN_NODE_GPUS, SITEPLAN_NODE_CPUS, SITEPLAN_RAY_PORT (6379),
 # SITEPLAN_NODE_BLOCK=1 (stay in the foreground: containers).
@@ -34,7 +34,7 @@ esac
 
 home=${SITEPLAN_HOME:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
 ray_bin=${SITEPLAN_RAY_BIN:-$home/.venv/bin/ray}
-temp=${SITEPLAN_RAY_TEMP:-/srv/siteplan/ray}
+temp=${SITEPLAN_RAY_TEMP:-/srv/ray}
 
 export RAY_AUTH_MODE=token
 if [ -z "${RAY_AUTH_TOKEN:-}" ]; then
