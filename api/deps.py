@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated
@@ -16,7 +17,9 @@ from starlette.concurrency import run_in_threadpool
 from api import access_log
 from api.errors import ApiError
 from api.services import CachedToken, Services
-from siteplan.db import tenant_session
+from privacy.lifecycle import ContractBusy, contract_shared
+from siteplan.db import Contract, tenant_session
+from siteplan.paths import lifecycle_paths
 from siteplan.tenancy import hash_secret, verify_token
 
 _bearer = HTTPBearer(auto_error=False, description="An API token (`siteplan token create`).")
@@ -96,8 +99,11 @@ AdminCaller = Annotated[Caller, Depends(need("admin"))]
 
 
 def db_session(svc: ServicesDep, c: CallerDep) -> Iterator[Session]:
-    """A session that sees only the caller's tenant (the scoping lives in siteplan.db)."""
+    """A session that sees only the caller's tenant (the scoping lives in siteplan.db). The
+    contract locks a route takes through it (``hold_contract``) are released after its commit."""
     s = tenant_session(svc.factory, c.tenant_id)
+    held = ExitStack()
+    s.info["contract_locks"] = (lifecycle_paths(svc.settings), held, set())
     try:
         yield s
         s.commit()
@@ -106,6 +112,33 @@ def db_session(svc: ServicesDep, c: CallerDep) -> Iterator[Session]:
         raise
     finally:
         s.close()
+        held.close()
+
+
+def hold_contract(db: Session, contract_id: str) -> None:
+    """Hold the contract's data lock, shared, until this request's session has committed: a row
+    created under the contract (a subject, project, design, upload or job) is then either in
+    before a termination or an erasure starts (which takes it away with the rest), or refused
+    after it (409): never left behind an ended contract. A session not opened by db_session
+    (the runner's, a PATCH's own) holds nothing here."""
+    entry = db.info.get("contract_locks")
+    if entry is None:
+        return
+    paths, held, have = entry
+    if contract_id in have:
+        return
+    try:
+        held.enter_context(contract_shared(paths, contract_id, wait_s=0.0))
+    except ContractBusy:
+        ct = db.get(Contract, contract_id, populate_existing=True)
+        if ct is None or ct.state != "active":
+            return  # the caller's state check answers (409 contract_not_active)
+        try:  # an erasure, a sweep, or a termination that is just starting
+            held.enter_context(contract_shared(paths, contract_id))
+        except ContractBusy as exc:
+            raise ApiError(409, "busy", str(exc)) from None
+    have.add(contract_id)
+    db.get(Contract, contract_id, populate_existing=True)  # the state as it is under the lock
 
 
 DB = Annotated[Session, Depends(db_session)]

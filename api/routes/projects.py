@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Response
 from sqlalchemy import select
 
-from api.deps import DB, ReadCaller, ServicesDep, UploadCaller
+from api.deps import DB, ReadCaller, ServicesDep, UploadCaller, hold_contract
 from api.errors import ERROR_RESPONSES, ApiError, not_found
 from api.routes.common import IDEMPOTENCY_HELP, commit_or_conflict, count, fingerprint, remember, replay, set_location
 from api.schemas import ProjectCreate, ProjectList, ProjectPublic
@@ -36,6 +36,7 @@ def get_project(db: DB, project_id: str) -> Project:
 
 
 def require_active(db: DB, p: Project) -> None:
+    hold_contract(db, p.contract_id)  # until the commit: never a row behind an ended contract
     ct = db.get(Contract, p.contract_id)
     if ct is None or ct.state != "active":
         raise ApiError(
@@ -59,6 +60,7 @@ def post_project(
     ct = db.get(Contract, body.contract_id)
     if ct is None:
         raise ApiError(422, "invalid", "no such contract", field="contract_id")
+    hold_contract(db, ct.id)  # until the commit (api.deps.hold_contract); re-reads the state
     if ct.state != "active":
         raise ApiError(409, "contract_not_active", "the contract has ended; no new project can be started under it")
     if body.subject_id is not None:

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Response
 from sqlalchemy import func, select
 
-from api.deps import DB, Caller, ReadCaller, ServicesDep, UploadCaller
+from api.deps import DB, Caller, ReadCaller, ServicesDep, UploadCaller, hold_contract
 from api.errors import ERROR_RESPONSES, ApiError, not_found
 from api.routes.common import (
     IDEMPOTENCY_HELP,
@@ -45,6 +45,9 @@ def _public(svc: Services, s: Subject) -> SubjectPublic:
 
 def _active_contract(db: DB, contract_id: str) -> Contract:
     ct = db.get(Contract, contract_id)
+    if ct is not None:
+        hold_contract(db, contract_id)  # until the commit (api.deps.hold_contract)
+        ct = db.get(Contract, contract_id)
     if ct is None:
         raise ApiError(422, "invalid", "no such contract", field="contract_id")
     if ct.state != "active":
