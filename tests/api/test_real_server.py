@@ -84,6 +84,7 @@ def test_serve_upload_plan_download(tmp_path: Path) -> None:
             assert again.json()["id"] == job["id"]
             # Poll with the ETag: unchanged states answer 304 without a body.
             etag, seen_304 = None, False
+            seen_progress: list[dict] = []  # type: ignore[type-arg]
 
             def follow(job: dict) -> dict:  # type: ignore[type-arg]
                 nonlocal etag, seen_304
@@ -96,9 +97,16 @@ def test_serve_upload_plan_download(tmp_path: Path) -> None:
                         seen_304 = True
                         continue
                     job, etag = r.json(), r.headers["ETag"]
+                    if job["state"] == "running" and (job["result"] or {}).get("progress"):
+                        seen_progress.append(job["result"]["progress"] | {"at": job["progress"]})
                 return job
 
             job = follow(job)
+            # The reconstruct stage reported its sub-stages, with an ETA once under way.
+            subs = [p["sub_stage"] for p in seen_progress if p["stage"] == "reconstruct"]
+            assert any(s.startswith(("extract", "match", "map", "dense")) for s in subs), seen_progress
+            assert any(p["eta_s"] is not None for p in seen_progress), seen_progress
+            print("progress seen:", [(p["sub_stage"], p["eta_s"], p["at"]) for p in seen_progress])
             assert job["state"] == "failed" and "planning failed" in job["error"], job
             assert job["stage"] == "plan" and job["progress"] >= 0.7, job  # where it stopped
             # Fix the design and retry: the job resumes from its checkpointed site.
