@@ -135,8 +135,10 @@ def ground_click(
         raise PlacementError(f"the placement point {list(uv)} lies outside photo {view.name}")
     n = np.asarray(ground[:3], dtype=np.float64)
     dist = float(ground[3])
+    why: str | None = None  # why the photos' own point was not used
     if lifter is not None and view.name in lifter.views:
         cp = lifter.lift(view.name, uv)
+        why = cp.reason
         if cp.xyz is not None and cp.cov is not None:
             cov = cp.cov
             height = float(n @ cp.xyz - dist)
@@ -149,19 +151,19 @@ def ground_click(
             if level:
                 info["ground"] = "local" if ground_found else "local, no ground plane found"
                 return GroundClick(np.asarray(cp.xyz), functools.partial(sigma_along, cov), info)
+            why = f"{cp.reason}; the surface lifted on is not level here"
     X = lift_to_ground(view, uv, ground=ground)
     _, d = view.ray(uv)
+    extra = {"reason": why} if why else {}
     if ground_found:
         cov = ground_sigma_m**2 * np.eye(3)
-        return GroundClick(
-            X, functools.partial(sigma_along, cov), {"lifted_on": "ground plane", "views": 1, "ground": "found"}
-        )
+        info = {"lifted_on": "ground plane", "views": 1, "ground": "found", **extra}
+        return GroundClick(X, functools.partial(sigma_along, cov), info)
     # The ground is only assumed: its height error moves the point along the ray.
     along = ASSUMED_GROUND_SIGMA_M / max(0.05, abs(float(n @ d)))
     cov = ground_sigma_m**2 * np.eye(3) + along**2 * np.outer(d, d)
-    return GroundClick(
-        X, functools.partial(sigma_along, cov), {"lifted_on": "assumed ground", "views": 1, "ground": "assumed"}
-    )
+    info = {"lifted_on": "assumed ground", "views": 1, "ground": "assumed", **extra}
+    return GroundClick(X, functools.partial(sigma_along, cov), info)
 
 
 def _local_normal(lifter: ClickLifter, view: View, uv: tuple[float, float]) -> np.ndarray | None:
