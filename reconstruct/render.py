@@ -308,6 +308,15 @@ def default_light(view: View) -> np.ndarray:
     return np.asarray(L / np.linalg.norm(L))
 
 
+def _window_sums(x: np.ndarray, win: tuple[np.ndarray, ...]) -> np.ndarray:
+    """Sums of ``x`` over the windows [ya, yb) x [xa, xb) (one per row of the index arrays), from
+    an integral image: a (n, channels) array."""
+    ya, yb, xa, xb = win
+    ii = cv2.integral(x, sdepth=cv2.CV_64F)
+    ii = ii.reshape(ii.shape[0], ii.shape[1], -1)
+    return np.asarray(ii[yb, xb] - ii[ya, xb] - ii[yb, xa] + ii[ya, xa])
+
+
 def refine_visibility(photo: np.ndarray, vis: np.ndarray, cover: np.ndarray, *, radius: int) -> np.ndarray:
     """The design's visibility (0 hidden by the site, 1 seen), moved onto the photo's own edges.
 
@@ -322,50 +331,53 @@ def refine_visibility(photo: np.ndarray, vis: np.ndarray, cover: np.ndarray, *, 
     only 0.2 px: with the photo's edge and the mask's a few pixels apart, the local linear model
     has nothing to follow.)"""
     inside = cover > 0.02
-    hard = ((vis > 0.5) & inside).astype(np.float32)
-    hidden = ((vis <= 0.5) & inside).astype(np.float32)
+    hard = ((vis > 0.5) & inside).astype(np.uint8)
+    hidden = ((vis <= 0.5) & inside).astype(np.uint8)
     k = (2 * radius + 1, 2 * radius + 1)
     # The band: pixels with both sides within the radius (box filters: O(1) a pixel).
-    near_v = cv2.boxFilter(hard, -1, k, normalize=True, borderType=cv2.BORDER_CONSTANT) > 1e-6
-    near_h = cv2.boxFilter(hidden, -1, k, normalize=True, borderType=cv2.BORDER_CONSTANT) > 1e-6
+    near_v = cv2.boxFilter(hard, cv2.CV_32F, k, normalize=False, borderType=cv2.BORDER_CONSTANT) > 0.5
+    near_h = cv2.boxFilter(hidden, cv2.CV_32F, k, normalize=False, borderType=cv2.BORDER_CONSTANT) > 0.5
     band = near_v & near_h & inside
     if not band.any():
         return vis
     # The sure pixels: each side, farther than the radius from the other.
-    sure_v = hard * (~near_h)
-    sure_h = hidden * (~near_v)
-    ys, xs = np.nonzero(band)
-    R = 2 * radius  # the neighbourhood the two colours are taken from
-    r0, r1 = max(0, int(ys.min()) - R - 1), min(band.shape[0], int(ys.max()) + R + 2)
-    c0, c1 = max(0, int(xs.min()) - R - 1), min(band.shape[1], int(xs.max()) + R + 2)
-    img = photo[r0:r1, c0:c1].astype(np.float32) / 255.0
-    sv, sh = sure_v[r0:r1, c0:c1], sure_h[r0:r1, c0:c1]
-    yy, xx = ys - r0, xs - c0
-    h, w = img.shape[:2]
-    ya, yb = np.clip(yy - R, 0, h), np.clip(yy + R + 1, 0, h)
-    xa, xb = np.clip(xx - R, 0, w), np.clip(xx + R + 1, 0, w)
-
-    def window_sums(x: np.ndarray) -> np.ndarray:  # sums over each band pixel's window, from an integral image
-        ii = cv2.integral(x, sdepth=cv2.CV_64F)
-        ii = ii.reshape(ii.shape[0], ii.shape[1], -1)
-        return np.asarray(ii[yb, xb] - ii[ya, xb] - ii[yb, xa] + ii[ya, xa])
-
-    nv, nh = window_sums(sv)[:, 0], window_sums(sh)[:, 0]
-    mv = window_sums(img * sv[:, :, None]) / np.maximum(nv, 1.0)[:, None]
-    mh = window_sums(img * sh[:, :, None]) / np.maximum(nh, 1.0)[:, None]
-    px = img[yy, xx]
-    dv = ((px - mv) ** 2).sum(axis=1)
-    dh = ((px - mh) ** 2).sum(axis=1)
-    apart = ((mv - mh) ** 2).sum(axis=1)
-    t = np.clip((dh / np.maximum(dh + dv, 1e-6) - 0.5) * 2.0 + 0.5, 0.0, 1.0)
-    ok = (nv > 3) & (nh > 3) & (apart > 0.01)  # both sides known, and told apart (>~0.06 per channel)
+    sure_v = (hard.astype(bool) & ~near_h).astype(np.float32)
+    sure_h = (hidden.astype(bool) & ~near_v).astype(np.float32)
     out = vis.astype(np.float32).copy()
-    sub = out[r0:r1, c0:c1]
-    sub[yy[ok], xx[ok]] = t[ok]
+    R = 2 * radius  # the neighbourhood the two colours are taken from
+    H, W = band.shape
+    T = 256  # tiles: only those the band crosses are worked on (the band is a thin line)
+    for ty in range(0, H, T):
+        for tx in range(0, W, T):
+            tile = band[ty : ty + T, tx : tx + T]
+            if not tile.any():
+                continue
+            ys, xs = np.nonzero(tile)
+            ys, xs = ys + ty, xs + tx
+            r0, r1 = max(0, ty - R - 1), min(H, ty + T + R + 1)
+            c0, c1 = max(0, tx - R - 1), min(W, tx + T + R + 1)
+            img = photo[r0:r1, c0:c1].astype(np.float32) * (1.0 / 255.0)
+            sv, sh = sure_v[r0:r1, c0:c1], sure_h[r0:r1, c0:c1]
+            yy, xx = ys - r0, xs - c0
+            h, w = img.shape[:2]
+            ya, yb = np.clip(yy - R, 0, h), np.clip(yy + R + 1, 0, h)
+            xa, xb = np.clip(xx - R, 0, w), np.clip(xx + R + 1, 0, w)
+            win = (ya, yb, xa, xb)
+            nv, nh = _window_sums(sv, win)[:, 0], _window_sums(sh, win)[:, 0]
+            mv = _window_sums(img * sv[:, :, None], win) / np.maximum(nv, 1.0)[:, None]
+            mh = _window_sums(img * sh[:, :, None], win) / np.maximum(nh, 1.0)[:, None]
+            px = img[yy, xx]
+            dv = ((px - mv) ** 2).sum(axis=1)
+            dh = ((px - mh) ** 2).sum(axis=1)
+            apart = ((mv - mh) ** 2).sum(axis=1)
+            t = np.clip((dh / np.maximum(dh + dv, 1e-6) - 0.5) * 2.0 + 0.5, 0.0, 1.0)
+            ok = (nv > 3) & (nh > 3) & (apart > 0.01)  # both sides known, told apart (>~0.06 a channel)
+            out[ys[ok], xs[ok]] = t[ok]
     # Against the photo's noise: 3 x 3 smoothing, on the band only.
-    sm = np.asarray(cv2.blur(sub, (3, 3)))
-    bsub = band[r0:r1, c0:c1]
-    sub[bsub] = sm[bsub]
+    ys, xs = np.nonzero(band)
+    r0, r1, c0, c1 = max(0, ys.min() - 1), ys.max() + 2, max(0, xs.min() - 1), xs.max() + 2
+    sm = np.asarray(cv2.blur(out[r0:r1, c0:c1], (3, 3)))
+    out[ys, xs] = sm[ys - r0, xs - c0]
     return out
 
 
