@@ -329,13 +329,16 @@ def decode(data: bytes, *, max_pixels: int) -> Decoded:
                 _refuse_raw(im)
             segments = [(str(m), bytes(b[:16])) for m, b in getattr(im, "applist", [])]
             im.load()
-            if fmt == "HEIF":
-                # libheif applied the HEIF transforms while decoding; the EXIF tag is reset to 1.
+            # pillow-heif (libheif) applies the HEIF transforms while decoding and resets the EXIF
+            # tag to 1. Pillow's own AVIF plugin does not turn the pixels: it reports irot/imir as
+            # the EXIF orientation, which is applied below like a JPEG's.
+            by_libheif = fmt == "HEIF" and type(im).__name__ == "HeifImageFile"
+            if by_libheif:
                 orientation, (w, h) = _heif_frame(data, im.size, notes)
                 turned = True
             else:
                 turned = orientation != 1 and _orientation_applied(im, orientation)
-            if fmt != "HEIF" and turned and orientation in (5, 6, 7, 8):
+            if not by_libheif and turned and orientation in (5, 6, 7, 8):
                 w, h = h, w  # Pillow reported the turned size: keep the size as stored
             im = _to_srgb(im, notes)
             if orientation != 1 and not turned:
