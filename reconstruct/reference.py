@@ -13,7 +13,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from reconstruct.errors import ScaleReferenceError
-from reconstruct.jsonfile import load_model
+from reconstruct.jsonfile import NonFiniteNumber, load_model, loads
 
 MAX_LENGTH_M = 10_000.0  # no measured length on a site is longer
 
@@ -93,8 +93,10 @@ def check_reference(
 
 def load_segments(path: Path) -> list[Segment]:
     try:
-        raw = json.loads(path.read_text())
-        return [Segment.model_validate(s) for s in raw["segments"]]
+        raw = loads(path.read_text())
+        return [Segment.model_validate(s) for s in raw["segments"]]  # type: ignore[index]
+    except NonFiniteNumber as exc:
+        raise ValueError(f"the segments file {path.name} is invalid: {exc}") from None
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
         raise ValueError(f"the segments file {path.name} cannot be read: {type(exc).__name__}") from None
     except ValidationError as exc:

@@ -159,3 +159,23 @@ def test_obj_with_mtl_and_texture_keeps_its_texture_in_the_plan(site_dir, tmp_pa
     scene = trimesh.load(root / "out" / "plan.glb", force="scene")
     mats = [g.visual.material for n, g in scene.geometry.items() if n.startswith("design")]
     assert any(getattr(m, "baseColorTexture", None) is not None for m in mats)
+
+
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e400"])
+def test_non_finite_numbers_in_the_stage_files_are_refused_naming_the_file(tmp_path: Path, number: str) -> None:
+    """Python's json reads NaN, Infinity and 1e400 (as inf): a NaN placement ran a plan into NaN
+    drawings. Every file the stage CLIs read refuses them with the file's name."""
+    from reconstruct.errors import PlacementError, ScaleReferenceError
+    from reconstruct.placement import load_placement
+    from reconstruct.reference import load_reference, load_segments
+
+    (tmp_path / "placement.json").write_text(f'{{"image": "a.jpg", "ground_points": [[{number}, 1], [2, 3]]}}')
+    with pytest.raises(PlacementError, match=r"placement\.json is invalid"):
+        load_placement(tmp_path / "placement.json")
+    seg = f'{{"segments": [{{"image": "a.jpg", "a": [0, 0], "b": [100, 0], "length_m": {number}}}]}}'
+    (tmp_path / "ref.json").write_text(seg)
+    with pytest.raises(ScaleReferenceError, match=r"ref\.json is invalid"):
+        load_reference(tmp_path / "ref.json")
+    (tmp_path / "seg.json").write_text(seg.replace('"length_m"', '"x"').replace('"a": [0, 0]', f'"a": [{number}, 0]'))
+    with pytest.raises(ValueError, match=r"seg\.json is invalid"):
+        load_segments(tmp_path / "seg.json")
