@@ -39,9 +39,11 @@ uniform vec2 nf;     // near, far
 in vec3 in_pos;
 in vec4 in_color;
 in vec2 in_mr;       // metallic, roughness
+in vec2 in_uv;
 out vec3 v_pos;
 out vec4 v_color;
 out vec2 v_mr;
+out vec2 v_uv;
 void main() {
     vec3 pc = R * in_pos + t;
     float n = nf.x, f = nf.y;
@@ -52,6 +54,7 @@ void main() {
     v_pos = in_pos;
     v_color = in_color;
     v_mr = in_mr;
+    v_uv = in_uv;
 }
 """
 
@@ -65,9 +68,11 @@ uniform vec3 sky;        // ambient from above (linear RGB)
 uniform vec3 ground;     // ambient from below
 uniform vec3 eye;        // camera centre, world
 uniform float ambient;   // 1: unlit (shadow masks)
+uniform sampler2D tex;   // the part's base colour texture (sRGB), white where it has none
 in vec3 v_pos;
 in vec4 v_color;
 in vec2 v_mr;
+in vec2 v_uv;
 out vec4 frag;
 void main() {
     if (ambient >= 1.0) { frag = v_color; return; }
@@ -76,7 +81,7 @@ void main() {
     // shading with shared (indexed) vertices.
     vec3 N = normalize(cross(dFdx(v_pos), dFdy(v_pos)));
     if (dot(N, V) < 0.0) N = -N;  // double-sided: the face the camera sees
-    vec3 base = v_color.rgb;
+    vec3 base = v_color.rgb * pow(texture(tex, v_uv).rgb, vec3(2.2));
     float metal = v_mr.x, rough = clamp(v_mr.y, 0.04, 1.0);
     vec3 F0 = mix(vec3(0.04), base, metal);
     vec3 diff = base * (1.0 - metal);
@@ -123,13 +128,39 @@ class Mesh:
     buffer: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False, compare=False)  # _packed's
 
 
+def _texture_image(m: Mesh) -> Any | None:
+    """The part's base colour image (PIL) where it has a texture with UVs for every vertex."""
+    vis = m.texture
+    uv = getattr(vis, "uv", None)
+    mat = getattr(vis, "material", None)
+    img = getattr(mat, "baseColorTexture", None) or getattr(mat, "image", None)
+    return img if img is not None and uv is not None and len(uv) == len(m.vertices) else None
+
+
+def _base_factor(m: Mesh) -> tuple[float, float, float, float]:
+    """A textured part's colour factor (the texture is sampled on top of it); else its colour."""
+    if _texture_image(m) is None:
+        return m.color
+    mat = getattr(m.texture, "material", None)
+    f = getattr(mat, "baseColorFactor", None)
+    if f is None:
+        f = getattr(mat, "diffuse", None)
+    if f is None:
+        return (1.0, 1.0, 1.0, 1.0)
+    c = np.asarray(f, float)
+    c = c / 255.0 if c.max() > 1.0 else c
+    return (float(c[0]), float(c[1]), float(c[2]), float(c[3]) if len(c) > 3 else 1.0)
+
+
 def _packed_one(m: Mesh) -> tuple[np.ndarray, np.ndarray]:
-    """Per-vertex pos, linear colour, metallic-roughness (float32) and the faces (uint32)."""
+    """Per-vertex pos, linear colour, metallic-roughness, UV (float32) and the faces (uint32)."""
     v = np.asarray(m.vertices, np.float32)
-    out = np.empty((len(v), 9), np.float32)
+    out = np.zeros((len(v), 11), np.float32)
     out[:, 0:3] = v
-    out[:, 3:7] = np.asarray(m.color, np.float32)
+    out[:, 3:7] = np.asarray(_base_factor(m), np.float32)
     out[:, 7:9] = (m.metallic, m.roughness)
+    if _texture_image(m) is not None:
+        out[:, 9:11] = np.asarray(m.texture.uv, np.float32)  # type: ignore[union-attr]
     return out, np.ascontiguousarray(np.asarray(m.faces, np.uint32))
 
 
@@ -146,7 +177,7 @@ def _packed(meshes: list[Mesh]) -> tuple[np.ndarray, np.ndarray]:
         faces.append(f + np.uint32(base) if base else f)
         base += len(v)
     if not verts:
-        return np.zeros((0, 9), np.float32), np.zeros((0, 3), np.uint32)
+        return np.zeros((0, 11), np.float32), np.zeros((0, 3), np.uint32)
     if len(verts) == 1:
         return verts[0], faces[0]
     return np.concatenate(verts), np.concatenate(faces)
@@ -252,23 +283,48 @@ def render(
             hidden = [
                 m if tuple(m.color) == (0, 0, 0, 0) else Mesh(m.vertices, m.faces, (0.0, 0.0, 0.0, 0.0)) for m in occ
             ]
-            for i, group in enumerate((hidden, meshes)):
+            white = ctx.texture((1, 1), 4, bytes([255, 255, 255, 255]))
+            textured = ambient < 1.0 and any(_texture_image(m) is not None for m in meshes)
+            # Untextured meshes go in one draw; a textured one is drawn alone with its image.
+            draws: list[tuple[list[Mesh], Any]] = [(hidden, None)]
+            if textured:
+                draws += [([m], _texture_image(m)) for m in meshes]
+            else:
+                draws.append((meshes, None))
+            for i, (group, image) in enumerate(draws):
                 data, idx = _packed(group)
                 if not len(idx):
                     continue
-                if i == 1 and additive:
+                if i >= 1 and additive:
                     ctx.enable(moderngl.BLEND)
                     ctx.blend_func = moderngl.ONE, moderngl.ONE
                     ctx.depth_func = "<="
+                tex = white
+                if image is not None:
+                    rgba_img = np.ascontiguousarray(
+                        np.flipud(np.asarray(image.convert("RGBA")))
+                    )  # GL rows: bottom first
+                    tex = ctx.texture((rgba_img.shape[1], rgba_img.shape[0]), 4, rgba_img.tobytes())
+                    tex.build_mipmaps()
+                    tex.repeat_x = tex.repeat_y = True
+                tex.use(location=0)
+                if "tex" in prog:
+                    prog["tex"].value = 0
                 vbo = ctx.buffer(data.tobytes())
                 ibo = ctx.buffer(idx.tobytes())
                 vao = ctx.vertex_array(
-                    prog, [(vbo, "3f 4f 2f", "in_pos", "in_color", "in_mr")], index_buffer=ibo, index_element_size=4
+                    prog,
+                    [(vbo, "3f 4f 2f 2f", "in_pos", "in_color", "in_mr", "in_uv")],
+                    index_buffer=ibo,
+                    index_element_size=4,
                 )
                 vao.render(moderngl.TRIANGLES)
                 vao.release()
                 vbo.release()
                 ibo.release()
+                if tex is not white:
+                    tex.release()
+            white.release()
             ctx.disable(moderngl.BLEND)
             ctx.depth_func = "<"
             if s > 1:

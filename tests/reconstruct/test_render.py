@@ -107,3 +107,32 @@ def _box(x0: float, x1: float) -> tuple[np.ndarray, np.ndarray]:
 def _row(view: View, z: float) -> float:
     uv, _ = view.project(np.array([[0.0, 1.9, z]]))
     return float(uv[0, 1])
+
+
+def test_the_designs_texture_is_drawn() -> None:
+    """A panel textured red on its left half and blue on its right: the montage shows both, where
+    the UVs put them (glTF/OBJ UVs as trimesh loads them, origin at the image's bottom)."""
+    import trimesh
+    from PIL import Image
+
+    view = _view()
+    tex = np.zeros((64, 64, 3), np.uint8)
+    tex[:, :32] = (220, 20, 20)
+    tex[:, 32:] = (20, 20, 220)
+    tex[:8] = (20, 200, 20)  # the image's top rows: green, at v = 1
+    panel = _panel(-1.0, 1.0, 2.0, 0.2, 1.8, (1.0, 1.0, 1.0, 1.0))
+    uv = np.array([[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])  # corners: bottom-left, ..., top-left
+    vis = trimesh.visual.TextureVisuals(uv=uv, image=Image.fromarray(tex))
+    textured = Mesh(panel.vertices, panel.faces, (1.0, 1.0, 1.0, 1.0), texture=vis)
+    photo = np.full((H, W, 3), 128, np.uint8)
+    img, _ = montage(photo, view, [textured], shadow_strength=0.0, contact_strength=0.0)
+
+    def at(x: float, z: float) -> np.ndarray:
+        uvp, _ = view.project(np.array([[x, 2.0, z]]))
+        u, v = int(uvp[0, 0]), int(uvp[0, 1])
+        return np.asarray(img[v - 2 : v + 3, u - 2 : u + 3].reshape(-1, 3).mean(axis=0))
+
+    left, right, top = at(-0.5, 1.0), at(0.5, 1.0), at(0.0, 1.78)
+    assert left[0] > left[2] + 60 and left[0] > left[1] + 60, left
+    assert right[2] > right[0] + 60 and right[2] > right[1] + 60, right
+    assert top[1] > top[0] + 40 and top[1] > top[2] + 40, top
