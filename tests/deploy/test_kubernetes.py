@@ -251,3 +251,21 @@ def test_images_are_the_containerfile_targets_of_this_version(
     assert {i.rsplit(":", 1)[1] for i in images} == {version, f"{version}-gpu"}
     targets = re.findall(r"^FROM\s+\S+\s+AS\s+(\S+)", (DEPLOY / "Containerfile").read_text(), re.M | re.I)
     assert {"cpu", "gpu"} <= set(targets)
+
+
+def test_only_siteplans_pods_reach_ray(core: list[dict[str, Any]], raycluster: dict[str, Any]) -> None:
+    policies = {d["metadata"]["name"]: d for d in by_kind(core, "NetworkPolicy")}
+    ray_labels = {"ray.io/cluster": raycluster["metadata"]["name"]}  # KubeRay's label on its pods
+    (api,) = by_kind(core, "Deployment")
+    api_labels = api["spec"]["template"]["metadata"]["labels"]
+    ray_pol = policies["siteplan-ray"]["spec"]
+    assert ray_pol["podSelector"]["matchLabels"] == ray_labels and ray_pol["policyTypes"] == ["Ingress"]
+    (rule,) = ray_pol["ingress"]
+    assert "ports" not in rule
+    allowed = [p["podSelector"]["matchLabels"] for p in rule["from"]]
+    assert all("namespaceSelector" not in p and "ipBlock" not in p for p in rule["from"])
+    assert ray_labels in allowed and any(a.items() <= api_labels.items() for a in allowed)
+    api_pol = policies["siteplan-api"]["spec"]
+    assert api_pol["podSelector"]["matchLabels"].items() <= api_labels.items()
+    open_rule = next(r for r in api_pol["ingress"] if "from" not in r)
+    assert open_rule["ports"] == [{"port": "http", "protocol": "TCP"}], "only the HTTP port is open to all"
