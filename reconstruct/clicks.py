@@ -31,8 +31,8 @@ import pycolmap
 
 from reconstruct.covariance import endpoint_sigma, ids_and_pixels, point_sigmas
 from reconstruct.dense import load_surface
-from reconstruct.geometry import Lifted, SurfaceLifter, View, lift_pixel, observations, views
-from reconstruct.multiview import MultiViewConfig, PhotoSet, refine_point, sigma_along
+from reconstruct.geometry import Lifted, SurfaceLifter, View, lift_pixel, observations, sigma_along, views
+from reconstruct.multiview import MultiViewConfig, PhotoSet, refine_point
 
 log = logging.getLogger(__name__)
 

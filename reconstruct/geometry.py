@@ -236,3 +236,10 @@ class SurfaceLifter:
         sig_along_ray = math.hypot(plane.rms, 0.5 * self.edge / math.sqrt(12)) / cos
         sig_click = click_px * s / float(view.K[0, 0]) / max(cos, 0.3)
         return Lifted(X, math.hypot(sig_along_ray, sig_click), None, int(k), plane.n)
+
+
+def sigma_along(cov: np.ndarray, direction: np.ndarray) -> float:
+    """1-sigma of a point with covariance ``cov`` along ``direction``."""
+    u = np.asarray(direction, float)
+    u = u / (np.linalg.norm(u) + 1e-12)
+    return float(math.sqrt(max(0.0, float(u @ cov @ u))))

@@ -45,7 +45,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from reconstruct.geometry import Lifted, View, rays
+from reconstruct.geometry import Lifted, View, rays, sigma_along
 
 log = logging.getLogger(__name__)
 
@@ -480,10 +480,3 @@ def refine_point(
             main.cov = main.cov + np.outer(gap, gap)
             main.edge_gap = dist
     return main
-
-
-def sigma_along(cov: np.ndarray, direction: np.ndarray) -> float:
-    """1-sigma of a point with covariance ``cov`` along ``direction``."""
-    u = np.asarray(direction, float)
-    u = u / (np.linalg.norm(u) + 1e-12)
-    return float(math.sqrt(max(0.0, float(u @ cov @ u))))

@@ -17,17 +17,18 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from reconstruct.clicks import ClickLifter
 from reconstruct.design import Design, rotation_z
 from reconstruct.errors import PlacementError
-from reconstruct.geometry import View
+from reconstruct.geometry import View, sigma_along
 from reconstruct.jsonfile import load_model
-from reconstruct.multiview import sigma_along
+
+if TYPE_CHECKING:  # the API imports this module for its schemas: no pycolmap, no open3d there
+    from reconstruct.clicks import ClickLifter
 
 
 class SitePose(BaseModel):
