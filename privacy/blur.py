@@ -16,8 +16,9 @@ two such passes (a triangle kernel: side lobes 4x lower) 98-100 %; two passes pl
 of 2 levels 100 % at every size (median correlation 0.01-0.04).
 
 So the region is blurred twice with a box whose side follows the region (half its shorter
-side by default, never less), then fresh random noise is added (from the OS's entropy, so it
-cannot be subtracted again) and the result is pasted inside the ellipse (faces) or the
+side by default, never less), then random noise is added (the gate seeds it from a digest of
+the original pixels: the same photo gives the same bytes, and the output alone does not give the
+seed, so the noise cannot be subtracted again) and the result is pasted inside the ellipse (faces) or the
 rectangle (plates). Only the boxes are touched: the image as a whole keeps its sharpness.
 """
 
