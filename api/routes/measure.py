@@ -110,7 +110,12 @@ def measure_on_job(job_id: str, body: MeasureRequest, db: DB, svc: ServicesDep, 
     try:
         with tarfile.open(fileobj=io.BytesIO(svc.vault.read_bytes(pf.contract_id, pf.object))) as tar:
             tar.extractall(scratch / "site", filter="data")
-        measured = measure(load_site(scratch / "site"), segs)
+        # The anonymised photos too: every click is found again in the photos that see it and
+        # triangulated, as `siteplan measure` does (without them it falls back to the surface).
+        for ph in photos.values():
+            if ph.object is not None:
+                svc.vault.export_to(ph.contract_id, ph.object, scratch / "photos" / f"{ph.id}.jpg")
+        measured = measure(load_site(scratch / "site"), segs, photos_dir=scratch / "photos")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         os.close(running)

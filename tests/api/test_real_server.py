@@ -161,6 +161,9 @@ def test_serve_upload_plan_download(tmp_path: Path) -> None:
             m0, m1 = got["segments"]
             truth = ref["segments"][0]["length_m"]
             assert m0["image"] == seg["image"] and abs(m0["length_m"] - truth) < 3 * m0["sigma_m"] + 0.02, m0
+            # The job's anonymised photos are at hand to the measurement: the clicks are
+            # triangulated from the photos that see them, as in `siteplan measure`.
+            assert m0["endpoints"]["a"]["lifted_on"] == "multi-view" and m0["endpoints"]["a"]["views"] >= 2, m0
             assert m1["length_m"] is None and m1["reason"], m1
             off = {"image": seg["image"], "a": [10, 10], "b": [10, 99999]}
             r = http.post(f"/v1/jobs/{job2['id']}/measure", json={"segments": [off]})
