@@ -344,9 +344,7 @@ def _refine_once(
     occluded: Callable[[View, np.ndarray], bool] | None = None,
     depth_range: tuple[float, float] | None = None,
 ) -> Refined:
-    """Triangulate the point clicked at ``uv`` in ``ref`` from every photo in ``others`` that sees
-    it. ``first`` is the surface lift (its depth and normal start the search); without it the
-    whole ``depth_range`` (model units along the ray) is searched with a patch facing the camera."""
+    """One pass of :func:`refine_point` with the configured patch."""
     cfg = config or MultiViewConfig()
     img_ref = photos.get(ref)
     if img_ref is None:

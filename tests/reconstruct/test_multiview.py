@@ -96,15 +96,20 @@ def test_measure_reports_each_endpoint_and_an_honest_sigma(site: tuple[object, P
     assert abs(res["length_m"] - truth) < 3 * res["sigma_m"], res
 
 
-def test_a_photo_moved_30_cm_is_caught_and_placed_again() -> None:
-    scene = make_scene(n_cams=6)
-    rec = truth_frame(scene)
+def _moved_photo() -> tuple[pycolmap.Reconstruction, pycolmap.Image, np.ndarray]:
+    """A synthetic site whose photo 3 was placed 30 cm from where it was taken; and its true centre."""
+    rec = truth_frame(make_scene(n_cams=6))
     img = rec.image(3)
     frame = rec.frame(img.frame_id)
     pose = frame.rig_from_world
     R = np.asarray(pose.rotation.matrix())
     C = -R.T @ np.asarray(pose.translation)
     frame.rig_from_world = pycolmap.Rigid3d(pose.rotation, -R @ (C + np.array([0.3, 0.0, 0.0])))
+    return rec, img, C
+
+
+def test_a_photo_moved_30_cm_is_caught_and_placed_again() -> None:
+    rec, img, C = _moved_photo()
     out = check_poses(rec)
     assert [r["image"] for r in out.relocalised] == [img.name] and not out.excluded
     moved = rec.image(3).cam_from_world()
@@ -115,15 +120,9 @@ def test_a_photo_moved_30_cm_is_caught_and_placed_again() -> None:
 
 
 def test_a_moved_photo_that_cannot_be_placed_again_is_dropped_with_the_reason() -> None:
-    scene = make_scene(n_cams=6)
-    rec = truth_frame(scene)
-    img = rec.image(3)
-    frame = rec.frame(img.frame_id)
-    pose = frame.rig_from_world
-    R = np.asarray(pose.rotation.matrix())
-    C = -R.T @ np.asarray(pose.translation)
-    frame.rig_from_world = pycolmap.Rigid3d(pose.rotation, -R @ (C + np.array([0.3, 0.0, 0.0])))
     from reconstruct.poses import PoseCheckConfig
+
+    rec, img, _ = _moved_photo()
 
     out = check_poses(rec, PoseCheckConfig(min_inliers=10**6))  # no relocalisation is good enough
     assert [e["image"] for e in out.excluded] == [img.name] and "away from where the other photos" in out.excluded[0][
