@@ -41,6 +41,16 @@ class MeasureRequest(Strict):  # unknown fields, non-finite numbers, lone surrog
     )
 
 
+class MeasuredEndpoint(BaseModel):
+    lifted_on: str = Field(description="multi-view (triangulated from the photos that see it), plane or surface")
+    views: int = Field(description="photos the point was found in, the clicked one included")
+    sigma_m: float | None = None
+    reason: str | None = Field(default=None, description="why it is not a multi-view point")
+    surface_disagrees_by: float | None = Field(
+        default=None, description="metres between the photos' point and the surface lift, where they disagree"
+    )
+
+
 class MeasuredSegment(BaseModel):
     image: str
     a: tuple[float, float]
@@ -50,6 +60,8 @@ class MeasuredSegment(BaseModel):
     reason: str | None = None
     lifted_on: dict[str, str] | None = None
     sigma_parts_m: dict[str, float | None] | None = None
+    endpoints: dict[str, MeasuredEndpoint] | None = Field(default=None, description="how each end was found")
+    warnings: list[str] = Field(default_factory=list)
 
 
 class MeasureResult(BaseModel):
@@ -141,6 +153,8 @@ def measure_on_job(job_id: str, body: MeasureRequest, db: DB, svc: ServicesDep, 
                 reason=m.get("reason"),
                 lifted_on=m.get("lifted_on"),
                 sigma_parts_m=m.get("sigma_parts_m"),
+                endpoints=m.get("endpoints"),
+                warnings=m.get("warnings", []),
             )
         )
     return MeasureResult(job_id=j.id, site_from_job=source, segments=out)
