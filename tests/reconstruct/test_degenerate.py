@@ -3,6 +3,7 @@ rotation), photos that do not overlap, and a model whose cameras all sit in one 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -100,20 +101,7 @@ def test_principal_point_is_refined_where_enough_photos_share_the_camera() -> No
     photos than the threshold do."""
     from reconstruct.sfm import _refine_principal_points
 
-    opts = pycolmap.SyntheticDatasetOptions()
-    opts.num_rigs, opts.num_cameras_per_rig, opts.num_frames_per_rig, opts.num_points3D = 1, 1, 10, 400
-    truth = pycolmap.synthesize_dataset(opts)
-    cam = next(iter(truth.cameras.values()))
-    true_pp = (cam.width / 2 + 30.0, cam.height / 2 - 20.0)
-    cam.principal_point_x, cam.principal_point_y = true_pp
-    # Re-observe every point through the off-centre camera, then start from the centred one.
-    for img in truth.images.values():
-        for p2 in img.points2D:
-            if p2.has_point3D():
-                p2.xy = img.project_point(truth.points3D[p2.point3D_id].xyz)
-    start = pycolmap.Reconstruction(truth)
-    c = next(iter(start.cameras.values()))
-    c.principal_point_x, c.principal_point_y = c.width / 2, c.height / 2
+    start, true_pp = _centred_start(lambda w, h: (w / 2 + 30.0, h / 2 - 20.0))
     refined, info = _refine_principal_points(start, 8)
     assert info["refined"], info
     got = next(iter(refined.cameras.values()))
@@ -148,11 +136,23 @@ def test_a_principal_point_far_off_centre_is_believed_when_the_residuals_say_so(
     clear fall when it is freed is the evidence that lets it through."""
     from reconstruct.sfm import _refine_principal_points
 
+    start, true_pp = _centred_start(lambda w, h: (0.6 * w, 0.6 * h))
+    refined, info = _refine_principal_points(start, 8)
+    assert info["refined"], info
+    got = next(iter(refined.cameras.values()))
+    assert abs(got.principal_point_x - true_pp[0]) < 2.0 and abs(got.principal_point_y - true_pp[1]) < 2.0
+
+
+def _centred_start(
+    true_pp_of: Callable[[float, float], tuple[float, float]],
+) -> tuple[pycolmap.Reconstruction, tuple[float, float]]:
+    """A synthetic model of 10 photos whose one camera's true principal point is ``true_pp_of(w, h)``:
+    every point re-observed through it, then the camera started at the centre (as COLMAP does)."""
     opts = pycolmap.SyntheticDatasetOptions()
     opts.num_rigs, opts.num_cameras_per_rig, opts.num_frames_per_rig, opts.num_points3D = 1, 1, 10, 400
     truth = pycolmap.synthesize_dataset(opts)
     cam = next(iter(truth.cameras.values()))
-    true_pp = (cam.width / 2 + 0.1 * cam.width, cam.height / 2 + 0.1 * cam.height)
+    true_pp = true_pp_of(cam.width, cam.height)
     cam.principal_point_x, cam.principal_point_y = true_pp
     for img in truth.images.values():
         for p2 in img.points2D:
@@ -161,7 +161,4 @@ def test_a_principal_point_far_off_centre_is_believed_when_the_residuals_say_so(
     start = pycolmap.Reconstruction(truth)
     c = next(iter(start.cameras.values()))
     c.principal_point_x, c.principal_point_y = c.width / 2, c.height / 2
-    refined, info = _refine_principal_points(start, 8)
-    assert info["refined"], info
-    got = next(iter(refined.cameras.values()))
-    assert abs(got.principal_point_x - true_pp[0]) < 2.0 and abs(got.principal_point_y - true_pp[1]) < 2.0
+    return start, true_pp
