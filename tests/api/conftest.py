@@ -7,8 +7,6 @@ reached the tests fail (``.ci/run`` starts it); they are never skipped.
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,15 +15,13 @@ from pathlib import Path
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from sqlalchemy import create_engine, text
 
 from api.app import create_app
 from api.services import Services
 from siteplan.db import tenant_session
 from siteplan.settings import Settings
 from siteplan.tenancy import create_contract, create_tenant, create_token
-
-PG_ADMIN_URL = os.environ.get("SITEPLAN_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+from tests.pg import throwaway_database
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -33,16 +29,8 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'siteplan.db'}"
         return
-    name = f"siteplan_t_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with throwaway_database("siteplan_t") as url:
+        yield url
 
 
 @dataclass

@@ -17,7 +17,7 @@ from privacy.backup import backup, restore
 from privacy.vault import FileKeyStore, Vault
 from siteplan.db import init_db, migrate
 from tests.api.test_sealed_fields import REFERENCE, _at_0003, _insert_clear_rows, _raw_rows
-from tests.deploy.conftest import PG_ADMIN_URL
+from tests.pg import PG_ADMIN_URL
 
 
 @pytest.fixture
