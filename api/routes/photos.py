@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
@@ -185,7 +186,7 @@ def _offset(db: DB, svc: Services, p: Photo) -> int:
         with locked(svc, p, exclusive=False, wait_s=10.0):
             p = reread(db, p.id)
             if p.state == "uploading":
-                return staging_of(svc, p).offset()
+                return _open_staging(svc, p.tenant_id, Upload(p.id, p.contract_id, p.length))[1]
     if p.state == "rejected":
         raise _refused(p)
     return p.length
@@ -248,6 +249,16 @@ def _begin_patch(svc: Services, tenant_id: str, upload_id: str) -> Upload:
         return Upload(p.id, p.contract_id, p.length, p.error)
 
 
+def _open_staging(svc: Services, tenant_id: str, p: Upload) -> tuple[UploadStaging, int]:
+    """The upload's staging and its offset, under the contract's data lock with the row read
+    again (``writing``): an erasure or a termination that deleted the upload after the caller's
+    check must not find its staging directory made again (it was, with a sealed header left in
+    it), nor have its destroyed key asked for (a 500 after a termination). #24 D4."""
+    with writing(svc, tenant_id, p):
+        staging = staging_of(svc, p)
+        return staging, staging.offset()
+
+
 def _finish_patch(svc: Services, tenant_id: str, upload_id: str, actor: str, **values: object) -> None:
     with tenant_session(svc.factory, tenant_id) as db:
         p = _get_photo(db, upload_id)
@@ -308,8 +319,7 @@ async def patch_upload(
     with locked(svc, p, exclusive=True):
         # Again under the lock: a request we waited for may have finished or ended the upload.
         p = await run_in_threadpool(_begin_patch, svc, c.tenant_id, upload_id)
-        staging = staging_of(svc, p)
-        start = await run_in_threadpool(staging.offset)
+        staging, start = await run_in_threadpool(_open_staging, svc, c.tenant_id, p)
         if int(upload_offset) != start:
             raise ApiError(
                 409,
@@ -320,7 +330,7 @@ async def patch_upload(
         if content_length is not None and start + content_length > p.length:
             # Refused before a byte is read: what arrived so far stays, the client can resume.
             raise ApiError(413, "too_large", f"this chunk goes past the declared Upload-Length ({p.length} bytes)")
-        app = await run_in_threadpool(staging.appender, limit=p.length)
+        app = await run_in_threadpool(write_guarded, svc, c.tenant_id, p, partial(staging.appender, limit=p.length))
         head = bytearray() if start == 0 else None
         checked = start >= _HEAD_BYTES
         batch: list[bytes] = []  # pieces as received, handed to the sealing thread ~1 MiB at a time
@@ -371,7 +381,7 @@ async def patch_upload(
         if overflow is not None and refused is None:
             raise ApiError(overflow.status, overflow.code, overflow.message, headers={"Upload-Offset": str(offset)})
         if refused is None and head is None and not checked and offset >= min(_HEAD_BYTES, p.length):
-            first = await run_in_threadpool(staging.head, _HEAD_BYTES)
+            first = await run_in_threadpool(write_guarded, svc, c.tenant_id, p, staging.head, _HEAD_BYTES)
             try:
                 accepted_format(first)
                 _check_pixels(first, max_pixels)
