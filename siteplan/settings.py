@@ -45,6 +45,12 @@ class Settings(BaseSettings):
         description="On SIGTERM, how long requests in flight (a photo still uploading) may take to finish.",
     )
     max_upload_bytes: int = Field(default=64 * 2**20, gt=0, description="Largest photo or design upload.")
+    max_upload_pixels: int = Field(
+        default=100_000_000,
+        gt=0,
+        description="Largest photo upload in pixels, from its header while it streams (413 too_many_pixels). "
+        "Phones make 12-50 MP by default and 200 MP at most in a full-resolution mode; raise it for those.",
+    )
     max_json_bytes: int = Field(default=1 * 2**20, gt=0, description="Largest JSON request body.")
     rate_limit_per_minute: int = Field(default=600, gt=0, description="Requests per minute per API token.")
     rate_limit_burst: int = Field(default=120, gt=0, description="Burst allowance per API token.")

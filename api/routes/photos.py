@@ -39,7 +39,6 @@ from api.uploads import (
     writing,
 )
 from privacy import register
-from privacy.anonymize import AnonymizationPolicy
 from privacy.decode import sniff_format
 from privacy.errors import InvalidImage
 from privacy.isolated import untrusted_size
@@ -315,7 +314,7 @@ async def patch_upload(
     if (content_type or "").split(";")[0].strip().lower() != "application/offset+octet-stream":
         raise ApiError(415, "unsupported_type", "upload chunks must be sent as application/offset+octet-stream")
     p = await run_in_threadpool(_begin_patch, svc, c.tenant_id, upload_id)
-    max_pixels = AnonymizationPolicy().max_pixels
+    max_pixels = svc.settings.max_upload_pixels
     with locked(svc, p, exclusive=True):
         # Again under the lock: a request we waited for may have finished or ended the upload.
         p = await run_in_threadpool(_begin_patch, svc, c.tenant_id, upload_id)

@@ -44,7 +44,9 @@ def test_an_ending_between_a_patchs_check_and_its_first_write_makes_nothing_agai
     t = api.tenant()
     r = api.client.post("/v1/subjects", json={"contract_id": t.contract_id, "name": "Jan"}, headers=t.auth)
     subject = r.json()["id"]
-    r = api.client.post("/v1/projects", json={"contract_id": t.contract_id, "reference": "R", "subject_id": subject}, headers=t.auth)
+    r = api.client.post(
+        "/v1/projects", json={"contract_id": t.contract_id, "reference": "R", "subject_id": subject}, headers=t.auth
+    )
     pid = r.json()["id"]
     r = api.client.post(f"/v1/projects/{pid}/uploads", headers=t.auth | TUS | {"Upload-Length": str(len(JPEG))})
     loc = r.headers["Location"]
@@ -82,3 +84,60 @@ def _adversarial():  # type: ignore[no-untyped-def]
     sys.modules["adversarial"] = mod
     spec.loader.exec_module(mod)
     return mod
+
+
+def _png_header(w: int, h: int) -> bytes:
+    """A PNG that announces w x h pixels (a few rows of zeros follow): what a bomb sends first."""
+    return _adversarial().png_bomb(w, h)  # type: ignore[no-any-return]
+
+
+def _send_photo(api: Api, t, data: bytes):  # type: ignore[no-untyped-def]
+    r = api.client.post("/v1/projects", json={"contract_id": t.contract_id, "reference": "R"}, headers=t.auth)
+    pid = r.json()["id"]
+    r = api.client.post(f"/v1/projects/{pid}/uploads", headers=t.auth | TUS | {"Upload-Length": str(len(data))})
+    h = t.auth | TUS | {"Upload-Offset": "0", "Content-Type": "application/offset+octet-stream"}
+    return api.client.patch(r.headers["Location"], content=data, headers=h)
+
+
+@pytest.mark.parametrize(("w", "h"), [(10_001, 10_000), (11_000, 10_000)])
+def test_a_photo_over_100_megapixels_is_refused_while_it_streams(sqlite_app: Api, w: int, h: int) -> None:
+    """100 MP by default: more than any phone makes unless asked for its full 200 MP mode (a
+    200 MP sensor bins to 50 MP by default). 110 MP was let through to the gate (its cap: 120)."""
+    r = _send_photo(sqlite_app, sqlite_app.tenant(), _png_header(w, h))
+    assert r.status_code == 413, r.text
+    err = r.json()["error"]
+    assert err["code"] == "too_many_pixels" and "the limit is 100" in err["message"], err
+
+
+def test_the_pixel_cap_can_be_raised(tmp_path: Path) -> None:
+    from tests.api.conftest import open_sqlite_api
+
+    with open_sqlite_api(tmp_path, max_upload_pixels=115_000_000) as api:
+        assert _send_photo(api, api.tenant(), _png_header(11_000, 10_000)).status_code == 204
+        assert _send_photo(api, api.tenant(), _png_header(11_000, 10_500)).status_code == 413
+
+
+@pytest.mark.slow
+def test_a_zlib_bomb_just_under_the_cap_decodes_within_the_per_photo_budget() -> None:
+    """A 99 MP PNG of one colour (about 300 KB) decodes in the sandbox within the gate's per-photo
+    decode budget (decode_timeout_s, with its CPU-time and memory limits), not refused for time."""
+    import io
+    import time
+
+    from PIL import Image
+
+    from privacy.anonymize import AnonymizationPolicy
+    from privacy.isolated import read_untrusted
+
+    w, h = 11_500, 8_600  # 98.9 MP
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (90, 90, 90)).save(buf, "PNG", compress_level=9)
+    data = buf.getvalue()
+    assert len(data) < 400_000
+    policy = AnonymizationPolicy()
+    t0 = time.monotonic()
+    _, rgb = read_untrusted(data, max_pixels=100_000_000, timeout_s=policy.decode_timeout_s)
+    took = time.monotonic() - t0
+    print(f"99 MP zlib bomb ({len(data) // 1000} KB) decoded in {took:.1f} s")
+    assert rgb.shape == (h, w, 3)
+    assert took < policy.decode_timeout_s / 2
