@@ -141,3 +141,18 @@ def test_a_zlib_bomb_just_under_the_cap_decodes_within_the_per_photo_budget() ->
     print(f"99 MP zlib bomb ({len(data) // 1000} KB) decoded in {took:.1f} s")
     assert rgb.shape == (h, w, 3)
     assert took < policy.decode_timeout_s / 2
+
+
+@pytest.mark.slow
+def test_adversarial_rerun_bounded(tmp_path: Path) -> None:
+    """scripts/adversarial.py --quick against two real servers on one data folder and database:
+    isolation, scopes, tus, hostile bodies and headers, types, idempotency, restriction, erasures
+    and a termination racing a streaming PATCH, a double termination. Its kill -9 scenarios run in
+    the full script (and tests/api/test_kill9.py). 0 x 5xx, every answer as expected, nothing
+    plaintext left on disk or personal in the logs."""
+    report = _adversarial().run(tmp_path, quick=True)
+    print({k: report[k] for k in ("requests", "statuses", "duration_s", "phases_s", "peak_rss_mb")})
+    assert report["requests"] > 400, report["requests"]
+    assert not report["five_xx"], report["five_xx"]
+    assert not report["violations"], report["violations"]
+    assert not report["plaintext"], report["plaintext"]
