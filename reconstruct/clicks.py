@@ -14,7 +14,9 @@ ground points (``placement``) and ``measure`` endpoints.
 Each point carries a full 3x3 covariance: the triangulation's (pixel noise by match quality,
 inflated by the residuals), the bundle adjustment's pose/structure term at the pixel
 (``covariance.point_sigmas``), and the designer's click (``click_px`` pixels across the ray,
-stretched by the surface's incidence). A length's sigma is the covariance along the segment.
+stretched by the surface's incidence). A length's sigma is the covariance along the segment,
+plus the model's shape where a principal point was held at the image centre (``shape_sigma``:
+the length again in the model with it freed, ``covariance.held_intrinsics``).
 """
 
 from __future__ import annotations
@@ -29,10 +31,10 @@ from typing import Any
 import numpy as np
 import pycolmap
 
-from reconstruct.covariance import endpoint_sigma, ids_and_pixels, point_sigmas
+from reconstruct.covariance import HeldIntrinsics, endpoint_sigma, held_intrinsics, ids_and_pixels, point_sigmas
 from reconstruct.dense import load_surface
 from reconstruct.geometry import Lifted, SurfaceLifter, View, lift_pixel, observations, sigma_along, views
-from reconstruct.multiview import MultiViewConfig, PhotoSet, refine_point
+from reconstruct.multiview import MultiViewConfig, PhotoSet, refine_point, retriangulate
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,9 @@ class ClickedPoint:
     disagreement: float | None = None
     surface_xyz: np.ndarray | None = None  # the surface lift, kept for the comparison
     surface_sigma: float | None = None
+    # The same observations triangulated in the model with its held principal points freed
+    # (``covariance.held_intrinsics``), in this model's frame; None when there is no such model.
+    alt_xyz: np.ndarray | None = None
 
     def sigma_along(self, direction: np.ndarray) -> float:
         return 0.0 if self.cov is None else sigma_along(self.cov, direction)
@@ -69,6 +74,17 @@ class ClickedPoint:
         if self.disagreement is not None:
             out["surface_disagrees_by"] = round(self.disagreement, 4)
         return out
+
+
+def shape_sigma(a: ClickedPoint, b: ClickedPoint) -> float:
+    """The length's 1-sigma from the model's shape: how much it changes when the principal points
+    held at the image centre are freed (0 where every camera's was estimated, or where neither end
+    was triangulated). An end without a freed point keeps its place."""
+    if a.xyz is None or b.xyz is None or (a.alt_xyz is None and b.alt_xyz is None):
+        return 0.0
+    pa = a.alt_xyz if a.alt_xyz is not None else a.xyz
+    pb = b.alt_xyz if b.alt_xyz is not None else b.xyz
+    return abs(float(np.linalg.norm(pb - pa)) - float(np.linalg.norm(np.asarray(b.xyz) - np.asarray(a.xyz))))
 
 
 class ClickLifter:
@@ -86,6 +102,7 @@ class ClickLifter:
         click_px: float = 0.5,
         pose_weight: float = POSE_WEIGHT,
         multiview: bool = True,
+        shape_check: bool = True,
     ) -> None:
         self.rec = rec
         self.views: dict[str, View] = views(rec)
@@ -95,6 +112,7 @@ class ClickLifter:
         self.click_px = click_px
         self.pose_weight = pose_weight
         self.multiview = multiview
+        self.shape_check = shape_check
         self._obs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._pix: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
@@ -104,6 +122,12 @@ class ClickLifter:
             return None
         mesh = load_surface(self.surface_path)
         return SurfaceLifter(*mesh) if mesh is not None else None
+
+    @functools.cached_property
+    def held(self) -> HeldIntrinsics | None:
+        """The model with its held principal points freed (one bundle adjustment, only where some
+        camera's principal point sits exactly at its image centre, as COLMAP leaves it)."""
+        return held_intrinsics(self.rec) if self.shape_check else None
 
     @functools.cached_property
     def _pose_sigmas(self) -> dict[int, float]:
@@ -198,6 +222,10 @@ class ClickLifter:
             return surf
         cov = mv.cov + self.pose_weight * pose_var * np.eye(3) + self._click_cov(view, mv.xyz, first.normal)
         out = ClickedPoint(mv.xyz, cov, "multi-view", mv.views)
+        held = self.held
+        if held is not None and mv.observations:
+            X = retriangulate(mv.observations, held.views, held.from_model(np.asarray(mv.xyz)))
+            out.alt_xyz = held.to_model(X) if X is not None else None
         if surf is not None and surf.cov is not None:
             out.surface_xyz, out.surface_sigma = surf.xyz, first.sigma
             gap = np.asarray(mv.xyz) - np.asarray(first.xyz)

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import pycolmap
+
+from reconstruct.geometry import View, views
 
 log = logging.getLogger(__name__)
 _NEIGHBOURS = 12  # 3D points around an endpoint whose covariance speaks for it
@@ -54,3 +57,90 @@ def endpoint_sigma(uv: tuple[float, float], pix: np.ndarray, ids: np.ndarray, si
     near = np.argsort(np.linalg.norm(pix - np.asarray(uv, float), axis=1))[:_NEIGHBOURS]
     vals = [sig[int(ids[k])] for k in near if int(ids[k]) in sig]
     return float(np.median(vals)) if vals else 0.0
+
+
+@dataclass(frozen=True)
+class HeldIntrinsics:
+    """The model again with every principal point that was held at its image's centre freed.
+
+    COLMAP keeps a principal point at the image centre unless it is refined (``sfm``: cameras
+    shared by 8 or more photos, and not beyond 5 % off centre). Held there, it is an assumption the
+    bundle adjustment's covariance knows nothing of, and a phone's lies a few pixels off: the model
+    bends (fountain-P11 with 6 of its photos: the reference 0.2 % long, 2.5 of its sigmas). The
+    freed model is the data's own answer to "how much does that assumption move this length":
+    a clicked point is triangulated again from the same observations in it, and the difference in
+    a length is taken as one sigma of the model's shape (``clicks.shape_sigma``)."""
+
+    views: dict[str, View]
+    # The freed model's frame mapped onto the model's: X = s R X' + t (a similarity over the
+    # points, so that only the shape differs, not the gauge).
+    s: float
+    R: np.ndarray
+    t: np.ndarray
+    moved_px: dict[int, float]  # camera id -> how far its principal point moved
+
+    def to_model(self, X: np.ndarray) -> np.ndarray:
+        return np.asarray(self.s * self.R @ X + self.t)
+
+    def from_model(self, X: np.ndarray) -> np.ndarray:
+        return np.asarray(self.R.T @ (X - self.t) / self.s)
+
+
+MAX_FREED_SHIFT = 0.2  # a principal point freed further than this share of the image is not believed
+
+
+def held_intrinsics(rec: pycolmap.Reconstruction) -> HeldIntrinsics | None:
+    """The model with its held principal points freed (one bundle adjustment), or None when every
+    camera's was refined already (then there is nothing to add), or when freeing fails or runs a
+    point off by more than ``MAX_FREED_SHIFT`` of its image (then no number is believed)."""
+    used = {rec.images[i].camera_id for i in rec.reg_image_ids()}
+    held = [
+        c
+        for c in sorted(used)
+        if abs(rec.cameras[c].principal_point_x - rec.cameras[c].width / 2) < 1e-6
+        and abs(rec.cameras[c].principal_point_y - rec.cameras[c].height / 2) < 1e-6
+    ]
+    if not held:
+        return None
+    trial = pycolmap.Reconstruction(rec)
+    config = pycolmap.BundleAdjustmentConfig()
+    for i in rec.reg_image_ids():
+        config.add_image(i)
+    for c in used - set(held):
+        config.set_constant_cam_intrinsics(c)
+    config.fix_gauge(pycolmap.BundleAdjustmentGauge.TWO_CAMS_FROM_WORLD)
+    opts = pycolmap.BundleAdjustmentOptions()
+    opts.refine_principal_point = True
+    opts.print_summary = False
+    try:
+        pycolmap.create_default_ceres_bundle_adjuster(opts, config, trial).solve()
+    except Exception as exc:  # the term is then left out, and said so
+        log.warning("principal point could not be freed for the shape check (%s)", type(exc).__name__)
+        return None
+    moved: dict[int, float] = {}
+    for c in held:
+        a, b = rec.cameras[c], trial.cameras[c]
+        d = math.hypot(a.principal_point_x - b.principal_point_x, a.principal_point_y - b.principal_point_y)
+        if d > MAX_FREED_SHIFT * max(a.width, a.height):
+            log.warning("freed principal point ran %.0f px off: not believed, no shape term", d)
+            return None
+        moved[c] = d
+    ids = [p for p in rec.points3D if p in trial.points3D]
+    if len(ids) < 10:
+        return None
+    A = np.array([rec.points3D[p].xyz for p in ids])
+    B = np.array([trial.points3D[p].xyz for p in ids])
+    s, R, t = _similarity(B, A)
+    return HeldIntrinsics(views(trial), s, R, t, moved)
+
+
+def _similarity(src: np.ndarray, dst: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """Umeyama: dst ~ s R src + t."""
+    ms, md = src.mean(0), dst.mean(0)
+    a, b = src - ms, dst - md
+    U, S, Vt = np.linalg.svd(b.T @ a / len(src))
+    D = np.eye(3)
+    D[2, 2] = np.sign(np.linalg.det(U @ Vt))
+    R = U @ D @ Vt
+    s = float((S * np.diag(D)).sum() / (a**2).sum() * len(src))
+    return s, R, md - s * R @ ms

@@ -6,7 +6,8 @@ photos agree, lifted onto the local surface in their own photo (``"plane"``: the
 around the pixel; ``"surface"``: the dense mesh), with the reason per endpoint.
 sigma combines, in quadrature: the scale's relative uncertainty, and each endpoint's covariance
 along the segment (triangulation or surface fit, the bundle adjustment's pose/structure term
-there, and the click). The endpoints' pose terms are added as if independent: conservative,
+there, and the click), and the model's shape where a principal point was held at the image
+centre (``clicks.shape_sigma``). The endpoints' pose terms are added as if independent: conservative,
 since a shared pose error partly cancels in a length. A segment that cannot be measured gets
 ``length_m: null`` and a ``reason``, never a made-up number.
 """
@@ -20,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from reconstruct.clicks import ClickLifter
+from reconstruct.clicks import ClickLifter, shape_sigma
 from reconstruct.reference import Segment
 from reconstruct.site import Site
 
@@ -63,7 +64,8 @@ def measure(site: Site, segments: list[Segment], *, photos_dir: Path | None = No
         ab = np.asarray(pb.xyz) - np.asarray(pa.xyz)
         length = float(np.linalg.norm(ab))
         ends = math.hypot(pa.sigma_along(ab), pb.sigma_along(ab))
-        sigma = math.hypot(length * scale_rel, ends)
+        shape = shape_sigma(pa, pb)
+        sigma = math.sqrt((length * scale_rel) ** 2 + ends**2 + shape**2)
         warnings: list[str] = []
         for name, p in (("a", pa), ("b", pb)):
             if p.disagreement is not None:
@@ -82,7 +84,11 @@ def measure(site: Site, segments: list[Segment], *, photos_dir: Path | None = No
             length_m=round(length, 4),
             sigma_m=round(sigma, 4),
             lifted_on={"a": pa.lifted_on, "b": pb.lifted_on},
-            sigma_parts_m={"scale": round(length * scale_rel, 4), "endpoints": round(ends, 4)},
+            sigma_parts_m={
+                "scale": round(length * scale_rel, 4),
+                "endpoints": round(ends, 4),
+                "shape": round(shape, 4),
+            },
         )
         if warnings:
             item["warnings"] = warnings

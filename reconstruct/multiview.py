@@ -86,6 +86,9 @@ class Refined:
     max_angle_deg: float | None = None  # widest angle between the kept rays at the point
     rejected: dict[str, str] = field(default_factory=dict)  # photo -> why its match was not used
     edge_gap: float | None = None  # where a smaller patch put the point elsewhere (a depth edge): how far
+    # The kept observations (photo, pixel, pixel sigma), so the point can be triangulated again in
+    # another version of the model (``covariance.held_intrinsics``).
+    observations: list[tuple[str, np.ndarray, float]] = field(default_factory=list)
 
 
 class PhotoSet:
@@ -442,7 +445,19 @@ def _refine_once(
         return Refined(None, None, 1, [ref.name], "the photos that see it stand too close together", rejected=rejected)
     if float((X - C) @ d0) <= 0:
         return Refined(None, None, 1, [ref.name], "the matches meet behind the camera", rejected=rejected)
-    return Refined(X, cov, len(keep), [v.name for v in kept], None, rms, angle, rejected)
+    kept_obs = [(obs[k][0].name, np.asarray(obs[k][1], float), float(obs[k][2])) for k in keep]
+    return Refined(X, cov, len(keep), [v.name for v in kept], None, rms, angle, rejected, observations=kept_obs)
+
+
+def retriangulate(
+    obs: list[tuple[str, np.ndarray, float]], views: dict[str, View], X0: np.ndarray
+) -> np.ndarray | None:
+    """The point the same observations give with other cameras (``views``, by photo name); None
+    where a photo is missing there or the rays do not meet."""
+    if any(name not in views for name, _, _ in obs) or len(obs) < 2:
+        return None
+    got = _triangulate([(views[name], uv, sig) for name, uv, sig in obs], X0, math.inf)
+    return None if got is None else got[0]
 
 
 def refine_point(

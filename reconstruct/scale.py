@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pycolmap
 
-from reconstruct.clicks import ClickLifter
+from reconstruct.clicks import ClickLifter, shape_sigma
 from reconstruct.errors import ScaleReferenceError
 from reconstruct.geometry import views
 from reconstruct.markers import detect_all, marker_scale
@@ -96,8 +96,13 @@ def estimate_scale(
             )
         assert seg.length_m is not None
         s = seg.length_m / model_len
-        rel = math.hypot(pa.sigma_along(ab), pb.sigma_along(ab)) / model_len
+        # The model's shape where a principal point was held at the image centre: the reference's
+        # length again in the model with it freed (``clicks.shape_sigma``).
+        shape = shape_sigma(pa, pb)
+        rel = math.sqrt(pa.sigma_along(ab) ** 2 + pb.sigma_along(ab) ** 2 + shape**2) / model_len
         item.update(used=True, scale=s, sigma_rel=rel, model_length=model_len)
+        if shape > 0:
+            item["shape_sigma_rel"] = round(shape / model_len, 6)
         # The single-photo surface lift of the same clicks is the check: where it disagrees beyond
         # both sigmas, the reference's sigma is widened to cover the two.
         if pa.surface_xyz is not None and pb.surface_xyz is not None and "multi-view" in (pa.lifted_on, pb.lifted_on):

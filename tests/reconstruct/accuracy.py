@@ -37,23 +37,30 @@ def align(src: np.ndarray, dst: np.ndarray, with_scale: bool) -> tuple[float, np
     return s, R, md - s * R @ ms
 
 
+def _ends(m: dict[str, Any]) -> float:
+    """A measured length's own sigma, the scale's left out: its endpoints and the model's shape."""
+    parts = m["sigma_parts_m"]
+    return math.hypot(float(parts["endpoints"]), float(parts.get("shape") or 0.0))
+
+
 def rereference(measured: list[dict[str, Any]], truth: list[float], s_true: float = 1.0) -> dict[str, Any]:
     """Every answered check in turn as the only reference: the model's lengths rescaled by it,
     exactly what ``estimate_scale`` does with that one segment (its endpoints are lifted by the
-    same code as the checks'), with the sigma it would give (the reference's endpoint sigma as the
-    scale's). ``s_true``: truth = s_true x the model (from a similarity fit of the cameras), for
-    the scale errors. Returns the scale errors (%), the other checks' errors (%) and z-scores."""
+    same code as the checks'), with the sigma it would give (the reference's endpoint and shape
+    sigma as the scale's, as ``estimate_scale`` gives it). ``s_true``: truth = s_true x the model
+    (from a similarity fit of the cameras), for the scale errors. Returns the scale errors (%),
+    the other checks' errors (%) and z-scores."""
     ok = [(m, L) for m, L in zip(measured, truth, strict=True) if m.get("length_m") is not None]
     scale_err, rel, z = [], [], []
     for k, (mk, Lk) in enumerate(ok):
         f = Lk / mk["length_m"]
-        ends_k = float(mk["sigma_parts_m"]["endpoints"]) / mk["length_m"]
+        ends_k = _ends(mk) / mk["length_m"]
         scale_err.append(abs(100 * (f / s_true - 1)))
         for j, (mj, Lj) in enumerate(ok):
             if j == k:
                 continue
             length = mj["length_m"] * f
-            sig = math.hypot(float(mj["sigma_parts_m"]["endpoints"]) * f, length * ends_k)
+            sig = math.hypot(_ends(mj) * f, length * ends_k)
             rel.append(abs(length / Lj - 1) * 100)
             z.append(abs(length - Lj) / max(sig, 1e-9))
     return {"references": len(ok), "scale_err_pct": scale_err, "rel_pct": rel, "z": z}

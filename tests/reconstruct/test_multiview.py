@@ -180,3 +180,58 @@ def test_a_reference_only_one_photo_sees_is_lifted_on_its_surface_and_says_so(
     # With the photos, the same reference is triangulated.
     ref2 = estimate_scale(rec, ScaleReference(segments=[seg]), image_dir=folder).per_reference[0]
     assert ref2["endpoints"]["a"]["lifted_on"] == "multi-view" and ref2["endpoints"]["a"]["views"] >= 3
+
+
+def test_a_principal_point_held_at_the_centre_widens_each_length_by_the_bend_it_causes() -> None:
+    """10 photos through one camera whose true principal point is 30 px / -20 px off centre,
+    bundle-adjusted with it held at the centre (COLMAP's default; ``sfm`` frees it only from 8
+    photos and within 5 % of the centre): the model bends, and the bundle adjustment's covariance
+    knows nothing of it. ``held_intrinsics`` frees it and each length's shape sigma is how much it
+    moves: on these exact observations, the held model's own error in each length."""
+    from reconstruct.clicks import ClickedPoint, shape_sigma
+    from reconstruct.covariance import held_intrinsics
+    from reconstruct.multiview import retriangulate
+    from tests.reconstruct.accuracy import align
+    from tests.reconstruct.test_degenerate import _centred_start
+
+    start, true_pp = _centred_start(lambda w, h: (w / 2 + 30.0, h / 2 - 20.0))
+    truth = pycolmap.Reconstruction(start)
+    cam = next(iter(truth.cameras.values()))
+    cam.principal_point_x, cam.principal_point_y = true_pp
+    config = pycolmap.BundleAdjustmentConfig()
+    for i in start.reg_image_ids():
+        config.add_image(i)
+    config.fix_gauge(pycolmap.BundleAdjustmentGauge.TWO_CAMS_FROM_WORLD)
+    pycolmap.create_default_ceres_bundle_adjuster(pycolmap.BundleAdjustmentOptions(), config, start).solve()
+    assert held_intrinsics(truth) is None  # a principal point off the centre was estimated: nothing to add
+    held = held_intrinsics(start)
+    assert held is not None and abs(next(iter(held.moved_px.values())) - np.hypot(30, 20)) < 2.0
+
+    ids = [p for p, pt in start.points3D.items() if pt.track.length() >= 3]
+    ids = ids[:: max(1, len(ids) // 40)][:40]
+    vs = views(start)
+
+    def point(pid: int) -> ClickedPoint:
+        obs = []
+        for el in start.points3D[pid].track.elements:
+            img = start.images[el.image_id]
+            obs.append((img.name, np.asarray(img.points2D[el.point2D_idx].xy, float), 0.5))
+        X = retriangulate(obs, vs, np.asarray(start.points3D[pid].xyz))
+        assert X is not None
+        alt = retriangulate(obs, held.views, held.from_model(X))
+        return ClickedPoint(X, np.zeros((3, 3)), "multi-view", len(obs), alt_xyz=held.to_model(alt))
+
+    pts = {p: point(p) for p in ids}
+    A = np.array([start.points3D[p].xyz for p in start.points3D])
+    B = np.array([truth.points3D[p].xyz for p in start.points3D])
+    s, _, _ = align(A, B, True)  # the held model's scale onto the truth's
+    errs, sigmas = [], []
+    for a, b in zip(ids[0::2], ids[1::2], strict=False):
+        pa, pb = pts[a], pts[b]
+        assert pa.xyz is not None and pb.xyz is not None
+        length = s * float(np.linalg.norm(pb.xyz - pa.xyz))
+        errs.append(abs(length - float(np.linalg.norm(truth.points3D[b].xyz - truth.points3D[a].xyz))))
+        sigmas.append(s * shape_sigma(pa, pb))
+    errs_a, sig_a = np.array(errs), np.array(sigmas)
+    assert np.median(errs_a) > 1e-4 * np.median([np.linalg.norm(x) for x in B])  # the bend is real
+    assert np.all(errs_a <= 1.2 * sig_a + 1e-9) and np.median(sig_a / errs_a) < 1.5, (errs_a, sig_a)
