@@ -152,6 +152,12 @@ class Guard:
                     msg = {**msg, "headers": [*msg.get("headers", []), (b"tus-resumable", TUS_VERSION.encode())]}
             await send(msg)
 
+        if "\x00" in path or b"%00" in scope.get("query_string", b""):
+            # An id or a filter with a NUL names nothing, and PostgreSQL's text cannot hold one
+            # (psycopg refused the query: a 500 on every route that looks an id up).
+            status, code = (404, "not_found") if "\x00" in path else (422, "invalid")
+            await _send_error(scope, receive, guarded_send, status, code, "NUL characters are not allowed")
+            return
         try:
             await self.app(scope, receive, guarded_send)
         except Exception as exc:

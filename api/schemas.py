@@ -30,7 +30,8 @@ MAX_MAGNITUDE = 1e7
 
 def _hostile(value: Any, loc: tuple[str, ...]) -> tuple[tuple[str, ...], str] | None:
     """The first place in a raw body where a number is not finite or out of range, or a string is
-    not valid Unicode (a lone surrogate cannot be encoded, sealed or stored), and what is wrong."""
+    not valid Unicode (a lone surrogate cannot be encoded, sealed or stored) or holds a NUL, and
+    what is wrong."""
     if isinstance(value, bool):
         return None
     if isinstance(value, float | int):
@@ -44,6 +45,8 @@ def _hostile(value: Any, loc: tuple[str, ...]) -> tuple[tuple[str, ...], str] | 
             value.encode("utf-8")
         except UnicodeEncodeError:
             return loc, "must be valid Unicode text (it holds a lone surrogate)"
+        if "\x00" in value:  # PostgreSQL's text cannot hold it: an id with one was a 500 there
+            return loc, "must not contain a NUL character"
         return None
     if isinstance(value, dict):
         for k, v in value.items():

@@ -156,3 +156,25 @@ def test_adversarial_rerun_bounded(tmp_path: Path) -> None:
     assert not report["five_xx"], report["five_xx"]
     assert not report["violations"], report["violations"]
     assert not report["plaintext"], report["plaintext"]
+
+
+def test_a_nul_in_an_id_a_filter_or_a_body_is_refused_on_both_databases(api: Api) -> None:
+    """PostgreSQL's text cannot hold a NUL: an id with one in the path, a query or a body was a
+    500 there (psycopg's DataError), on every route that looks an id up."""
+    t = api.tenant()
+    r = api.client.post("/v1/projects", json={"contract_id": t.contract_id, "reference": "R"}, headers=t.auth)
+    pid = r.json()["id"]
+    for path in ("/v1/projects/ab%00cd", "/v1/photos/ab%00", "/v1/jobs/%00"):
+        r = api.client.get(path, headers=t.auth | TUS)
+        assert r.status_code == 404, (path, r.status_code, r.text)
+    assert api.client.head("/v1/uploads/x%00", headers=t.auth | TUS).headers["Tus-Resumable"] == "1.0.0"
+    r = api.client.get("/v1/projects?subject_id=ab%00", headers=t.auth)
+    assert r.status_code == 422, r.text
+    job = {"design_id": "a\x00b", "reference": {"segments": []}, "placement": {"site": {"position": [0, 0]}}}
+    for url, body in (
+        (f"/v1/projects/{pid}/jobs", job),
+        ("/v1/subjects", {"contract_id": t.contract_id, "name": "J\x00an"}),
+        (f"/v1/projects/{pid}/designs", {"descriptor": {"name": "g\x00ate"}}),
+    ):
+        r = api.client.post(url, json=body, headers=t.auth)
+        assert r.status_code == 422 and "NUL" in r.json()["error"]["message"], (url, r.status_code, r.text)
