@@ -346,6 +346,20 @@ class Run:
             )
         return upload
 
+    def create_upload(self, sc: str, headers: dict[str, str], project: str, *, server: int | None = None) -> str:
+        """POST a tus upload (201 expected); its id, or a null id when refused."""
+        r = self.call(
+            sc,
+            "POST",
+            "/v1/projects/{project_id}/uploads",
+            headers=headers,
+            expect={201},
+            server=server,
+            project_id=project,
+        )
+        ok = isinstance(r, httpx.Response) and r.status_code == 201
+        return r.headers["Location"].rsplit("/", 1)[1] if ok else "0" * 32  # type: ignore[union-attr]
+
     def photo_state(self, scenario: str, t: Tenant, photo: str) -> dict[str, Any]:
         r = self.call(scenario, "GET", "/v1/photos/{photo_id}", headers=t.auth("read"), photo_id=photo)
         return r.json() if isinstance(r, httpx.Response) and r.status_code == 200 else {}
@@ -435,10 +449,7 @@ class Run:
             )
             ids["job_id"] = r.json()["id"] if isinstance(r, httpx.Response) and r.status_code < 300 else "0" * 32
             h2 = t.auth() | TUS | {"Upload-Length": "100000"}
-            r = self.call(
-                sc, "POST", "/v1/projects/{project_id}/uploads", headers=h2, expect={201}, project_id=ids["project_id"]
-            )
-            ids["upload_id"] = r.headers["Location"].rsplit("/", 1)[1]  # type: ignore[union-attr]
+            ids["upload_id"] = self.create_upload(sc, h2, ids["project_id"])
             ids |= {"contract_id": t.contracts["main"], "name": "plan.glb"}
             t.ids = ids
         self.job_body = self.job_bodies["A"]
@@ -610,15 +621,7 @@ class Run:
             project_id=pid,
         )
         data = PHOTOS[0].read_bytes()
-        r = self.call(
-            sc,
-            "POST",
-            "/v1/projects/{project_id}/uploads",
-            headers=up | TUS | {"Upload-Length": str(len(data))},
-            expect={201},
-            project_id=pid,
-        )
-        u = r.headers["Location"].rsplit("/", 1)[1]  # type: ignore[union-attr]
+        u = self.create_upload(sc, up | TUS | {"Upload-Length": str(len(data))}, pid)
         route = "/v1/uploads/{upload_id}"
         self.call(
             sc, "PATCH", route, headers=up | TUS | {"Upload-Offset": "0"}, content=data[:10], expect={415}, upload_id=u
@@ -692,15 +695,7 @@ class Run:
         if self.photo_sha and st.get("sha256") != self.photo_sha[PHOTOS[0].name]:
             self.tally.violation(sc, "the resumed upload's anonymised photo differs from the one-shot upload's")
         # tus termination; a streamed chunk that overflows keeps what came before it.
-        r = self.call(
-            sc,
-            "POST",
-            "/v1/projects/{project_id}/uploads",
-            headers=up | TUS | {"Upload-Length": "300000"},
-            expect={201},
-            project_id=pid,
-        )
-        u2 = r.headers["Location"].rsplit("/", 1)[1]  # type: ignore[union-attr]
+        u2 = self.create_upload(sc, up | TUS | {"Upload-Length": "300000"}, pid)
 
         def stream() -> Iterator[bytes]:
             yield data[:200000]
@@ -758,15 +753,7 @@ class Run:
                 expect=client_error,
                 project_id=pid,
             )
-        r = self.call(
-            sc,
-            "POST",
-            "/v1/projects/{project_id}/uploads",
-            headers=up | TUS | {"Upload-Length": "20"},
-            expect={201},
-            project_id=pid,
-        )
-        u = r.headers["Location"].rsplit("/", 1)[1]  # type: ignore[union-attr]
+        u = self.create_upload(sc, up | TUS | {"Upload-Length": "20"}, pid)
         for v in ("+0", "0_0", "-0", "", "0x0", "1e0", "00000000000000000000000000"):
             self.call(
                 sc,
@@ -959,8 +946,7 @@ class Run:
         pid = a.ids["project_id"]
         key = f"adv-{self.rng.randrange(10**9)}"
         h = a.auth("upload") | TUS | {"Upload-Length": "5000", "Idempotency-Key": key}
-        r = self.call(sc, "POST", "/v1/projects/{project_id}/uploads", headers=h, expect={201}, project_id=pid)
-        u = r.headers["Location"].rsplit("/", 1)[1]  # type: ignore[union-attr]
+        u = self.create_upload(sc, h, pid)
         self.call(sc, "POST", "/v1/projects/{project_id}/uploads", headers=h, expect={201}, project_id=pid, server=1)
         self.call(
             sc,
@@ -979,8 +965,7 @@ class Run:
         key2 = key + "-b"
         data = PHOTOS[1].read_bytes()
         h2 = a.auth("upload") | TUS | {"Upload-Length": str(len(data)), "Idempotency-Key": key2}
-        r = self.call(sc, "POST", "/v1/projects/{project_id}/uploads", headers=h2, expect={201}, project_id=pid)
-        u2 = r.headers["Location"].rsplit("/", 1)[1]  # type: ignore[union-attr]
+        u2 = self.create_upload(sc, h2, pid)
         self.call(sc, "DELETE", "/v1/photos/{photo_id}", headers=a.auth("upload"), expect={204}, photo_id=u2)
         self.call(sc, "POST", "/v1/projects/{project_id}/uploads", headers=h2, expect={410}, project_id=pid)
         # A created subject replayed: the same id; with another body: 409.
@@ -1161,15 +1146,7 @@ class Run:
             cid = a.contracts["race_term"] if ending == "terminate" else a.contracts["main"]
             ids = self.make_project(sc, a, cid)
             data = PHOTOS[4].read_bytes() * 6
-            r = self.call(
-                sc,
-                "POST",
-                "/v1/projects/{project_id}/uploads",
-                headers=a.auth("upload") | TUS | {"Upload-Length": str(len(data))},
-                expect={201},
-                project_id=ids["project_id"],
-            )
-            u = r.headers["Location"].rsplit("/", 1)[1]  # type: ignore[union-attr]
+            u = self.create_upload(sc, a.auth("upload") | TUS | {"Upload-Length": str(len(data))}, ids["project_id"])
             go = threading.Event()
             at = self.rng.uniform(0.1, 0.8)
 
@@ -1277,16 +1254,7 @@ class Run:
         for _ in range(1 if self.quick else 3):
             quick = [self.upload(sc, a, pid, p.read_bytes()) for p in PHOTOS[5:7]]
             data = PHOTOS[0].read_bytes()
-            r = self.call(
-                sc,
-                "POST",
-                "/v1/projects/{project_id}/uploads",
-                headers=a.auth("upload") | TUS | {"Upload-Length": str(len(data))},
-                expect={201},
-                project_id=pid,
-                server=0,
-            )
-            u = r.headers["Location"].rsplit("/", 1)[1]  # type: ignore[union-attr]
+            u = self.create_upload(sc, a.auth("upload") | TUS | {"Upload-Length": str(len(data))}, pid, server=0)
             cut = self.rng.randrange(len(data) // 10, len(data) - 1)
 
             def body(data: bytes = data, cut: int = cut) -> Iterator[bytes]:
@@ -1590,8 +1558,8 @@ def _set(body: Any, path: tuple[Any, ...], value: Any) -> Any:
 
 def mutations(body: dict[str, Any]) -> Iterator[tuple[str, Any]]:
     """Each an input that cannot work: unknown fields, lone surrogates, bad numbers, wrong types.
-    Zero and negative numbers are not always wrong (a coordinate may be 0), so they are only sent
-    where the body has a positive count or length."""
+    Zero and negative numbers are not always wrong (an anchor may be 0, a rotation negative), so
+    zero goes only where a length must be positive, and -1 there and in a pixel coordinate."""
     for path, v in _leaves(body):
         where = ".".join(map(str, path)) or "body"
         if isinstance(v, dict):
@@ -1603,9 +1571,10 @@ def mutations(body: dict[str, Any]) -> Iterator[tuple[str, Any]]:
         elif isinstance(v, bool):
             yield f"string for a bool in {where}", _set(body, path, "maybe")
         elif isinstance(v, int | float):
-            positive = path and path[-1] in ("length_m", "size_m")
+            positive = bool(path) and path[-1] in ("length_m", "size_m")
+            pixel = any(k in ("a", "b", "ground_points", "ground_point") for k in path)  # inside the photo
             for bad in BAD_NUMBERS:
-                if bad in (0, -1) and not positive:
+                if (bad == 0 and not positive) or (bad == -1 and not (positive or pixel)):
                     continue
                 yield f"{bad} in {where}", _set(body, path, bad)
         elif isinstance(v, list):
