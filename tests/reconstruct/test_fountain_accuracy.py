@@ -86,9 +86,9 @@ def test_fountain_metric_accuracy(fountain: tuple[Path, list[dict[str, Any]], li
 def test_sigma_is_honest_pooled_over_scenes(
     fountain: tuple[Path, list[dict[str, Any]], list[float]], tmp_path: Path
 ) -> None:
-    """55-85 % of the true errors within 1 sigma and >= 85 % within 2 (the target, 90 %, is not met
-    on held-out scenes), pooled over: fountain with its reference; fountain with each of its 29
-    checks as the only reference; a synthetic site."""
+    """55-85 % of the true errors within 1 sigma and >= 88 % within 2 (the target, 90 %, is met
+    directly on the held-out scenes but not re-referenced: 0.89), pooled over: fountain with its
+    reference; fountain with each of its 29 checks as the only reference; a synthetic site."""
     _, measured, truth = fountain
     pooled = {"fountain": _z(measured, truth), "fountain re-referenced": rereference(measured, truth)["z"]}
     prep = prepare_synthetic(0, tmp_path / "synthetic")
@@ -103,7 +103,8 @@ def test_sigma_is_honest_pooled_over_scenes(
     w1 = np.mean([np.mean(np.array(z) <= 1) for z in pooled.values()])
     w2 = np.mean([np.mean(np.array(z) <= 2) for z in pooled.values()])
     print(f"pooled: {w1:.3f} within 1 sigma, {w2:.3f} within 2")
-    # The issue's target is >= 90 % within 2 sigma; measured here 0.90 (0.8986 in one run) and on
-    # the held-out scenes 0.86-0.88 (docs/reconstruct.md): the tails are heavier than the
-    # covariances say. Asserted at the level claimed, so a regression still fails.
-    assert 0.55 <= w1 <= 0.85 and w2 >= 0.85, (w1, w2)
+    # The issue's target is >= 90 % within 2 sigma; measured here 0.90-0.93 (0.8986 in one run)
+    # and on the held-out scenes 0.93 direct, 0.89 re-referenced (docs/reconstruct.md, session
+    # 13: with the held principal point's shape term). Asserted at the level the held-out scenes
+    # support, so a regression still fails.
+    assert 0.55 <= w1 <= 0.85 and w2 >= 0.88, (w1, w2)
