@@ -981,6 +981,55 @@ class Run:
                 sc, "DELETE", "/v1/subjects/{subject_id}", headers=a.auth(), expect={204}, subject_id=r1.json()["id"]
             )
 
+    def burst(self) -> None:
+        """Writes at once through both servers: 16 threads creating subjects, projects and
+        uploads, and 8 sending one Idempotency-Key at the same moment (one project, every answer
+        201 with it or 409). The two processes share one database file on SQLite."""
+        sc = "burst"
+        a = self.t["A"]
+        n = 24 if self.quick else 80
+        start = threading.Barrier(16)
+
+        def writer(i: int) -> None:
+            start.wait(30)
+            for k in range(i, n, 16):
+                if k % 3 == 0:
+                    body = {"contract_id": a.contracts["main"], "name": f"Burst {k}"}
+                    self.call(sc, "POST", "/v1/subjects", headers=a.auth(), json_body=body, expect={201}, server=k % 2)
+                elif k % 3 == 1:
+                    body = {"contract_id": a.contracts["main"], "reference": f"B-{k}"}
+                    self.call(sc, "POST", "/v1/projects", headers=a.auth(), json_body=body, expect={201}, server=k % 2)
+                else:
+                    self.create_upload(
+                        sc, a.auth() | TUS | {"Upload-Length": "1000"}, a.ids["project_id"], server=k % 2
+                    )
+
+        threads = [threading.Thread(target=writer, args=(i,)) for i in range(16)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(180)
+        key = f"burst-{self.rng.randrange(10**9)}"
+        answers: list[Any] = []
+        same = threading.Barrier(8)
+
+        def replayer(i: int) -> None:
+            same.wait(30)
+            body = {"contract_id": a.contracts["main"], "reference": "one"}
+            h = a.auth() | {"Idempotency-Key": key}
+            answers.append(
+                self.call(sc, "POST", "/v1/projects", headers=h, json_body=body, expect={201, 409}, server=i % 2)
+            )
+
+        threads = [threading.Thread(target=replayer, args=(i,)) for i in range(8)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(60)
+        made = {r.json()["id"] for r in answers if isinstance(r, httpx.Response) and r.status_code == 201}
+        if len(made) != 1:
+            self.tally.violation(sc, f"one Idempotency-Key sent 8 times at once made {len(made)} projects")
+
     def restriction(self) -> None:
         """An upload-only token cannot erase or rectify (D12); photos uploaded while their
         subject is restricted are anonymised soon after the lift, without a restart (D5)."""
@@ -1405,6 +1454,8 @@ class Run:
             )
         for s in self.servers:
             s.stop()
+        for what in left_behind(self.data):
+            self.tally.violation(sc, what)
         return scan(self.data, [s.log for s in self.servers])
 
     def run(self) -> dict[str, Any]:
@@ -1427,6 +1478,7 @@ class Run:
                 self.file_types,
                 self.hostile_bodies,
                 self.idempotency,
+                self.burst,
                 self.restriction,
                 self.races,
                 self.double_termination,
@@ -1648,6 +1700,18 @@ def scan(data: Path, logs: list[Path]) -> list[str]:
     for log in logs:
         text = log.read_bytes() if log.exists() else b""
         found += [f"{log.name}: holds {n[:12]!r}" for n in needles if n in text]
+    return found
+
+
+def left_behind(data: Path) -> list[str]:
+    """Once every contract with data has ended or been erased: no vault object, no upload's
+    staging (a lock file at most, for the hourly sweep) and no scratch may be left."""
+    found = []
+    for sub in ("vault/objects", "uploads", "scratch"):
+        root = data / sub
+        for p in sorted(root.rglob("*")) if root.exists() else []:
+            if p.is_file() and not (sub == "uploads" and p.name.endswith(".lock")):
+                found.append(f"left behind: {p.relative_to(data)}")
     return found
 
 
