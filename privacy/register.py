@@ -81,7 +81,10 @@ def record(
     if bad:
         raise ValueError(f"unknown data categories: {bad}")
     # Serialise appends per controller (a row lock on PostgreSQL; SQLite serialises writers).
-    db.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update())
+    # FOR NO KEY UPDATE, not FOR UPDATE: a row inserted earlier in this transaction (a subject)
+    # holds KEY SHARE on the tenant's row through its foreign key, and FOR UPDATE conflicts with
+    # that, so two such requests deadlocked (a 500 on PostgreSQL).
+    db.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update(key_share=True))
     last = _last(db, tenant_id)
     seq = 1 if last is None else last.seq + 1
     prev = GENESIS if last is None else last.hash

@@ -178,3 +178,61 @@ def test_a_nul_in_an_id_a_filter_or_a_body_is_refused_on_both_databases(api: Api
     ):
         r = api.client.post(url, json=body, headers=t.auth)
         assert r.status_code == 422 and "NUL" in r.json()["error"]["message"], (url, r.status_code, r.text)
+
+
+def test_register_appends_after_inserts_under_one_tenant_do_not_deadlock_on_postgresql(tmp_path: Path) -> None:
+    """Two transactions that each insert a subject (its foreign key takes a KEY SHARE lock on
+    the tenant's row) and then append to the register (which locked that row FOR UPDATE, which
+    conflicts with KEY SHARE): PostgreSQL detected a deadlock and one request was a 500. The
+    adversarial script's write burst made 26 of them on POST /v1/subjects. PostgreSQL only:
+    SQLite has one writer at a time."""
+    import threading
+
+    from privacy import register
+    from privacy.subjects import SubjectFields, new_subject
+    from siteplan.db import tenant_session
+    from tests.pg import throwaway_database
+
+    with throwaway_database("siteplan_dl") as url:
+        app = create_app(make_settings(tmp_path, url), background=False)
+        with TestClient(app) as client:
+            api = Api(client, app.state.services, app)
+            t = api.tenant()
+            keys = api.svc.vault.keys
+            both_inserted = threading.Barrier(2, timeout=30)
+            errors: list[BaseException] = []
+
+            def create() -> None:
+                try:
+                    with tenant_session(api.svc.factory, t.id) as db:
+                        s = new_subject(
+                            db, keys, tenant_id=t.id, contract_id=t.contract_id, f=SubjectFields("Jan", None, None)
+                        )
+                        both_inserted.wait()
+                        register.record(
+                            db,
+                            tenant_id=t.id,
+                            actor="test",
+                            action="subject_created",
+                            categories=["subject_identity"],
+                            purpose="test",
+                            ref=s.id,
+                        )
+                        db.commit()
+                except BaseException as exc:  # reported below
+                    errors.append(exc)
+
+            threads = [threading.Thread(target=create) for _ in range(2)]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join(60)
+            assert not errors, [type(e).__name__ + ": " + str(e)[:200] for e in errors]
+            from sqlalchemy import select
+
+            from siteplan.db import RegisterEntry
+
+            with api.svc.factory() as db:
+                seqs = db.scalars(select(RegisterEntry.seq).where(RegisterEntry.tenant_id == t.id)).all()
+            assert sorted(seqs) == list(range(1, len(seqs) + 1)), seqs  # one chain, no gap, no fork
+        app.state.services.factory.kw["bind"].dispose()
