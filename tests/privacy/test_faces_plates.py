@@ -57,9 +57,10 @@ def test_face_recall_on_labelled_photos(data: Path, precision: Literal["fp32", "
     assert len(det.detect(dogs)) <= 1
 
 
-# Held-out recall claimed per set (docs/privacy.md): measured 19/19 on EU, 97/114 on US; the
-# tune halves (what the character-row cue was tuned on) gave 34/35 and 93/108.
-HELD_OUT_RECALL = {"eu": 0.95, "us": 0.85}
+# Held-out recall claimed per set (docs/privacy.md): measured 19/19 on EU, 100/114 on US (97
+# before dim rows were stretched); the tune halves (what the character-row cue was tuned on) gave
+# 34/35 and 100/108.
+HELD_OUT_RECALL = {"eu": 0.95, "us": 0.86}
 
 
 @pytest.mark.slow
@@ -117,9 +118,9 @@ def test_distant_plates_in_a_full_size_photo(data: Path) -> None:
 
 @pytest.mark.slow
 def test_plate_detector_stays_quiet_on_plate_free_photos(data: Path) -> None:
-    """Precision: stone, windows, arches and foliage are not plates. Measured: 20 boxes on 44
-    (fountain 0, Sceaux 6, Sacre-Coeur 13 (signs and shop fronts), dlib-pascal 1); 7 before the
-    character-row cue, 15 with its clear-plate pass alone."""
+    """Precision: stone, windows, arches and foliage are not plates. Measured: 21 boxes on 44
+    (fountain 0, Sceaux 7, Sacre-Coeur 13 (signs and shop fronts), dlib-pascal 1); 20 before dim
+    rows were stretched, 7 before the character-row cue, 15 with its clear-plate pass alone."""
     sfm = data / "sfm"
     photos = [
         *sorted((sfm / "strecha-fountain-P11" / "images").glob("*.jpg")),
@@ -247,6 +248,40 @@ def test_small_faces_in_a_full_size_site_photo(data: Path, precision: Literal["f
     photo = anonymize(buf.getvalue(), face_detector=CenterFaceDetector(CenterFaceConfig(precision=precision)))
     hits = sum(covered(b, photo.faces, grow=1.45) for b in placed)
     assert hits / len(placed) >= 0.9, f"{hits}/{len(placed)} small faces found"
+
+
+@pytest.mark.slow
+def test_the_fine_level_at_hints_finds_what_it_found_everywhere(data: Path) -> None:
+    """Faces of 12-19 px are looked for in the enlarged photo only around hints from the photo's
+    own scale (CenterFaceConfig.hint_threshold, hint_margin_px). The 43 dlib-pascal faces pasted
+    at 12 and 16 px into a Sceaux photo held out from those settings' choice (docs/privacy.md):
+    at most 2 fewer found than with the fine level everywhere (measured at 12 px: 38 against 39),
+    for fewer model pixels (measured 60 %: 43 faces packed in rows make large windows; the bench's
+    sparse photos save more, docs/privacy.md). On the 5 held-out photos of docs/privacy.md: 102/108
+    at 12 px against 103/108 everywhere, 107 and 108 at 14 and 16 px, as everywhere."""
+    site = np.asarray(Image.open(data / "sfm" / "sceaux-castle" / "images" / "100_7101.JPG").convert("RGB"))
+    crops = face_crops(data / "faces" / "dlib-pascal")
+    dets = {t: CenterFaceDetector(CenterFaceConfig(hint_threshold=t)) for t in (0.0, 0.05)}
+    model_px = dict.fromkeys(dets, 0)
+    for t, d in dets.items():
+        run = d._run
+
+        def counted(img: np.ndarray, *, _t: float = t, _run: object = run, **kw: object) -> list[Box]:
+            model_px[_t] += img.shape[0] * img.shape[1]
+            return _run(img, **kw)  # type: ignore[operator]
+
+        d._run = counted  # type: ignore[method-assign]
+    for px in (12, 16):
+        pasted = site.copy()
+        faces = paste_faces(pasted, crops, px)
+        buf = io.BytesIO()
+        Image.fromarray(pasted).save(buf, "JPEG", quality=92)
+        img = np.asarray(Image.open(buf).convert("RGB"))
+        boxes = {t: d.detect(img) for t, d in dets.items()}
+        found = {t: sum(covered(f, b, grow=1.45) for f in faces) for t, b in boxes.items()}
+        assert found[0.05] >= found[0.0] - 2, f"{px} px: {found[0.05]} at hints, {found[0.0]} everywhere"
+        assert found[0.05] >= 0.85 * len(faces), f"{px} px: {found[0.05]}/{len(faces)}"
+    assert model_px[0.05] < 0.7 * model_px[0.0], model_px
 
 
 @pytest.mark.slow
