@@ -17,7 +17,7 @@ from api.routes import designs, jobs, measure, meta, metrics, photos, projects, 
 from api.routes.photos import TUS_VERSION
 from api.runner import Runner
 from api.services import RateLimiter, Services, TokenCache
-from privacy.vault import FileKeyStore, Vault
+from dataprotection.vault import FileKeyStore, Vault
 from siteplan import PIPELINE_VERSION
 from siteplan.db import init_db
 from siteplan.settings import Settings

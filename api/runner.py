@@ -20,16 +20,16 @@ from sqlalchemy import select, update
 from api.routes.common import expire_replays
 from api.services import Services
 from api.uploads import expire_uploads
-from privacy import register
+from dataprotection import register
+from dataprotection.consent import consent_problem
+from dataprotection.lifecycle import contract_shared, expire_exports, scratch_in_use, shred_scratch
+from dataprotection.vault import VaultError
 from privacy.anonymize import AnonymizationPolicy
-from privacy.ingest import ingest
-from privacy.lifecycle import contract_shared, expire_exports, scratch_in_use, shred_scratch
 from privacy.sandbox import SandboxUnavailable
-from privacy.vault import VaultError
 from siteplan import leases
-from siteplan.consent import consent_problem
 from siteplan.db import Contract, Job, Photo, Project
 from siteplan.paths import lifecycle_paths
+from workers.ingest import ingest
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from privacy.vault import Vault
+from dataprotection.vault import Vault
 from siteplan.settings import Settings
 
 log = logging.getLogger(__name__)

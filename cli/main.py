@@ -79,6 +79,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     from reconstruct.reference import load_reference
     from reconstruct.sfm import SfmConfig
     from reconstruct.site import reconstruct
+    from siteplan import PIPELINE_VERSION
 
     images, run_dir = Path(args.images_dir), Path(args.out)
     if not images.is_dir():
@@ -87,7 +88,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     cfg = SfmConfig(max_image_size=args.max_image_size) if args.max_image_size else SfmConfig()
     had_model = (run_dir / "site.json").is_file()
     try:
-        site = reconstruct(images, ref, run_dir, config=cfg)
+        site = reconstruct(images, ref, run_dir, config=cfg, pipeline_version=PIPELINE_VERSION)
     except BaseException:  # an error or Ctrl-C: the earlier run's outputs were not touched
         if had_model:
             print(f"note: the model of the earlier run in {run_dir} is kept unchanged", file=sys.stderr)
@@ -199,7 +200,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _admin_session() -> Any:
-    from privacy.vault import FileKeyStore
+    from dataprotection.vault import FileKeyStore
     from siteplan.db import init_db
     from siteplan.settings import Settings
 
@@ -223,7 +224,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_tenant_create(args: argparse.Namespace) -> int:
-    from siteplan.tenancy import create_contract, create_tenant
+    from dataprotection.tenancy import create_contract, create_tenant
 
     factory, keys = _admin_session()
     with factory.begin() as db:
@@ -236,8 +237,8 @@ def cmd_tenant_create(args: argparse.Namespace) -> int:
 
 
 def cmd_contract_create(args: argparse.Namespace) -> int:
+    from dataprotection.tenancy import create_contract
     from siteplan.db import Tenant
-    from siteplan.tenancy import create_contract
 
     factory, keys = _admin_session()
     with factory.begin() as db:
@@ -249,7 +250,7 @@ def cmd_contract_create(args: argparse.Namespace) -> int:
 
 
 def cmd_token_create(args: argparse.Namespace) -> int:
-    from siteplan.tenancy import TenancyError, create_token, rotate_token
+    from dataprotection.tenancy import TenancyError, create_token, rotate_token
 
     factory, _ = _admin_session()
     try:
@@ -278,7 +279,7 @@ def cmd_token_create(args: argparse.Namespace) -> int:
 
 
 def _services() -> Any:
-    from privacy.vault import FileKeyStore, Vault
+    from dataprotection.vault import FileKeyStore, Vault
     from siteplan.db import init_db
     from siteplan.settings import Settings
 
@@ -289,7 +290,7 @@ def _services() -> Any:
 
 
 def cmd_contract_end(args: argparse.Namespace) -> int:
-    from privacy.lifecycle import TerminationError, terminate_contract
+    from dataprotection.lifecycle import TerminationError, terminate_contract
     from siteplan.paths import lifecycle_paths
 
     settings, factory, vault = _services()
@@ -328,7 +329,7 @@ def cmd_contract_end(args: argparse.Namespace) -> int:
 
 
 def cmd_contract_export(args: argparse.Namespace) -> int:
-    from privacy.lifecycle import delete_export, stream_export
+    from dataprotection.lifecycle import delete_export, stream_export
     from siteplan.paths import lifecycle_paths
 
     settings, factory, _ = _services()
@@ -363,9 +364,9 @@ def cmd_contract_export(args: argparse.Namespace) -> int:
 
 
 def cmd_certificate_verify(args: argparse.Namespace) -> int:
-    from privacy import signing
-    from privacy.lifecycle import verify_certificate
-    from privacy.vault import FileKeyStore, Vault
+    from dataprotection import signing
+    from dataprotection.lifecycle import verify_certificate
+    from dataprotection.vault import FileKeyStore, Vault
     from siteplan.settings import Settings
 
     try:
@@ -405,7 +406,7 @@ def cmd_certificate_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_certificate_fingerprint(args: argparse.Namespace) -> int:
-    from privacy import signing
+    from dataprotection import signing
     from siteplan.settings import Settings
 
     key = signing.load_or_create(Settings().key_dir / "signing.pem")
@@ -416,7 +417,7 @@ def cmd_certificate_fingerprint(args: argparse.Namespace) -> int:
 def cmd_register(args: argparse.Namespace) -> int:
     from sqlalchemy import select
 
-    from privacy.register import export_register, verify_register
+    from dataprotection.register import export_register, verify_register
     from siteplan.db import Tenant
 
     _, factory, _ = _services()
@@ -438,7 +439,7 @@ def cmd_register(args: argparse.Namespace) -> int:
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
-    from privacy.backup import BackupError, backup
+    from dataprotection.backup import BackupError, backup
 
     settings, _, _ = _services()
     try:
@@ -459,8 +460,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
 def cmd_restore(args: argparse.Namespace) -> int:
     import tarfile
 
-    from privacy.backup import BackupError, restore
-    from privacy.vault import FileKeyStore, Vault
+    from dataprotection.backup import BackupError, restore
+    from dataprotection.vault import FileKeyStore, Vault
     from siteplan.db import init_db
     from siteplan.paths import lifecycle_paths
     from siteplan.settings import Settings
@@ -472,7 +473,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         raise SystemExit("error: give a backup archive to restore, or --reconcile-only (not both)")
     try:
         if args.reconcile_only:
-            from privacy.backup import reconcile
+            from dataprotection.backup import reconcile
 
             rep = reconcile(
                 init_db(settings.db_url, vault.keys), vault, certificates_dir=lifecycle_paths(settings).certificates
@@ -511,7 +512,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
 def cmd_incident(args: argparse.Namespace) -> int:
     from datetime import datetime
 
-    from privacy.incident import affected_by_object, affected_in_window
+    from dataprotection.incident import affected_by_object, affected_in_window
 
     _, factory, _ = _services()
     with factory() as db:
@@ -530,7 +531,7 @@ def cmd_retention(args: argparse.Namespace) -> int:
 
     from sqlalchemy import delete
 
-    from privacy.lifecycle import expire_exports
+    from dataprotection.lifecycle import expire_exports
     from siteplan.db import BillingRecord
     from siteplan.paths import lifecycle_paths
 
@@ -569,15 +570,15 @@ def cmd_reprocess(args: argparse.Namespace) -> int:
 
 def cmd_subject(args: argparse.Namespace) -> int:
     """Data-subject rights from the operator's side (the same functions as the API's routes)."""
-    from privacy import register
-    from privacy.rights import erase_subject, export_subject
-    from privacy.subjects import SubjectFields, read_fields, write_fields
+    from dataprotection import register
+    from dataprotection.rights import erase_subject, export_subject
+    from dataprotection.subjects import SubjectFields, read_fields, write_fields
     from siteplan.db import Subject
 
     settings, factory, vault = _services()
     held = contextlib.ExitStack()
     if args.action == "erase":  # under the contract's data lock, as the API's erasure (docs/workers.md)
-        from privacy.lifecycle import ContractBusy, contract_lock
+        from dataprotection.lifecycle import ContractBusy, contract_lock
         from siteplan.paths import lifecycle_paths
 
         with factory() as db:

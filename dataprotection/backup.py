@@ -24,9 +24,9 @@ from sqlalchemy import create_engine, inspect, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from privacy import register, signing
-from privacy.rights import delete_contract_rows, replay_erasures
-from privacy.vault import Vault
+from dataprotection import register, signing
+from dataprotection.rights import delete_contract_rows, replay_erasures
+from dataprotection.vault import Vault
 from siteplan.db import Certificate, Contract
 
 log = logging.getLogger(__name__)

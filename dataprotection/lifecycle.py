@@ -45,11 +45,11 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from privacy import register, signing
-from privacy.fields import design_descriptor, open_reference
-from privacy.rights import delete_contract_rows
-from privacy.subjects import open_subject
-from privacy.vault import Vault, contract_lock_path, file_lock, shred_file
+from dataprotection import register, signing
+from dataprotection.fields import design_descriptor, open_reference
+from dataprotection.rights import delete_contract_rows
+from dataprotection.subjects import open_subject
+from dataprotection.vault import Vault, contract_lock_path, file_lock, shred_file
 from siteplan.db import (
     BillingRecord,
     Certificate,
@@ -61,6 +61,7 @@ from siteplan.db import (
     Project,
     Subject,
 )
+from siteplan.settings import DataDir
 
 log = logging.getLogger(__name__)
 
@@ -159,20 +160,8 @@ def recipient_key(pem: bytes) -> X25519PublicKey:
     return pub
 
 
-@dataclass(frozen=True)
-class Paths:
-    """Where the contract's data can be, besides the vault."""
-
-    uploads: Path
-    scratch: Path
-    exports: Path
-    certificates: Path
-    signing_key: Path
-    locks: Path | None = None  # the per-contract lock files; default: beside the uploads folder
-
-    @property
-    def lock_dir(self) -> Path:
-        return self.locks if self.locks is not None else self.uploads.parent / "locks"
+# Where the contract's data can be, besides the vault: the data dir's folders (one definition).
+Paths = DataDir
 
 
 def _sha256_file(p: Path) -> str:

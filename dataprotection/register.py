@@ -27,15 +27,15 @@ from typing import Any
 from sqlalchemy import event, select
 from sqlalchemy.orm import Session, SessionTransaction
 
-from siteplan.db import RegisterEntry, Tenant
+from siteplan.db import JOURNAL_INFO, RegisterEntry, Tenant
+from siteplan.db import journal_path as journal_path  # re-exported: asked of the register
 
 log = logging.getLogger(__name__)
 
 GENESIS = "0" * 64
-JOURNAL = "register.jsonl"
-# Session.info keys: the journal's path (set by siteplan.db.init_db from the key store), and
-# the entries this session's transaction added, written to the journal once it commits.
-JOURNAL_INFO, PENDING_INFO = "register_journal", "register_pending"
+# Session.info key of the entries this session's transaction added, written to the journal once
+# it commits (the journal's own path and key, JOURNAL_INFO, are set by siteplan.db.init_db).
+PENDING_INFO = "register_pending"
 CATEGORIES = ("photos", "derived_media", "site_models", "subject_identity", "subject_contact", "account")
 
 
@@ -117,12 +117,6 @@ def _last(db: Session, tenant_id: str) -> RegisterEntry | None:
         .limit(1)
         .execution_options(include_all_tenants=True)
     ).first()
-
-
-def journal_path(keys: object) -> Path | None:
-    """Where the journal lives: beside the keys (a key store with a folder), else nowhere."""
-    root = getattr(keys, "root", None)
-    return Path(root) / JOURNAL if root is not None else None
 
 
 def _within(tx: SessionTransaction | None, outer: SessionTransaction) -> bool:

@@ -16,9 +16,9 @@ from pathlib import Path
 from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session
 
-from privacy.fields import open_reference
-from privacy.subjects import open_subject
-from privacy.vault import Vault, discard_upload
+from dataprotection.fields import open_reference
+from dataprotection.subjects import open_subject
+from dataprotection.vault import Vault, discard_upload
 from siteplan.db import Design, IdempotencyRecord, Job, Photo, PlanFile, Project, Subject, SubjectToken
 
 

@@ -13,9 +13,9 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
+from dataprotection.vault import ObjectInfo, Vault
 from privacy.anonymize import AnonymizationPolicy, anonymize
 from privacy.errors import DetectionFailed, InvalidImage
-from privacy.vault import ObjectInfo, Vault
 
 log = logging.getLogger(__name__)
 

@@ -17,10 +17,11 @@ from typing import Any
 
 import ray
 
+from dataprotection.fields import new_project
+from dataprotection.tenancy import create_contract, create_tenant
+from dataprotection.vault import FileKeyStore
 from privacy.anonymize import AnonymizationPolicy, duplicate_entry, list_images, output_names, write_report
-from privacy.fields import new_project
 from privacy.metadata import orient_point
-from privacy.vault import FileKeyStore
 from reconstruct.errors import DesignError, PlacementError, ReconstructionError, ScaleReferenceError
 from reconstruct.reference import ScaleReference, check_reference, load_reference
 from reconstruct.report import SITE_KEYS, write_report_html
@@ -28,7 +29,6 @@ from reconstruct.sfm import SfmConfig
 from siteplan import PIPELINE_VERSION
 from siteplan.db import Job, init_db
 from siteplan.settings import Settings
-from siteplan.tenancy import create_contract, create_tenant
 from workers.routing import STAGE_MEMORY_MB, Pool, stage_options
 from workers.runtime import ray_runtime
 from workers.tasks import anonymize_task, count_attempts, plan_task, reconstruct_task

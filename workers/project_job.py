@@ -21,16 +21,16 @@ from pydantic import ValidationError
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from privacy import register
-from privacy.fields import design_descriptor
-from privacy.lifecycle import hold_scratch
-from privacy.vault import Vault
+from dataprotection import register
+from dataprotection.consent import MESSAGES, consent_problem
+from dataprotection.fields import design_descriptor
+from dataprotection.lifecycle import hold_scratch
+from dataprotection.vault import Vault
 from reconstruct.errors import ScaleReferenceError
 from reconstruct.reference import ScaleReference, check_reference
 from reconstruct.report import SITE_KEYS, write_report_html
 from reconstruct.sfm import SfmConfig
 from siteplan import PIPELINE_VERSION, leases
-from siteplan.consent import MESSAGES, consent_problem
 from siteplan.db import BillingRecord, Design, Job, Photo, PlanFile, Project, Tenant
 from siteplan.outputs import OUTPUTS, SITE_MODEL, SITE_MODEL_FILES, media_type
 from siteplan.settings import Settings

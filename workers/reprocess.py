@@ -31,8 +31,8 @@ from typing import Any, TextIO
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from dataprotection.consent import consent_problem
 from siteplan import leases
-from siteplan.consent import consent_problem
 from siteplan.db import Job, Project
 
 log = logging.getLogger(__name__)

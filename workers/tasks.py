@@ -21,6 +21,7 @@ from typing import Any
 
 import ray
 
+from siteplan import PIPELINE_VERSION
 from workers.routing import enter_pool, on_gpu
 
 # Reconstruct and plan survive up to 3 lost workers or nodes (a killed worker, then a killed
@@ -96,6 +97,7 @@ def reconstruct_task(
         intrinsics=intrinsics,
         names=names,
         config=SfmConfig.model_validate(config),
+        pipeline_version=PIPELINE_VERSION,
     )
     return site.info
 

@@ -37,12 +37,12 @@ from api.uploads import (
     write_guarded,
     writing,
 )
-from privacy import register
+from dataprotection import register
+from dataprotection.vault import CHUNK, UploadStaging
 from privacy.anonymize import AnonymizationPolicy
 from privacy.decode import sniff_format
 from privacy.errors import InvalidImage
 from privacy.isolated import untrusted_size
-from privacy.vault import CHUNK, UploadStaging
 from siteplan.db import Photo, tenant_session
 
 log = logging.getLogger(__name__)

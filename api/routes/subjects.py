@@ -20,10 +20,10 @@ from api.routes.common import (
 )
 from api.schemas import SubjectCreate, SubjectList, SubjectPublic, SubjectUpdate
 from api.services import Services
-from privacy import register
-from privacy.lifecycle import ContractBusy, contract_lock
-from privacy.rights import erase_subject, export_subject
-from privacy.subjects import SubjectFields, index_key_id, new_subject, query_digests, read_fields, write_fields
+from dataprotection import register
+from dataprotection.lifecycle import ContractBusy, contract_lock
+from dataprotection.rights import erase_subject, export_subject
+from dataprotection.subjects import SubjectFields, index_key_id, new_subject, query_digests, read_fields, write_fields
 from siteplan.db import Contract, Subject, SubjectToken
 from siteplan.paths import lifecycle_paths
 

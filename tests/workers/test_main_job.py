@@ -17,7 +17,7 @@ from PIL import Image
 from tests.browser import assert_viewer_loaded, open_page
 from tests.conftest import ROOT, SAMPLE, SHARED
 
-SITEPLAN = [sys.executable, "-m", "siteplan.cli"]
+SITEPLAN = [sys.executable, "-m", "cli.main"]
 
 
 def run_cli(args: list[str], tmp: Path, timeout: int = 600) -> subprocess.CompletedProcess[str]:
