@@ -198,7 +198,7 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
             yield
         finally:
             if svc.runner is not None:
-                svc.runner.shutdown()  # type: ignore[attr-defined]
+                svc.runner.shutdown()
                 svc.runner = None
 
     app = FastAPI(

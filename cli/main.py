@@ -170,7 +170,7 @@ def _progress_bar(title: str) -> Iterator[Callable[[str, float], None]]:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from siteplan.settings import Settings
-    from workers.job import JobInputs, run_main_job
+    from workers.demo import JobInputs, run_main_job
 
     sample = Path(args.sample)
     out = Path(args.out)
@@ -569,10 +569,9 @@ def cmd_reprocess(args: argparse.Namespace) -> int:
 
 
 def cmd_subject(args: argparse.Namespace) -> int:
-    """Data-subject rights from the operator's side (the same functions as the API's routes)."""
-    from dataprotection import register
-    from dataprotection.rights import erase_subject, export_subject
-    from dataprotection.subjects import SubjectFields, read_fields, write_fields
+    """Data-subject rights from the operator's side: the same functions as the API's routes
+    (dataprotection.rights), each recording its own register entry."""
+    from dataprotection import rights
     from siteplan.db import Subject
 
     settings, factory, vault = _services()
@@ -592,38 +591,25 @@ def cmd_subject(args: argparse.Namespace) -> int:
         s = db.get(Subject, args.subject)
         if s is None:
             raise SystemExit("error: no such subject")
-        tenant, sid = s.tenant_id, s.id
-        categories = ["subject_identity", "subject_contact"]
+        sid = s.id
         if args.action == "export":
             out = Path(args.out or f"subject-{sid}.zip")
-            out.write_bytes(export_subject(db, vault, s))
+            out.write_bytes(rights.access(db, vault, s, actor="operator"))
             result: dict[str, Any] = {"exported": str(out)}
-            categories += ["photos", "derived_media"]
         elif args.action == "erase":
-            er = erase_subject(db, vault, s, settings.uploads_dir)
+            er = rights.erase(db, vault, s, settings.uploads_dir, actor="operator")
             result = {"erased": sid, "projects": er.projects, "objects_shredded": er.objects}
-            categories += ["photos", "derived_media", "site_models"]
         elif args.action in ("restrict", "lift"):
-            s.restricted = args.action == "restrict"
+            rights.set_restriction(db, s, args.action == "restrict", actor="operator")
             result = {"subject": sid, "restricted": s.restricted}
         else:  # rectify
-            old = read_fields(vault.keys, s)
-            f = SubjectFields(
-                args.name or old.name,
-                args.address if args.address is not None else old.address,
-                args.phone if args.phone is not None else old.phone,
-            )
-            write_fields(db, vault.keys, s, f)
+            given: dict[str, Any] = {"name": args.name}
+            if args.address is not None:
+                given["address"] = args.address
+            if args.phone is not None:
+                given["phone"] = args.phone
+            rights.rectify(db, vault.keys, s, actor="operator", **given)
             result = {"subject": sid, "rectified": True}
-        register.record(
-            db,
-            tenant_id=tenant,
-            actor="operator",
-            action=f"subject_{args.action}",
-            categories=categories,
-            purpose=f"data-subject right: {args.action} (P7)",
-            ref=sid,
-        )
     print(json.dumps(result))
     return 0
 
@@ -770,7 +756,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.log_level)
     from privacy.errors import InvalidImage
     from reconstruct.errors import DesignError, PlacementError, ReconstructionError, ScaleReferenceError
-    from workers.job import JobFailed
+    from workers.stages import JobFailed
 
     try:
         return int(args.func(args))

@@ -45,9 +45,28 @@ def _canonical(e: RegisterEntry | dict[str, Any]) -> bytes:
     return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
 
+# One act, one name. The CLI once recorded the subject rights under names of its own; those
+# entries stay as they were stored (each entry's hash covers its action, and every later entry's
+# hash covers that one), and are read with the act's one name beside: ``act`` in entry_json.
+ACT_NAMES = {
+    "subject_rectify": "subject_rectified",
+    "subject_restrict": "subject_restricted",
+    "subject_lift": "subject_restriction_lifted",
+    "subject_export": "subject_exported",
+    "subject_erase": "subject_erased",
+}
+
+
+def act_name(action: str) -> str:
+    """The one name of the act an entry records (an old name mapped, ``ACT_NAMES``)."""
+    return ACT_NAMES.get(action, action)
+
+
 def entry_json(e: RegisterEntry) -> dict[str, Any]:
+    """An entry as exported and hashed. An entry stored under an old name of its act also
+    carries ``act``, the act's one name (not hashed: the chain stays as stored)."""
     at = e.at.astimezone(UTC) if e.at.tzinfo else e.at.replace(tzinfo=UTC)
-    return {
+    out = {
         "tenant_id": e.tenant_id,
         "seq": e.seq,
         "at": at.isoformat(timespec="microseconds"),
@@ -59,6 +78,9 @@ def entry_json(e: RegisterEntry) -> dict[str, Any]:
         "prev_hash": e.prev_hash,
         "hash": e.hash,
     }
+    if act_name(e.action) != e.action:
+        out["act"] = act_name(e.action)
+    return out
 
 
 def chain_hash(body: bytes, prev: str) -> str:

@@ -89,7 +89,7 @@ class Contract(TenantScoped, Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     starts_on: Mapped[date] = mapped_column(Date)
     ends_on: Mapped[date | None] = mapped_column(Date, nullable=True)
-    state: Mapped[str] = mapped_column(String(16), default="active")  # active, terminating, ended
+    state: Mapped[str] = mapped_column(String(16), default="active")  # siteplan.states.ContractState
     disposition: Mapped[str | None] = mapped_column(String(16), nullable=True)
     # Progress of a termination (dataprotection/lifecycle.py): what was exported, which objects (by
     # hash) are to be destroyed, which steps are done. Lets a killed termination resume.
@@ -138,7 +138,7 @@ class Photo(TenantScoped, Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"), index=True)
     contract_id: Mapped[str] = mapped_column(ForeignKey("contracts.id"), index=True)
-    state: Mapped[str] = mapped_column(String(16), default="uploading")  # uploading quarantined anonymised rejected
+    state: Mapped[str] = mapped_column(String(16), default="uploading")  # siteplan.states.PhotoState
     length: Mapped[int] = mapped_column(BigInteger)
     original_object: Mapped[str | None] = mapped_column(String(64), nullable=True)
     object: Mapped[str | None] = mapped_column(String(64), nullable=True)  # the anonymised JPEG
@@ -172,7 +172,7 @@ class Job(TenantScoped, Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"), index=True)
     kind: Mapped[str] = mapped_column(String(32), default="plan")
-    state: Mapped[str] = mapped_column(String(16), default="queued")  # queued, running, done, failed, cancelled
+    state: Mapped[str] = mapped_column(String(16), default="queued")  # siteplan.states.JobState
     stage: Mapped[str | None] = mapped_column(String(32), nullable=True)
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     attempts: Mapped[int] = mapped_column(Integer, default=0)

@@ -113,7 +113,7 @@ def plan_task(
     import_pycolmap()  # before any reconstruct module: keeps Ray's SIGTERM handling
     from reconstruct.plan import plan
 
-    def progress(sub: str, fraction: float) -> None:  # read by the driver (workers.job.StageWatch)
+    def progress(sub: str, fraction: float) -> None:  # read by the driver (workers.stages.StageWatch)
         tmp = Path(out_dir) / ".progress.json.tmp"
         tmp.write_text(json.dumps({"sub": sub, "fraction": round(0.3 + 0.7 * fraction, 3)}))
         tmp.replace(Path(out_dir) / ".progress.json")

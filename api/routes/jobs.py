@@ -99,7 +99,7 @@ def post_job(
     commit_or_conflict(db)
     set_location(response, loc)
     if svc.runner is not None:
-        svc.runner.submit_job(j.id)  # type: ignore[attr-defined]
+        svc.runner.submit_job(j.id)
     return out
 
 
@@ -229,7 +229,7 @@ def retry_job(job_id: str, db: DB, svc: ServicesDep, _: UploadCaller) -> JobPubl
     j.state, j.error = "queued", None
     db.commit()
     if svc.runner is not None:
-        svc.runner.submit_job(j.id)  # type: ignore[attr-defined]
+        svc.runner.submit_job(j.id)
     return _public(j)
 
 

@@ -391,7 +391,7 @@ async def patch_upload(
             lock_path(svc, p).unlink(missing_ok=True)  # still held: a waiter reads the new state
             runner = svc.runner
             if runner is not None:
-                runner.submit_ingest(p.id, c.tenant_id)  # type: ignore[attr-defined]
+                runner.submit_ingest(p.id, c.tenant_id)
     headers = TUS_HEADERS | {"Upload-Offset": str(offset)}
     if offset < p.length:
         headers["Upload-Expires"] = expires(svc, time.time())
