@@ -11,25 +11,20 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from datetime import UTC, datetime
 
 from sqlalchemy import select, update
 
 from api.routes.common import expire_replays
 from api.services import Services
 from api.uploads import expire_uploads
-from dataprotection import register
 from dataprotection.consent import consent_problem
-from dataprotection.lifecycle import contract_shared, expire_exports, scratch_in_use, shred_scratch
-from dataprotection.vault import VaultError
-from privacy.anonymize import AnonymizationPolicy
-from privacy.sandbox import SandboxUnavailable
+from dataprotection.lifecycle import expire_exports, scratch_in_use, shred_scratch
 from siteplan import leases
-from siteplan.db import Contract, Job, Photo, Project
+from siteplan.db import Job, Photo, Project
 from siteplan.paths import lifecycle_paths
-from workers.ingest import ingest
+from workers.ingest import ingest_photo as run_ingest
 
 log = logging.getLogger(__name__)
 
@@ -38,85 +33,8 @@ SWEEP_EVERY_S = 3600.0  # how often expired unfinished uploads are looked for
 
 
 def ingest_photo(svc: Services, photo_id: str) -> None:
-    """Quarantine -> anonymised (or rejected). Safe to run twice, from any number of processes:
-    a photo is claimed with one conditional UPDATE that leases it to this process
-    (siteplan/leases.py), and only the holder of the lease may finish it."""
-    with svc.factory.begin() as db:
-        claimed = db.execute(
-            update(Photo)
-            .where(Photo.id == photo_id, Photo.state == "quarantined", Photo.original_object.is_not(None))
-            .values(state="anonymising", updated_at=datetime.now(UTC), **leases.claim_values())
-        ).rowcount  # type: ignore[attr-defined]
-        if not claimed:
-            return
-        p = db.get(Photo, photo_id)
-        assert p is not None
-        if consent_problem(db, db.get(Project, p.project_id)):
-            # Checked when the work starts: an ended contract or a restricted client's photo is
-            # not processed; it stays sealed in quarantine.
-            p.state, p.lease_holder, p.lease_until = "quarantined", None, None
-            return
-        key_id, original = p.contract_id, p.original_object
-        assert original is not None
-    lease = leases.Lease(svc.factory, Photo, photo_id).start()
-    try:
-        _ingest_claimed(svc, photo_id, key_id, original)
-    finally:
-        lease.release()
-
-
-def _ingest_claimed(svc: Services, photo_id: str, key_id: str, original: str) -> None:
-    ours = (Photo.id == photo_id, Photo.state == "anonymising", leases.mine(Photo))
-
-    @contextlib.contextmanager
-    def still_ours() -> Iterator[bool]:
-        # The new JPEG is written under the contract's data lock, shared, once the row says it
-        # is still ours: never into a container a termination or an erasure has just emptied.
-        with contract_shared(lifecycle_paths(svc.settings), key_id), svc.factory() as db:
-            c = db.get(Contract, key_id)
-            yield (
-                c is not None and c.state == "active" and db.execute(select(Photo.id).where(*ours)).first() is not None
-            )
-
-    try:
-        res = ingest(svc.vault, key_id=key_id, original=original, policy=AnonymizationPolicy(), guard=still_ours)
-    except SandboxUnavailable:
-        # Our side failed, not the file: back to quarantine, untouched, for the next attempt
-        # (the runner's recovery pass picks quarantined photos up again).
-        with svc.factory.begin() as db:
-            db.execute(update(Photo).where(*ours).values(state="quarantined"))
-        raise
-    except VaultError:
-        log.warning("photo %s: its quarantined original is unreadable", photo_id[:8])
-        with svc.factory.begin() as db:
-            db.execute(
-                update(Photo)
-                .where(*ours)
-                .values(state="rejected", error="the upload could not be read back; please upload it again")
-            )
-        return
-    with svc.factory.begin() as db:
-        p = db.scalars(select(Photo).where(*ours).with_for_update()).first()
-        if p is None:  # erased meanwhile, or the claim was lost to another process: drop ours
-            if res.photo:
-                svc.vault.delete(key_id, res.photo.object_id)
-            return
-        if res.original_destroyed:
-            p.original_object = None
-        if res.photo is None:
-            p.state, p.error = "rejected", res.error
-        else:
-            p.state, p.object, p.sha256 = "anonymised", res.photo.object_id, res.photo.sha256
-            p.intrinsics, p.faces, p.plates = res.intrinsics, res.faces, res.plates
-        register.record(
-            db,
-            tenant_id=p.tenant_id,
-            actor="system",
-            action="photo_anonymised",
-            categories=["photos", "derived_media"],
-            purpose="privacy gate: metadata, faces and plates",
-            ref=p.id,
-        )
+    """The ingest stage for one photo (workers.ingest.ingest_photo), with this process's services."""
+    run_ingest(svc.settings, svc.factory, svc.vault, photo_id)
 
 
 class FairQueue:
