@@ -330,6 +330,7 @@ def cmd_contract_end(args: argparse.Namespace) -> int:
 
 def cmd_contract_export(args: argparse.Namespace) -> int:
     from dataprotection.lifecycle import delete_export, stream_export
+    from siteplan.files import atomic_file  # a copy cut short (an error, Ctrl-C) leaves nothing
     from siteplan.paths import lifecycle_paths
 
     settings, factory, _ = _services()
@@ -347,18 +348,12 @@ def cmd_contract_export(args: argparse.Namespace) -> int:
     if found is None:
         raise SystemExit("error: this contract has no export archive waiting")
     _, _, chunks = found
-    tmp = out.with_name(f".{out.name}.tmp")
     try:
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as g:
+        with atomic_file(out) as g:
             for block in chunks:  # the register records the download after the last block
                 g.write(block)
-            g.flush()
-            os.fsync(g.fileno())
-        tmp.replace(out)
     except OSError as exc:
         raise SystemExit(f"error: the export cannot be written there ({exc.strerror})") from None
-    finally:
-        tmp.unlink(missing_ok=True)  # a copy cut short (an error, Ctrl-C) leaves no data behind
     print(json.dumps({"contract": args.contract, "export": str(out), "next": "--delete once received"}))
     return 0
 

@@ -61,6 +61,7 @@ from siteplan.db import (
     Project,
     Subject,
 )
+from siteplan.files import write_atomic
 from siteplan.settings import DataDir
 
 log = logging.getLogger(__name__)
@@ -317,13 +318,7 @@ def decrypt_transfer(recipient_private_pem: bytes, blob: bytes) -> bytes:
 
 def _write_atomic(path: Path, data: bytes) -> None:
     """Owner-only (an export holds the contract's data in clear), whole or not at all."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".tmp-{secrets.token_hex(6)}")
-    with os.fdopen(os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600), "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, data)
 
 
 # -- the termination ------------------------------------------------------------------------------
