@@ -24,6 +24,7 @@ from dataprotection.lifecycle import expire_exports, scratch_in_use, shred_scrat
 from siteplan import leases
 from siteplan.db import Job, Photo, Project
 from siteplan.paths import lifecycle_paths
+from siteplan.states import JobState, PhotoState
 from workers.ingest import ingest_photo as run_ingest
 
 log = logging.getLogger(__name__)
@@ -197,14 +198,14 @@ class Runner:
            this process already has them in hand (a restriction lifted resumes its photos here)."""
         db_factory = self.svc.factory
         with db_factory.begin() as db:
-            dead_photos = leases.takeable(db, Photo, "anonymising")
+            dead_photos = leases.takeable(db, Photo, PhotoState.ANONYMISING)
             for pid, name in dead_photos:
                 db.execute(
                     update(Photo)
-                    .where(Photo.id == pid, Photo.state == "anonymising", leases.held_by(Photo, name))
-                    .values(state="quarantined", lease_holder=None, lease_until=None)
+                    .where(Photo.id == pid, Photo.state == PhotoState.ANONYMISING, leases.held_by(Photo, name))
+                    .values(state=PhotoState.QUARANTINED, lease_holder=None, lease_until=None)
                 )
-            dead_jobs = [jid for jid, _ in leases.takeable(db, Job, "running")]
+            dead_jobs = [jid for jid, _ in leases.takeable(db, Job, JobState.RUNNING)]
         for jid in dead_jobs:
             scratch = self.svc.settings.scratch_dir / jid
             if scratch_in_use(scratch):  # a live process here still works in it: not dead, stalled
@@ -212,17 +213,17 @@ class Runner:
             shred_scratch(scratch)
             with db_factory.begin() as db:
                 j = db.get(Job, jid)
-                if j is None or j.state != "running" or not leases.gone(j.lease_holder, j.lease_until):
+                if j is None or j.state != JobState.RUNNING or not leases.gone(j.lease_holder, j.lease_until):
                     continue
                 j.lease_holder, j.lease_until = None, None
                 if j.attempts >= MAX_JOB_ATTEMPTS:
-                    j.state = "failed"
+                    j.state = JobState.FAILED
                     j.error = (
                         f"the job was interrupted {j.attempts} times (the server stopped while it ran); "
                         "start it again, and report it if it keeps happening"
                     )
                 else:
-                    j.state = "queued"
+                    j.state = JobState.QUEUED
         if dead_photos or dead_jobs:
             log.warning("took back %d photo and %d job claims of stopped processes", len(dead_photos), len(dead_jobs))
         self._shred_orphan_scratch()
@@ -230,7 +231,7 @@ class Runner:
             quarantined = list(
                 db.execute(
                     select(Photo.id, Photo.project_id, Photo.tenant_id)
-                    .where(Photo.state == "quarantined")
+                    .where(Photo.state == PhotoState.QUARANTINED)
                     .order_by(Photo.created_at)
                 )
             )
@@ -243,9 +244,8 @@ class Runner:
                     photos.append((pid, tenant))
             # Interactive plan jobs only: batch reprocessing has its own driver (`siteplan reprocess`),
             # so a batch never queues in front of a designer waiting for a plan.
-            jobs = list(
-                db.scalars(select(Job.id).where(Job.state == "queued", Job.kind == "plan").order_by(Job.created_at))
-            )
+            queued = select(Job.id).where(Job.state == JobState.QUEUED, Job.kind == "plan")
+            jobs = list(db.scalars(queued.order_by(Job.created_at)))
         n_photos = sum(
             self.submit_ingest(pid, tenant) is not None for pid, tenant in photos if pid not in self._pending
         )
