@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # open3d needs libusb; moderngl renders headless through EGL on Mesa (llvmpipe on CPU).
 SYS_RUNTIME := libusb-1.0-0 libegl1 libegl-mesa0 libgl1-mesa-dri libgbm1 libgomp1
-# pg_dump, pg_restore and psql: `siteplan backup`/`restore` on PostgreSQL (privacy/backup.py).
+# pg_dump, pg_restore and psql: `siteplan backup`/`restore` on PostgreSQL (dataprotection/backup.py).
 SYS_RUNTIME += postgresql-client
 # exiftool is the independent metadata reader the privacy tests check outputs with; Chromium
 # opens report.html headless to check its 3D viewer.
@@ -25,11 +25,13 @@ demo: sysdeps $(STAMP)
 test: sysdeps sysdeps-test $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-logo
 	PYTHONFAULTHANDLER=1 $(BIN)/pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-logo
 
 sysdeps:
 	@bash scripts/ensure_debs.sh $(SYS_RUNTIME)

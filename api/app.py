@@ -17,7 +17,7 @@ from api.routes import designs, jobs, measure, meta, metrics, photos, projects, 
 from api.routes.photos import TUS_VERSION
 from api.runner import Runner
 from api.services import RateLimiter, Services, TokenCache
-from privacy.vault import FileKeyStore, Vault
+from dataprotection.vault import FileKeyStore, Vault
 from siteplan import PIPELINE_VERSION
 from siteplan.db import init_db
 from siteplan.settings import Settings
@@ -204,7 +204,7 @@ def create_app(settings: Settings | None = None, *, background: bool = True) -> 
             yield
         finally:
             if svc.runner is not None:
-                svc.runner.shutdown()  # type: ignore[attr-defined]
+                svc.runner.shutdown()
                 svc.runner = None
 
     app = FastAPI(

@@ -17,10 +17,10 @@ from starlette.concurrency import run_in_threadpool
 from api import access_log
 from api.errors import ApiError
 from api.services import CachedToken, Services
-from privacy.lifecycle import ContractBusy, contract_shared
+from dataprotection.lifecycle import ContractBusy, contract_shared
+from dataprotection.tenancy import hash_secret, verify_token
 from siteplan.db import Contract, tenant_session
 from siteplan.paths import lifecycle_paths
-from siteplan.tenancy import hash_secret, verify_token
 
 _bearer = HTTPBearer(auto_error=False, description="An API token (`siteplan token create`).")
 

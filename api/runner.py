@@ -11,25 +11,21 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from datetime import UTC, datetime
 
 from sqlalchemy import select, update
 
 from api.routes.common import expire_replays
 from api.services import Services
 from api.uploads import expire_uploads
-from privacy import register
-from privacy.anonymize import AnonymizationPolicy
-from privacy.ingest import ingest
-from privacy.lifecycle import contract_shared, expire_exports, scratch_in_use, shred_scratch
-from privacy.sandbox import SandboxUnavailable
-from privacy.vault import VaultError
+from dataprotection.consent import consent_problem
+from dataprotection.lifecycle import expire_exports, scratch_in_use, shred_scratch
 from siteplan import leases
-from siteplan.consent import consent_problem
-from siteplan.db import Contract, Job, Photo, Project
+from siteplan.db import Job, Photo, Project
 from siteplan.paths import lifecycle_paths
+from siteplan.states import JobState, PhotoState
+from workers.ingest import ingest_photo as run_ingest
 
 log = logging.getLogger(__name__)
 
@@ -38,85 +34,8 @@ SWEEP_EVERY_S = 3600.0  # how often expired unfinished uploads are looked for
 
 
 def ingest_photo(svc: Services, photo_id: str) -> None:
-    """Quarantine -> anonymised (or rejected). Safe to run twice, from any number of processes:
-    a photo is claimed with one conditional UPDATE that leases it to this process
-    (siteplan/leases.py), and only the holder of the lease may finish it."""
-    with svc.factory.begin() as db:
-        claimed = db.execute(
-            update(Photo)
-            .where(Photo.id == photo_id, Photo.state == "quarantined", Photo.original_object.is_not(None))
-            .values(state="anonymising", updated_at=datetime.now(UTC), **leases.claim_values())
-        ).rowcount  # type: ignore[attr-defined]
-        if not claimed:
-            return
-        p = db.get(Photo, photo_id)
-        assert p is not None
-        if consent_problem(db, db.get(Project, p.project_id)):
-            # Checked when the work starts: an ended contract or a restricted client's photo is
-            # not processed; it stays sealed in quarantine.
-            p.state, p.lease_holder, p.lease_until = "quarantined", None, None
-            return
-        key_id, original = p.contract_id, p.original_object
-        assert original is not None
-    lease = leases.Lease(svc.factory, Photo, photo_id).start()
-    try:
-        _ingest_claimed(svc, photo_id, key_id, original)
-    finally:
-        lease.release()
-
-
-def _ingest_claimed(svc: Services, photo_id: str, key_id: str, original: str) -> None:
-    ours = (Photo.id == photo_id, Photo.state == "anonymising", leases.mine(Photo))
-
-    @contextlib.contextmanager
-    def still_ours() -> Iterator[bool]:
-        # The new JPEG is written under the contract's data lock, shared, once the row says it
-        # is still ours: never into a container a termination or an erasure has just emptied.
-        with contract_shared(lifecycle_paths(svc.settings), key_id), svc.factory() as db:
-            c = db.get(Contract, key_id)
-            yield (
-                c is not None and c.state == "active" and db.execute(select(Photo.id).where(*ours)).first() is not None
-            )
-
-    try:
-        res = ingest(svc.vault, key_id=key_id, original=original, policy=AnonymizationPolicy(), guard=still_ours)
-    except SandboxUnavailable:
-        # Our side failed, not the file: back to quarantine, untouched, for the next attempt
-        # (the runner's recovery pass picks quarantined photos up again).
-        with svc.factory.begin() as db:
-            db.execute(update(Photo).where(*ours).values(state="quarantined"))
-        raise
-    except VaultError:
-        log.warning("photo %s: its quarantined original is unreadable", photo_id[:8])
-        with svc.factory.begin() as db:
-            db.execute(
-                update(Photo)
-                .where(*ours)
-                .values(state="rejected", error="the upload could not be read back; please upload it again")
-            )
-        return
-    with svc.factory.begin() as db:
-        p = db.scalars(select(Photo).where(*ours).with_for_update()).first()
-        if p is None:  # erased meanwhile, or the claim was lost to another process: drop ours
-            if res.photo:
-                svc.vault.delete(key_id, res.photo.object_id)
-            return
-        if res.original_destroyed:
-            p.original_object = None
-        if res.photo is None:
-            p.state, p.error = "rejected", res.error
-        else:
-            p.state, p.object, p.sha256 = "anonymised", res.photo.object_id, res.photo.sha256
-            p.intrinsics, p.faces, p.plates = res.intrinsics, res.faces, res.plates
-        register.record(
-            db,
-            tenant_id=p.tenant_id,
-            actor="system",
-            action="photo_anonymised",
-            categories=["photos", "derived_media"],
-            purpose="privacy gate: metadata, faces and plates",
-            ref=p.id,
-        )
+    """The ingest stage for one photo (workers.ingest.ingest_photo), with this process's services."""
+    run_ingest(svc.settings, svc.factory, svc.vault, photo_id)
 
 
 class FairQueue:
@@ -279,14 +198,14 @@ class Runner:
            this process already has them in hand (a restriction lifted resumes its photos here)."""
         db_factory = self.svc.factory
         with db_factory.begin() as db:
-            dead_photos = leases.takeable(db, Photo, "anonymising")
+            dead_photos = leases.takeable(db, Photo, PhotoState.ANONYMISING)
             for pid, name in dead_photos:
                 db.execute(
                     update(Photo)
-                    .where(Photo.id == pid, Photo.state == "anonymising", leases.held_by(Photo, name))
-                    .values(state="quarantined", lease_holder=None, lease_until=None)
+                    .where(Photo.id == pid, Photo.state == PhotoState.ANONYMISING, leases.held_by(Photo, name))
+                    .values(state=PhotoState.QUARANTINED, lease_holder=None, lease_until=None)
                 )
-            dead_jobs = [jid for jid, _ in leases.takeable(db, Job, "running")]
+            dead_jobs = [jid for jid, _ in leases.takeable(db, Job, JobState.RUNNING)]
         for jid in dead_jobs:
             scratch = self.svc.settings.scratch_dir / jid
             if scratch_in_use(scratch):  # a live process here still works in it: not dead, stalled
@@ -294,17 +213,17 @@ class Runner:
             shred_scratch(scratch)
             with db_factory.begin() as db:
                 j = db.get(Job, jid)
-                if j is None or j.state != "running" or not leases.gone(j.lease_holder, j.lease_until):
+                if j is None or j.state != JobState.RUNNING or not leases.gone(j.lease_holder, j.lease_until):
                     continue
                 j.lease_holder, j.lease_until = None, None
                 if j.attempts >= MAX_JOB_ATTEMPTS:
-                    j.state = "failed"
+                    j.state = JobState.FAILED
                     j.error = (
                         f"the job was interrupted {j.attempts} times (the server stopped while it ran); "
                         "start it again, and report it if it keeps happening"
                     )
                 else:
-                    j.state = "queued"
+                    j.state = JobState.QUEUED
         if dead_photos or dead_jobs:
             log.warning("took back %d photo and %d job claims of stopped processes", len(dead_photos), len(dead_jobs))
         self._shred_orphan_scratch()
@@ -312,7 +231,7 @@ class Runner:
             quarantined = list(
                 db.execute(
                     select(Photo.id, Photo.project_id, Photo.tenant_id)
-                    .where(Photo.state == "quarantined")
+                    .where(Photo.state == PhotoState.QUARANTINED)
                     .order_by(Photo.created_at)
                 )
             )
@@ -325,9 +244,8 @@ class Runner:
                     photos.append((pid, tenant))
             # Interactive plan jobs only: batch reprocessing has its own driver (`siteplan reprocess`),
             # so a batch never queues in front of a designer waiting for a plan.
-            jobs = list(
-                db.scalars(select(Job.id).where(Job.state == "queued", Job.kind == "plan").order_by(Job.created_at))
-            )
+            queued = select(Job.id).where(Job.state == JobState.QUEUED, Job.kind == "plan")
+            jobs = list(db.scalars(queued.order_by(Job.created_at)))
         n_photos = sum(
             self.submit_ingest(pid, tenant) is not None for pid, tenant in photos if pid not in self._pending
         )

@@ -11,12 +11,14 @@ import struct
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from privacy.vault import Vault
+from dataprotection.vault import Vault
 from siteplan.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -164,6 +166,16 @@ class TokenCache:
                 self._items.popitem(last=False)
 
 
+class Scheduler(Protocol):
+    """What the routes ask of the background runner (``api.runner.Runner``): to schedule."""
+
+    def submit_ingest(self, photo_id: str, tenant_id: str | None = None) -> Future[None] | None: ...
+
+    def submit_job(self, job_id: str) -> Future[None] | None: ...
+
+    def shutdown(self) -> None: ...
+
+
 @dataclass
 class Services:
     settings: Settings
@@ -171,4 +183,4 @@ class Services:
     vault: Vault
     limiter: RateLimiter
     tokens: TokenCache = field(default_factory=TokenCache)
-    runner: object | None = None  # api.runner.Runner, set at start-up
+    runner: Scheduler | None = None  # api.runner.Runner, set at start-up

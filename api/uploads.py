@@ -25,8 +25,8 @@ from sqlalchemy.orm import Session
 
 from api.errors import ApiError, not_found
 from api.services import Services
-from privacy.lifecycle import ContractBusy, contract_lock
-from privacy.vault import (
+from dataprotection.lifecycle import ContractBusy, contract_lock
+from dataprotection.vault import (
     UploadAppender,
     UploadStaging,
     VaultError,
@@ -143,7 +143,7 @@ def writing(svc: Services, tenant_id: str, p: Upload | Photo, *, wait_s: float =
                             409, "upload_busy", "the contract's data is being changed; retry shortly"
                         ) from None
                     time.sleep(0.05)
-        # The lock file counts its exclusive holders (privacy.lifecycle.bump_generation): the
+        # The lock file counts its exclusive holders (dataprotection.lifecycle.bump_generation): the
         # row is read again only when one has held it since this process last looked.
         generation = os.pread(fd, 32, 0)
         if _checked.get(p.id) != generation:

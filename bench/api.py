@@ -222,7 +222,7 @@ STORE_APP = """
 import itertools, os
 from pathlib import Path
 from starlette.concurrency import run_in_threadpool
-from privacy.vault import FileKeyStore, Vault, upload_staging
+from dataprotection.vault import FileKeyStore, Vault, upload_staging
 
 root = Path(os.environ["STORE_DIR"])
 keys = FileKeyStore(root / "keys")

@@ -52,7 +52,7 @@ rm -rf "$out"
 run() {  # run NAME PYTHON [ENV...]: the demo job, its wall time and peak RSS (the driver and Ray's workers)
   local name=$1 py=$2; shift 2
   echo "== demo, $name"
-  env "$@" /usr/bin/time -f "%e %M" -o "$out/$name.time" "$py" -m siteplan.cli demo --out "$out/$name" >"$out/$name.log" 2>&1 \
+  env "$@" /usr/bin/time -f "%e %M" -o "$out/$name.time" "$py" -m cli.main demo --out "$out/$name" >"$out/$name.log" 2>&1 \
     || { tail -20 "$out/$name.log"; exit 1; }
 }
 mkdir -p "$out"

@@ -13,7 +13,7 @@
    Target: at most +25 %.
 
 4. With ``--full-job``: the same comparison on the whole demo job (privacy gate, reconstruct with
-   the dense surface, plan and montages: `workers.job.run_main_job`), idle and while a batch runs.
+   the dense surface, plan and montages: `workers.demo.run_main_job`), idle and while a batch runs.
 
 Run: .venv/bin/python bench/pool.py [--projects 200] [--full-job]
 """
@@ -150,7 +150,7 @@ def main() -> None:
 
 def full_job(tmp: Path, out: Path) -> None:
     from siteplan.settings import Settings
-    from workers.job import JobInputs, run_main_job
+    from workers.demo import JobInputs, run_main_job
 
     sample = ROOT / "sample_data"
 

@@ -1,4 +1,13 @@
-"""Privacy gate and data-protection machinery. Knows nothing of Ray or HTTP."""
+"""The image gate: untrusted photos in, clean JPEGs out (metadata rebuilt, faces and plates blurred).
+
+Belongs here: decoding untrusted files in a sandbox child (``decode``, ``isolated``, ``sandbox``),
+the metadata inventory and the minimal new EXIF (``metadata``), face and plate detection
+(``faces``, ``plates``, ``boxes``), redaction (``blur``) and the gate itself (``anonymize``).
+
+Does not belong here: the vault, subjects, the register or anything else that keeps data about
+people (``dataprotection/``), the database, Ray, HTTP. The gate imports nothing of the project
+outside this package (an import-linter contract in pyproject.toml says so and is checked).
+"""
 
 import logging as _logging
 

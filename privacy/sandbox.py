@@ -307,7 +307,10 @@ def _serve(sock: socket.socket) -> None:
     # Ctrl-C in a terminal reaches the whole process group: the caller decides; this server
     # ends when the caller's socket closes, and its children at their own deadline.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    import privacy.isolated  # noqa: F401  (the decoders, imported once for every child)
+    # The decoders, imported once for every child (privacy.isolated itself imports this module:
+    # it is what the children run, and is loaded on first use from these, cheaply).
+    import privacy.decode
+    import privacy.metadata  # noqa: F401
 
     reapers: list[threading.Thread] = []
     try:

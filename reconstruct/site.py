@@ -29,7 +29,6 @@ from reconstruct.reference import ScaleReference, check_reference
 from reconstruct.scale import estimate_scale
 from reconstruct.sfm import SfmConfig, run_sfm
 from reconstruct.vertical import vertical_from_lines
-from siteplan import PIPELINE_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +108,10 @@ def reconstruct(
     names: list[str] | None = None,
     config: SfmConfig | None = None,
     dense: DenseConfig | None = None,
+    pipeline_version: str | None = None,
 ) -> Site:
-    """Build the metric, +Z-up site model from the photos in ``image_dir``."""
+    """Build the metric, +Z-up site model from the photos in ``image_dir``.
+    ``pipeline_version``: the caller's (``siteplan.PIPELINE_VERSION``), recorded in site.json."""
     t_all = time.perf_counter()
     if names is None:
         names = photo_names(image_dir)
@@ -138,7 +139,7 @@ def reconstruct(
     stage = run_dir / STAGING
     stage.mkdir()
     try:
-        return _build(image_dir, reference, run_dir, stage, names, intrinsics, cfg, dense, t_all)
+        return _build(image_dir, reference, run_dir, stage, names, intrinsics, cfg, dense, t_all, pipeline_version)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 
@@ -153,6 +154,7 @@ def _build(
     cfg: SfmConfig,
     dense: DenseConfig | None,
     t_all: float,
+    pipeline_version: str | None = None,
 ) -> Site:
     work = Path(tempfile.mkdtemp(prefix="sfm-", dir=run_dir))
     try:
@@ -197,7 +199,7 @@ def _build(
     rec.export_PLY(str(stage / "points.ply"))
     timings["total_s"] = time.perf_counter() - t_all
     info: dict[str, Any] = {
-        "pipeline_version": PIPELINE_VERSION,
+        "pipeline_version": pipeline_version,
         "units": "metres",
         "up": "+Z",
         "scale": {**scale.to_json(), "warnings": scale_warnings},

@@ -89,9 +89,9 @@ class Contract(TenantScoped, Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     starts_on: Mapped[date] = mapped_column(Date)
     ends_on: Mapped[date | None] = mapped_column(Date, nullable=True)
-    state: Mapped[str] = mapped_column(String(16), default="active")  # active, terminating, ended
+    state: Mapped[str] = mapped_column(String(16), default="active")  # siteplan.states.ContractState
     disposition: Mapped[str | None] = mapped_column(String(16), nullable=True)
-    # Progress of a termination (privacy/lifecycle.py): what was exported, which objects (by
+    # Progress of a termination (dataprotection/lifecycle.py): what was exported, which objects (by
     # hash) are to be destroyed, which steps are done. Lets a killed termination resume.
     termination: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
@@ -126,7 +126,7 @@ class Project(TenantScoped, Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     contract_id: Mapped[str] = mapped_column(ForeignKey("contracts.id"), index=True)
     subject_id: Mapped[str | None] = mapped_column(ForeignKey("subjects.id"), nullable=True, index=True)
-    # The designer's own project code, free text: sealed with the contract's key (privacy/fields.py).
+    # The designer's own project code, free text: sealed with the contract's key (dataprotection/fields.py).
     reference_enc: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
 
@@ -138,7 +138,7 @@ class Photo(TenantScoped, Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"), index=True)
     contract_id: Mapped[str] = mapped_column(ForeignKey("contracts.id"), index=True)
-    state: Mapped[str] = mapped_column(String(16), default="uploading")  # uploading quarantined anonymised rejected
+    state: Mapped[str] = mapped_column(String(16), default="uploading")  # siteplan.states.PhotoState
     length: Mapped[int] = mapped_column(BigInteger)
     original_object: Mapped[str | None] = mapped_column(String(64), nullable=True)
     object: Mapped[str | None] = mapped_column(String(64), nullable=True)  # the anonymised JPEG
@@ -160,7 +160,7 @@ class Design(TenantScoped, Base):
     project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"), index=True)
     contract_id: Mapped[str] = mapped_column(ForeignKey("contracts.id"), index=True)
     descriptor: Mapped[dict[str, Any]] = mapped_column(JSON)  # units, axes, numbers: never the name
-    name_enc: Mapped[str | None] = mapped_column(Text, nullable=True)  # sealed (privacy/fields.py)
+    name_enc: Mapped[str | None] = mapped_column(Text, nullable=True)  # sealed (dataprotection/fields.py)
     file_format: Mapped[str | None] = mapped_column(String(8), nullable=True)
     object: Mapped[str | None] = mapped_column(String(64), nullable=True)
     size: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
@@ -172,7 +172,7 @@ class Job(TenantScoped, Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"), index=True)
     kind: Mapped[str] = mapped_column(String(32), default="plan")
-    state: Mapped[str] = mapped_column(String(16), default="queued")  # queued, running, done, failed, cancelled
+    state: Mapped[str] = mapped_column(String(16), default="queued")  # siteplan.states.JobState
     stage: Mapped[str | None] = mapped_column(String(32), nullable=True)
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -221,7 +221,7 @@ class IdempotencyRecord(TenantScoped, Base):
 
 
 class RegisterEntry(TenantScoped, Base):
-    """The register of processing (P9): append-only, hash-chained per controller (privacy/register.py)."""
+    """The register of processing (P9): append-only, hash-chained per controller (dataprotection/register.py)."""
 
     __tablename__ = "register_entries"
     __table_args__ = (UniqueConstraint("tenant_id", "seq"),)
@@ -317,7 +317,7 @@ def alembic_config(url: str) -> Any:
 def migrate(engine: Engine, keys: Any = None) -> None:
     """Bring the schema to the newest Alembic revision (a no-op when it is there already).
 
-    ``keys``: the key store (a ``privacy.vault.KeyStore``), for revisions that seal existing
+    ``keys``: the key store (a ``dataprotection.vault.KeyStore``), for revisions that seal existing
     rows (0004); without it such a revision refuses a database that has rows to seal."""
     from alembic import command
 
@@ -395,13 +395,24 @@ def _alembic(engine: Engine, keys: Any, action: Any, *, upgrade: bool) -> None:
                 conn.exec_driver_sql(f"VACUUM FULL {', '.join(tables)}")
 
 
+# The register's journal (dataprotection/register.py writes it): a file beside the keys, and the
+# Session.info key under which init_db tells the sessions where it is. Here, in the core, because
+# init_db sets it and the core imports nothing above itself.
+JOURNAL = "register.jsonl"
+JOURNAL_INFO = "register_journal"
+
+
+def journal_path(keys: object) -> Path | None:
+    """Where the journal lives: beside the keys (a key store with a folder), else nowhere."""
+    root = getattr(keys, "root", None)
+    return Path(root) / JOURNAL if root is not None else None
+
+
 def init_db(url: str, keys: Any = None) -> sessionmaker[Session]:
     """Migrate the schema to head and return a session factory.
 
     ``keys``: the key store. The migration may need it (see :func:`migrate`), and the sessions
-    then journal the register's entries beside it (privacy/register.py), for a restore."""
-    from privacy.register import JOURNAL_INFO, journal_path
-
+    then journal the register's entries beside it (dataprotection/register.py), for a restore."""
     engine = make_engine(url)
     migrate(engine, keys)
     journal = journal_path(keys) if keys is not None else None

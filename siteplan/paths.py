@@ -1,17 +1,11 @@
-"""Where the service keeps what, derived from the settings (one place for the lifecycle code)."""
+"""Where the service keeps what: ``lifecycle_paths(settings)`` is ``settings.dirs``
+(:class:`siteplan.settings.DataDir`, the one place that names the data dir's folders). Kept as a
+function because the lifecycle code and its callers ask for it by this name."""
 
 from __future__ import annotations
 
-from privacy.lifecycle import Paths
-from siteplan.settings import Settings
+from siteplan.settings import DataDir, Settings
 
 
-def lifecycle_paths(settings: Settings) -> Paths:
-    return Paths(
-        uploads=settings.uploads_dir,
-        scratch=settings.scratch_dir,
-        exports=settings.root / "exports",
-        certificates=settings.root / "certificates",
-        signing_key=settings.key_dir / "signing.pem",
-        locks=settings.root / "locks",
-    )
+def lifecycle_paths(settings: Settings) -> DataDir:
+    return settings.dirs

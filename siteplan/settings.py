@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
@@ -17,6 +18,82 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 # A unix socket path may be at most 107 bytes; Ray puts its sockets under its temp dir, at
 # /session_<date>_<time>_<usec>_<pid>/sockets/plasma_store: 64 bytes more with a 5-digit pid.
 _MAX_RAY_DIR = 40
+
+
+@dataclass(frozen=True)
+class DataDir:
+    """Every folder and file the service keeps under its data dir, named in one place.
+
+    ``root`` is ``SITEPLAN_DATA_DIR`` resolved; ``keys`` the key store (``SITEPLAN_KEYS_DIR``,
+    default ``root/keys``). Nothing else in the code joins a name onto the data dir."""
+
+    root: Path
+    keys: Path
+
+    @property
+    def db_file(self) -> Path:
+        """The embedded SQLite database (used when no ``SITEPLAN_DATABASE_URL`` is set)."""
+        return self.root / "siteplan.db"
+
+    @property
+    def vault(self) -> Path:
+        return self.root / "vault"
+
+    @property
+    def uploads(self) -> Path:
+        """Uploads in progress (sealed chunks)."""
+        return self.root / "uploads"
+
+    @property
+    def scratch(self) -> Path:
+        """Worker scratch space, one folder per job; wiped when the job ends."""
+        return self.root / "scratch"
+
+    @property
+    def exports(self) -> Path:
+        """A terminated contract's sealed export archive, until downloaded or expired."""
+        return self.root / "exports"
+
+    @property
+    def certificates(self) -> Path:
+        return self.root / "certificates"
+
+    @property
+    def signing_key(self) -> Path:
+        """The service's certificate-signing key, kept with the other keys."""
+        return self.keys / "signing.pem"
+
+    @property
+    def locks(self) -> Path:
+        """The per-contract lock files (docs/workers.md, "Locks")."""
+        return self.root / "locks"
+
+    @property
+    def lock_dir(self) -> Path:
+        return self.locks
+
+    @property
+    def ratelimit(self) -> Path:
+        return self.root / "ratelimit"
+
+    @property
+    def reprocess_lock(self) -> Path:
+        """Held by the one batch reprocessing driver (workers/reprocess.py)."""
+        return self.root / "reprocess.lock"
+
+    @property
+    def ray(self) -> Path:
+        """Ray's temp, plasma fallback and spill directory.
+
+        Kept inside the data dir when the path is short enough for Ray's unix sockets; otherwise a
+        directory under the system temp dir that is named after the data dir and owned by this
+        service (it is wiped on shutdown just the same).
+        """
+        inside = self.root / "ray"
+        if len(str(inside)) <= _MAX_RAY_DIR:
+            return inside
+        tag = hashlib.sha256(str(self.root).encode()).hexdigest()[:12]
+        return Path(tempfile.gettempdir()) / f"siteplan-ray-{tag}"
 
 
 class Settings(BaseSettings):
@@ -74,41 +151,34 @@ class Settings(BaseSettings):
     def root(self) -> Path:
         return self.data_dir.expanduser().resolve()
 
+    @cached_property
+    def dirs(self) -> DataDir:
+        """Every path under the data dir (:class:`DataDir`)."""
+        return DataDir(root=self.root, keys=(self.keys_dir or self.root / "keys").expanduser().resolve())
+
     @property
     def db_url(self) -> str:
-        return self.database_url or f"sqlite:///{self.root / 'siteplan.db'}"
+        return self.database_url or f"sqlite:///{self.dirs.db_file}"
 
     @property
     def vault_dir(self) -> Path:
-        return self.root / "vault"
+        return self.dirs.vault
 
     @property
     def key_dir(self) -> Path:
-        return (self.keys_dir or self.root / "keys").expanduser().resolve()
+        return self.dirs.keys
 
     @property
     def uploads_dir(self) -> Path:
-        """Uploads in progress (sealed chunks)."""
-        return self.root / "uploads"
+        return self.dirs.uploads
 
     @property
     def scratch_dir(self) -> Path:
-        """Worker scratch space; wiped per job."""
-        return self.root / "scratch"
+        return self.dirs.scratch
 
     @property
     def ray_dir(self) -> Path:
-        """Ray's temp, plasma fallback and spill directory.
-
-        Kept inside data_dir when the path is short enough for Ray's unix sockets; otherwise a
-        directory under the system temp dir that is named after data_dir and owned by this
-        service (it is wiped on shutdown just the same).
-        """
-        inside = self.root / "ray"
-        if len(str(inside)) <= _MAX_RAY_DIR:
-            return inside
-        tag = hashlib.sha256(str(self.root).encode()).hexdigest()[:12]
-        return Path(tempfile.gettempdir()) / f"siteplan-ray-{tag}"
+        return self.dirs.ray
 
 
 def get_settings() -> Settings:

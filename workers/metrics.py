@@ -14,6 +14,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from siteplan.db import Job, Photo
+from siteplan.states import JobState, PhotoState
 
 
 class ServiceCollector(Collector):
@@ -24,27 +25,26 @@ class ServiceCollector(Collector):
         with self.factory() as db:
             jobs = dict(db.execute(select(Job.state, func.count()).group_by(Job.state)).all())
             photos = dict(db.execute(select(Photo.state, func.count()).group_by(Photo.state)).all())
-            done = db.scalars(select(Job.timings).where(Job.state == "done")).all()
+            done = db.scalars(select(Job.timings).where(Job.state == JobState.DONE)).all()
             attempts = db.scalar(select(func.coalesce(func.sum(Job.attempts), 0))) or 0
             # Waiting since the row last changed (a retried job is queued again with its old id).
-            oldest_job = db.scalar(select(func.min(Job.updated_at)).where(Job.state == "queued"))
-            oldest_photo = db.scalar(select(func.min(Photo.updated_at)).where(Photo.state == "quarantined"))
-            stalest = db.scalar(select(func.min(Job.updated_at)).where(Job.state == "running"))
+            oldest_job = db.scalar(select(func.min(Job.updated_at)).where(Job.state == JobState.QUEUED))
+            oldest_photo = db.scalar(select(func.min(Photo.updated_at)).where(Photo.state == PhotoState.QUARANTINED))
+            stalest = db.scalar(select(func.min(Job.updated_at)).where(Job.state == JobState.RUNNING))
             per_stage = db.scalars(select(Job.stage_attempts)).all()
-            failed_at = dict(
-                db.execute(select(Job.stage, func.count()).where(Job.state == "failed").group_by(Job.stage)).all()
-            )
+            failed = select(Job.stage, func.count()).where(Job.state == JobState.FAILED)
+            failed_at = dict(db.execute(failed.group_by(Job.stage)).all())
         now = datetime.now(UTC)
         g = GaugeMetricFamily("siteplan_jobs", "Jobs by state (queued and running are the queue).", labels=["state"])
-        for state in ("queued", "running", "done", "failed", "cancelled"):
+        for state in JobState:
             g.add_metric([state], float(jobs.get(state, 0)))
         yield g
         q = GaugeMetricFamily("siteplan_queue_depth", "Work waiting: queued jobs plus photos waiting for the gate.")
         q.add_metric([], float(jobs.get("queued", 0) + photos.get("quarantined", 0)))
         yield q
         p = GaugeMetricFamily("siteplan_photos", "Photos by state.", labels=["state"])
-        for state in ("uploading", "quarantined", "anonymising", "anonymised", "rejected"):
-            p.add_metric([state], float(photos.get(state, 0)))
+        for photo_state in PhotoState:
+            p.add_metric([photo_state], float(photos.get(photo_state, 0)))
         yield p
         f = CounterMetricFamily("siteplan_job_failures", "Jobs that ended failed.")
         f.add_metric([], float(jobs.get("failed", 0)))

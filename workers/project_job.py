@@ -1,9 +1,23 @@
-"""A plan job started through the API: the project's anonymised photos from the vault through
-reconstruct and plan, with the outputs sealed back into the vault.
+"""The one job driver: a queued ``jobs`` row to done, failed or cancelled.
+
+claim (one conditional UPDATE, a lease) -> ingest (the project's anonymised photos and its
+design from the vault into scratch, the inputs checked and oriented) -> reconstruct -> plan ->
+report -> publish (the outputs sealed into the vault and recorded in one transaction). Every
+state transition of a job is written here, by :func:`run_project_job`.
+
+Three callers, one code path, different inputs (docs/workers.md):
+- the API (``api.runner`` only schedules it), for a job a designer queued;
+- ``siteplan reprocess`` (``workers.reprocess``), for a copy of a finished job at a new version;
+- ``siteplan demo`` (``workers.demo``), which first plays the designer's part (the gate on Ray,
+  the photos and the design sealed into the vault, a job queued with its inputs), then runs the
+  job here with a :class:`Target` that builds it in its out folder.
 
 The durable state is the ``jobs`` row. Consent is checked when the job starts, not only when it
 was queued: an ended contract or a restricted subject stops it before any photo is decrypted.
 Worker scratch holds decrypted photos only while the job runs and is wiped in every case.
+Crash recovery: a job whose process died is queued again by the recovery pass
+(``api.runner.Runner.recover``, ``workers.reprocess.run_batch``) and resumes here from its last
+finished stage (the sealed site checkpoint), or fails with the reason after its attempts.
 """
 
 from __future__ import annotations
@@ -13,7 +27,8 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,25 +36,43 @@ from pydantic import ValidationError
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from privacy import register
-from privacy.fields import design_descriptor
-from privacy.lifecycle import hold_scratch
-from privacy.vault import Vault
+from dataprotection import register
+from dataprotection.consent import MESSAGES, consent_problem
+from dataprotection.fields import design_descriptor
+from dataprotection.lifecycle import hold_scratch
+from dataprotection.vault import Vault
 from reconstruct.errors import ScaleReferenceError
 from reconstruct.reference import ScaleReference, check_reference
 from reconstruct.report import SITE_KEYS, write_report_html
 from reconstruct.sfm import SfmConfig
 from siteplan import PIPELINE_VERSION, leases
-from siteplan.consent import MESSAGES, consent_problem
 from siteplan.db import BillingRecord, Design, Job, Photo, PlanFile, Project, Tenant
 from siteplan.outputs import OUTPUTS, SITE_MODEL, SITE_MODEL_FILES, media_type
 from siteplan.settings import Settings
-from workers.job import JobCancelled, JobFailed, map_placement, map_reference, site_and_plan
+from siteplan.states import JobState, PhotoState
 from workers.routing import Pool
 from workers.runtime import ray_runtime
+from workers.stages import JobCancelled, JobFailed, SubProgress, map_placement, map_reference, site_and_plan
 from workers.tasks import count_attempts
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where and for whom a job is built, besides its outputs sealed into the vault.
+
+    ``run_dir``: None, the job is built in its scratch (``scratch/<job>/out``, photos beside it)
+    and nothing of it outlives the job; a folder (the demo's ``out/demo``), the site and plan are
+    built there with the photos in ``run_dir/photos``, and left there. ``names``: the photos'
+    file names by id (default ``<id>.jpg``): the run's photos, the model's images and the
+    montages are named by them. ``progress``, ``sub_progress``: told as the job advances, besides
+    the job row."""
+
+    run_dir: Path | None = None
+    names: Mapping[str, str] = field(default_factory=dict)
+    progress: Callable[[str], None] | None = None
+    sub_progress: SubProgress | None = None
 
 
 class JobRefused(JobFailed):
@@ -62,18 +95,23 @@ def run_project_job(
     vault: Vault,
     job_id: str,
     progress: Callable[[str], None] | None = None,
+    target: Target | None = None,
 ) -> None:
     """Run one queued job to done or failed; never raises for a job's own failure."""
     scratch = settings.scratch_dir / job_id
+    target = target or Target()
+    # Where each stage task marks its attempts (workers.tasks.count_attempts), counted into the
+    # job row after each stage.
+    attempts_dir = target.run_dir / ".attempts" if target.run_dir else scratch / "attempts"
 
     def cancelled() -> bool:
         """Whether the job was cancelled (or its rows deleted, or its lease lost to another
         process) since it was claimed."""
         with factory() as db:
             row = db.execute(select(Job.state, Job.lease_holder).where(Job.id == job_id)).first()
-        return row is None or row[0] == "cancelled" or row[1] != leases.holder()
+        return row is None or row[0] == JobState.CANCELLED or row[1] != leases.holder()
 
-    emit = progress or (lambda m: log.info("%s", m))
+    emit = progress or target.progress or (lambda m: log.info("%s", m))
 
     def say(message: str) -> None:
         if cancelled():  # at each step of the job: a cancelled job goes no further
@@ -87,7 +125,9 @@ def run_project_job(
         # The claim is a lease (siteplan/leases.py): if this process dies, a running server
         # takes the job back within a minute and resumes it from its checkpoint.
         claimed = db.execute(
-            update(Job).where(Job.id == job_id, Job.state == "queued").values(state="running", **leases.claim_values())
+            update(Job)
+            .where(Job.id == job_id, Job.state == JobState.QUEUED)
+            .values(state=JobState.RUNNING, **leases.claim_values())
         ).rowcount  # type: ignore[attr-defined]
         if not claimed:
             return
@@ -101,8 +141,8 @@ def run_project_job(
         log.error("job %s: no scratch directory (%s)", job_id[:8], type(exc).__name__)
         with factory.begin() as db:
             j = db.get(Job, job_id)
-            if j is not None and j.state == "running":
-                j.state, j.error = "failed", f"internal error ({type(exc).__name__}); the operators were told"
+            if j is not None and j.state == JobState.RUNNING:
+                j.state, j.error = JobState.FAILED, f"internal error ({type(exc).__name__}); the operators were told"
         lease.release()
         return
     try:
@@ -115,7 +155,7 @@ def run_project_job(
             photos = list(
                 db.scalars(
                     select(Photo)
-                    .where(Photo.project_id == project.id, Photo.state == "anonymised")
+                    .where(Photo.project_id == project.id, Photo.state == PhotoState.ANONYMISED)
                     .order_by(Photo.created_at, Photo.id)
                 )
             )
@@ -123,6 +163,7 @@ def run_project_job(
             if design is None or design.object is None or design.project_id != project.id:
                 raise JobFailed("the design has no file yet; upload it first")
             photo_rows = [(p.id, p.object, p.intrinsics) for p in photos]
+            timings.update({k: v for k, v in (job.timings or {}).items() if k != "total"})
             photo_digests = sorted((p.id, p.sha256 or p.object or "") for p in photos)
             tenant = db.get(Tenant, job.tenant_id)
             company = tenant.label if tenant is not None else ""
@@ -130,7 +171,7 @@ def run_project_job(
             checkpoint = (job.result or {}).get("checkpoint")
             pool: Pool = "batch" if job.kind == "reprocess" else "interactive"
             rejected = db.scalars(
-                select(Photo.id).where(Photo.project_id == project.id, Photo.state == "rejected")
+                select(Photo.id).where(Photo.project_id == project.id, Photo.state == PhotoState.REJECTED)
             ).all()
             privacy = {
                 "photos": len(photos) + len(rejected),
@@ -138,21 +179,26 @@ def run_project_job(
                 "faces_blurred": sum(p.faces for p in photos),
                 "plates_blurred": sum(p.plates for p in photos),
                 # Refused uploads are named by id, never by file name.
-                "errors": [{"input": pid, "error": "refused by the privacy gate"} for pid in rejected],
+                "errors": [
+                    {"input": target.names.get(pid, pid), "error": "refused by the privacy gate"} for pid in rejected
+                ],
             }
             design_row = (design.object, design.file_format, design_descriptor(vault.keys, design))
-            tenant_id = job.tenant_id
+            tenant_id, project_id = job.tenant_id, project.id
         if len(photo_rows) < SfmConfig().min_photos:
             raise JobFailed(f"only {len(photo_rows)} anonymised photos; at least {SfmConfig().min_photos} are needed")
 
         # Decrypt into scratch: pycolmap and the renderer read files.
-        photos_out = scratch / "photos"
+        photos_out = (target.run_dir or scratch) / "photos"
         photos_out.mkdir(parents=True, exist_ok=True)
         good: list[dict[str, Any]] = []
         for pid, obj, intr in photo_rows:
             assert obj is not None and intr is not None
-            vault.export_to(key_id, obj, photos_out / f"{pid}.jpg")
-            good.append({"input": pid, "output": f"{pid}.jpg", "intrinsics": intr})
+            name = target.names.get(pid) or f"{pid}.jpg"
+            vault.export_to(key_id, obj, photos_out / name)
+            good.append({"input": pid, "output": name, "intrinsics": intr})
+        if (photos_out / "report.json").is_file():  # the gate's report beside them (the demo's)
+            privacy["report"] = "photos/report.json"
         obj, fmt, descriptor = design_row
         design_dir = scratch / "design"
         assert obj is not None
@@ -181,7 +227,7 @@ def run_project_job(
             timings[name] = round(seconds, 2)
             with factory.begin() as db:
                 j = db.get(Job, job_id)
-                if j is None or j.state == "cancelled":
+                if j is None or j.state == JobState.CANCELLED:
                     raise JobCancelled()
                 j.timings = dict(timings)
                 j.progress = {"reconstruct": 0.7, "plan": 0.95}.get(name, j.progress)
@@ -189,7 +235,7 @@ def run_project_job(
             shutil.rmtree(attempts_dir, ignore_errors=True)  # counted once, after the commit
             if name == "reconstruct":
                 # Checkpoint the site (sealed in the vault): a retry after a crash resumes at the plan.
-                obj = vault.put(key_id, _tar_dir(out))
+                obj = vault.put(key_id, _tar_files(out, SITE_MODEL_FILES))
                 with factory.begin() as db:
                     j = db.get(Job, job_id)
                     assert j is not None
@@ -204,6 +250,8 @@ def run_project_job(
             """The job's stage is the one running (so a failed job says where it stopped), its
             progress the share done, and result.progress the sub-stage and ETA; written at most
             every 2 s (and at each stage's start)."""
+            if target.sub_progress is not None:
+                target.sub_progress(stage, sub, fraction, eta_s)
             now = time.perf_counter()
             if sub != "start" and now - last_write[0] < 2.0:
                 return
@@ -211,7 +259,7 @@ def run_project_job(
             lo, hi = {"reconstruct": (0.1, 0.7), "plan": (0.7, 0.95)}.get(stage, (0.0, 1.0))
             with factory.begin() as db:
                 j = db.get(Job, job_id)
-                if j is None or j.state == "cancelled":
+                if j is None or j.state == JobState.CANCELLED:
                     raise JobCancelled()
                 j.stage, j.progress = stage, round(lo + (hi - lo) * max(0.0, min(1.0, fraction)), 3)
                 eta = None if eta_s is None else round(eta_s, 1)
@@ -219,12 +267,11 @@ def run_project_job(
 
         with factory.begin() as db:
             j = db.get(Job, job_id)
-            if j is None or j.state == "cancelled":
+            if j is None or j.state == JobState.CANCELLED:
                 raise JobCancelled()
             j.stage, j.progress = "reconstruct", 0.1
-        out = scratch / "out"
+        out = target.run_dir or scratch / "out"
         out.mkdir(parents=True, exist_ok=True)
-        attempts_dir = scratch / "attempts"
         resumed: bool | str = False
         site_key = _site_key(photo_digests, good, mref)
         reused_from: str | None = None
@@ -256,18 +303,25 @@ def run_project_job(
                 cancelled=cancelled,
                 sub_progress=sub_progress,
             )
-        timings["total"] = round(time.perf_counter() - t_job, 2)
+        # Report.
+        t = time.perf_counter()
+        say("[4/4] report")
         report = {
-            "job": {"id": job_id, "project": project.id, "pipeline_version": PIPELINE_VERSION},
+            "job": {"id": job_id, "tenant": tenant_id, "project": project_id, "pipeline_version": PIPELINE_VERSION},
             "privacy": privacy,
             "site": {k: info.get(k) for k in SITE_KEYS},
             "plan": plan_result,
-            "timings_s": timings,
             "designer": {"company": company},
             "reused_site": reused_from is not None,
+            "files": sorted(p.name for p in out.iterdir() if p.is_file() and not p.name.startswith(".")),
         }
+        timings["report"] = round(time.perf_counter() - t, 2)
+        timings["total"] = round(time.perf_counter() - t_job, 2)
+        report["timings_s"] = timings
         (out / "report.json").write_text(json.dumps(report, indent=2))
-        write_report_html(report, out / "report.html", published=OUTPUTS)
+        # The annex links what is published: in a run folder everything beside it, through the
+        # API the files it serves.
+        write_report_html(report, out / "report.html", published=None if target.run_dir else OUTPUTS)
         # The site model, kept sealed for the next job on the same photos (a PlanFile row, so an
         # erasure, an export and an incident scope see it like the other outputs; never listed).
         site_tar = None if reused_from is not None else _tar_files(out, SITE_MODEL_FILES)
@@ -280,7 +334,7 @@ def run_project_job(
             sealed.append((SITE_MODEL, vault.put(key_id, site_tar)))
         with factory.begin() as db:
             j = db.get(Job, job_id)
-            if j is None or j.state != "running" or j.lease_holder != leases.holder():
+            if j is None or j.state != JobState.RUNNING or j.lease_holder != leases.holder():
                 # Cancelled, or taken over by another process after a stall: one result only.
                 for _, o in sealed:
                     vault.delete(key_id, o.object_id)
@@ -298,7 +352,7 @@ def run_project_job(
                         sha256=o.sha256,
                     )
                 )
-            j.state, j.stage, j.progress, j.timings = "done", "done", 1.0, dict(timings)
+            j.state, j.stage, j.progress, j.timings = JobState.DONE, "done", 1.0, dict(timings)
             register.record(
                 db,
                 tenant_id=tenant_id,
@@ -327,20 +381,20 @@ def run_project_job(
     except JobFailed as exc:
         with factory.begin() as db:
             j = db.get(Job, job_id)
-            if j is None or j.state != "running" or j.lease_holder != leases.holder():
+            if j is None or j.state != JobState.RUNNING or j.lease_holder != leases.holder():
                 return  # cancelled meanwhile (that is what it is), or no longer ours
-            j.state = "cancelled" if isinstance(exc, JobRefused) else "failed"
+            j.state = JobState.CANCELLED if isinstance(exc, JobRefused) else JobState.FAILED
             j.error = str(exc)
-            j.stage_attempts = _add_attempts(j.stage_attempts, count_attempts(scratch / "attempts"))
+            j.stage_attempts = _add_attempts(j.stage_attempts, count_attempts(attempts_dir))
     except Exception as exc:  # a bug: record the type only (a message may hold personal data)
         # Type only: a traceback carries file paths, and an exception's text may carry values.
         log.error("job %s failed unexpectedly (%s)", job_id[:8], type(exc).__name__)
         with factory.begin() as db:
             j = db.get(Job, job_id)
-            if j is None or j.state != "running" or j.lease_holder != leases.holder():
+            if j is None or j.state != JobState.RUNNING or j.lease_holder != leases.holder():
                 return
-            j.state, j.error = "failed", f"internal error ({type(exc).__name__}); the operators were told"
-            j.stage_attempts = _add_attempts(j.stage_attempts, count_attempts(scratch / "attempts"))
+            j.state, j.error = JobState.FAILED, f"internal error ({type(exc).__name__}); the operators were told"
+            j.stage_attempts = _add_attempts(j.stage_attempts, count_attempts(attempts_dir))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         os.close(running)  # the scratch is gone: a termination waiting for it may go on
@@ -373,7 +427,9 @@ def _site_key(photos: list[tuple[str, str]], good: list[dict[str, Any]], referen
 def _find_site_model(db: Session, project_id: str, site_key: str) -> tuple[str, str] | None:
     """(job id, vault object) of the newest finished job of this project whose site has this key."""
     jobs = db.scalars(
-        select(Job).where(Job.project_id == project_id, Job.state == "done").order_by(Job.updated_at.desc())
+        select(Job)
+        .where(Job.project_id == project_id, Job.state == JobState.DONE)
+        .order_by(Job.updated_at.desc())
     ).all()
     for j in jobs:
         if (j.result or {}).get("site_key") != site_key:
@@ -393,17 +449,6 @@ def _tar_files(d: Path, names: tuple[str, ...]) -> bytes:
         for n in names:
             if (d / n).exists():
                 tar.add(d / n, arcname=n)
-    return buf.getvalue()
-
-
-def _tar_dir(d: Path) -> bytes:
-    import io
-    import tarfile
-
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for p in sorted(d.iterdir()):
-            tar.add(p, arcname=p.name)
     return buf.getvalue()
 
 

@@ -31,9 +31,10 @@ from typing import Any, TextIO
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from dataprotection.consent import consent_problem
 from siteplan import leases
-from siteplan.consent import consent_problem
 from siteplan.db import Job, Project
+from siteplan.states import JobState
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +55,14 @@ def select_projects(
         stmt = stmt.where(Project.tenant_id == tenant)
     for p in db.scalars(stmt.order_by(Project.created_at, Project.id)):
         jobs = db.scalars(select(Job).where(Job.project_id == p.id).order_by(Job.created_at)).all()
-        source = [j for j in jobs if j.state == "done" and j.kind == "plan"]
+        source = [j for j in jobs if j.state == JobState.DONE and j.kind == "plan"]
         if not source:
             continue
         last = source[-1]
         at = last.updated_at if last.updated_at.tzinfo else last.updated_at.replace(tzinfo=UTC)
         if since is not None and at < since:
             continue
-        if any(j.pipeline_version == version and j.state == "done" for j in jobs):
+        if any(j.pipeline_version == version and j.state == JobState.DONE for j in jobs):
             sel.skipped["already done at this version"] += 1
             continue
         reason = consent_problem(db, p)
@@ -82,7 +83,7 @@ def enqueue(factory: sessionmaker[Session], sel: Selection) -> list[str]:
                     Job.project_id == project_id,
                     Job.pipeline_version == sel.version,
                     Job.kind == "reprocess",
-                    Job.state.in_(("queued", "running")),
+                    Job.state.in_((JobState.QUEUED, JobState.RUNNING)),
                 )
             ).first()
             if existing is not None:
@@ -94,7 +95,7 @@ def enqueue(factory: sessionmaker[Session], sel: Selection) -> list[str]:
                 tenant_id=src.tenant_id,
                 project_id=project_id,
                 kind="reprocess",
-                state="queued",
+                state=JobState.QUEUED,
                 pipeline_version=sel.version,
                 inputs=dict(src.inputs),
                 timings={},
@@ -165,15 +166,15 @@ def run_batch(
     with factory.begin() as db:  # take back jobs whose driver died mid-run
         # A job whose lease ran out (its driver is gone, siteplan/leases.py) is taken back at
         # once; one without a lease only after ``stale_after`` unless we are the sole driver.
-        dead = [jid for jid, _ in leases.takeable(db, Job, "running")]
+        dead = [jid for jid, _ in leases.takeable(db, Job, JobState.RUNNING)]
         db.execute(
             update(Job)
             .where(
                 Job.kind == "reprocess",
-                Job.state == "running",
+                Job.state == JobState.RUNNING,
                 or_(Job.updated_at < cutoff, and_(Job.id.in_(dead), Job.lease_until.is_not(None))),
             )
-            .values(state="queued", lease_holder=None, lease_until=None)
+            .values(state=JobState.QUEUED, lease_holder=None, lease_until=None)
         )
     ids = enqueue(factory, sel)
     summary = Summary(skipped=Counter(sel.skipped))
@@ -181,15 +182,15 @@ def run_batch(
         with factory() as db:
             j = db.get(Job, job_id)
             state = j.state if j is not None else "gone"
-        if state == "queued":
+        if state == JobState.QUEUED:
             process(job_id)
         with factory() as db:
             j = db.get(Job, job_id)
-            if j is None or j.state == "cancelled":
+            if j is None or j.state == JobState.CANCELLED:
                 summary.refused[(j.error if j is not None else None) or "cancelled"] += 1
-            elif j.state == "done":
+            elif j.state == JobState.DONE:
                 summary.done += 1
-            elif j.state == "failed":
+            elif j.state == JobState.FAILED:
                 summary.failed += 1
         _progress(out, i, len(ids), t0)
     out.write("\n")
@@ -213,8 +214,8 @@ def claim(factory: sessionmaker[Session], job_id: str) -> Job | None:
     with factory.begin() as db:
         won = db.execute(
             update(Job)
-            .where(Job.id == job_id, Job.state == "queued")
-            .values(state="running", attempts=Job.attempts + 1)
+            .where(Job.id == job_id, Job.state == JobState.QUEUED)
+            .values(state=JobState.RUNNING, attempts=Job.attempts + 1)
         ).rowcount  # type: ignore[attr-defined]
         if not won:
             return None
@@ -223,7 +224,7 @@ def claim(factory: sessionmaker[Session], job_id: str) -> Job | None:
         p = db.get(Project, j.project_id)
         reason = consent_problem(db, p) if p is not None else "project gone"
         if reason:
-            j.state, j.error = "cancelled", reason
+            j.state, j.error = JobState.CANCELLED, reason
             return None
         db.expunge(j)
         return j

@@ -21,6 +21,7 @@ from typing import Any
 
 import ray
 
+from siteplan import PIPELINE_VERSION
 from workers.routing import enter_pool, on_gpu
 
 # Reconstruct and plan survive up to 3 lost workers or nodes (a killed worker, then a killed
@@ -96,6 +97,7 @@ def reconstruct_task(
         intrinsics=intrinsics,
         names=names,
         config=SfmConfig.model_validate(config),
+        pipeline_version=PIPELINE_VERSION,
     )
     return site.info
 
@@ -111,7 +113,7 @@ def plan_task(
     import_pycolmap()  # before any reconstruct module: keeps Ray's SIGTERM handling
     from reconstruct.plan import plan
 
-    def progress(sub: str, fraction: float) -> None:  # read by the driver (workers.job.StageWatch)
+    def progress(sub: str, fraction: float) -> None:  # read by the driver (workers.stages.StageWatch)
         tmp = Path(out_dir) / ".progress.json.tmp"
         tmp.write_text(json.dumps({"sub": sub, "fraction": round(0.3 + 0.7 * fraction, 3)}))
         tmp.replace(Path(out_dir) / ".progress.json")

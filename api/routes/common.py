@@ -16,8 +16,8 @@ from sqlalchemy.orm import Session
 
 from api.errors import ApiError
 from api.services import Services
-from privacy.subjects import index_key_id
-from privacy.vault import KeyDestroyed
+from dataprotection.subjects import index_key_id
+from dataprotection.vault import KeyDestroyed
 from siteplan.db import IdempotencyRecord
 
 IDEMPOTENCY_HELP = "A client-chosen key: a retried request with the same key returns the first result."

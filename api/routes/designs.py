@@ -14,9 +14,9 @@ from api.routes.common import IDEMPOTENCY_HELP, commit_or_conflict, count, finge
 from api.routes.projects import get_project, require_active
 from api.schemas import DesignCreate, DesignList, DesignPublic
 from api.services import Services
-from privacy.fields import design_descriptor, new_design
-from privacy.lifecycle import ContractBusy, contract_shared
-from privacy.vault import CHUNK
+from dataprotection.fields import design_descriptor, new_design
+from dataprotection.lifecycle import ContractBusy, contract_shared
+from dataprotection.vault import CHUNK
 from siteplan.db import Contract, Design, tenant_session
 from siteplan.paths import lifecycle_paths
 

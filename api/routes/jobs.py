@@ -15,9 +15,9 @@ from api.errors import ERROR_RESPONSES, ApiError, not_found
 from api.routes.common import IDEMPOTENCY_HELP, commit_or_conflict, count, fingerprint, remember, replay, set_location
 from api.routes.projects import get_project, require_active
 from api.schemas import JobCreate, JobList, JobPublic, PlanFilePublic, PlanPublic
-from privacy import register
+from dataprotection import register
+from dataprotection.consent import CLIENT_RESTRICTED, MESSAGES, consent_problem
 from siteplan import PIPELINE_VERSION
-from siteplan.consent import CLIENT_RESTRICTED, MESSAGES, consent_problem
 from siteplan.db import Design, Job, Photo, PlanFile
 from siteplan.outputs import MEDIA_TYPES, SITE_MODEL
 
@@ -99,7 +99,7 @@ def post_job(
     commit_or_conflict(db)
     set_location(response, loc)
     if svc.runner is not None:
-        svc.runner.submit_job(j.id)  # type: ignore[attr-defined]
+        svc.runner.submit_job(j.id)
     return out
 
 
@@ -229,7 +229,7 @@ def retry_job(job_id: str, db: DB, svc: ServicesDep, _: UploadCaller) -> JobPubl
     j.state, j.error = "queued", None
     db.commit()
     if svc.runner is not None:
-        svc.runner.submit_job(j.id)  # type: ignore[attr-defined]
+        svc.runner.submit_job(j.id)
     return _public(j)
 
 

@@ -19,11 +19,11 @@ from api.deps import DB, ReadCaller, ServicesDep
 from api.errors import ERROR_RESPONSES, ApiError, not_found
 from api.routes.projects import get_project, require_active
 from api.schemas import Strict
-from privacy import register
-from privacy.lifecycle import hold_scratch
+from dataprotection import register
+from dataprotection.consent import CLIENT_RESTRICTED, MESSAGES, consent_problem
+from dataprotection.lifecycle import hold_scratch
 from privacy.metadata import orient_point
 from reconstruct.reference import Segment
-from siteplan.consent import CLIENT_RESTRICTED, MESSAGES, consent_problem
 from siteplan.db import Job, Photo, PlanFile
 from siteplan.outputs import SITE_MODEL
 

@@ -38,11 +38,11 @@ from api.uploads import (
     write_guarded,
     writing,
 )
-from privacy import register
+from dataprotection import register
+from dataprotection.vault import CHUNK, UploadStaging
 from privacy.decode import sniff_format
 from privacy.errors import InvalidImage
 from privacy.isolated import untrusted_size
-from privacy.vault import CHUNK, UploadStaging
 from siteplan.db import Photo, tenant_session
 
 log = logging.getLogger(__name__)
@@ -400,7 +400,7 @@ async def patch_upload(
             lock_path(svc, p).unlink(missing_ok=True)  # still held: a waiter reads the new state
             runner = svc.runner
             if runner is not None:
-                runner.submit_ingest(p.id, c.tenant_id)  # type: ignore[attr-defined]
+                runner.submit_ingest(p.id, c.tenant_id)
     headers = TUS_HEADERS | {"Upload-Offset": str(offset)}
     if offset < p.length:
         headers["Upload-Expires"] = expires(svc, time.time())

@@ -12,7 +12,7 @@ from api.errors import ERROR_RESPONSES, ApiError, not_found
 from api.routes.common import IDEMPOTENCY_HELP, commit_or_conflict, count, fingerprint, remember, replay, set_location
 from api.schemas import ProjectCreate, ProjectList, ProjectPublic
 from api.services import Services
-from privacy.fields import new_project, open_reference
+from dataprotection.fields import new_project, open_reference
 from siteplan.db import Contract, Project, Subject
 
 router = APIRouter(prefix="/projects", tags=["projects"], responses=ERROR_RESPONSES)

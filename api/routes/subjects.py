@@ -20,10 +20,9 @@ from api.routes.common import (
 )
 from api.schemas import SubjectCreate, SubjectList, SubjectPublic, SubjectUpdate
 from api.services import Services
-from privacy import register
-from privacy.lifecycle import ContractBusy, contract_lock
-from privacy.rights import erase_subject, export_subject
-from privacy.subjects import SubjectFields, index_key_id, new_subject, query_digests, read_fields, write_fields
+from dataprotection import register, rights
+from dataprotection.lifecycle import ContractBusy, contract_lock
+from dataprotection.subjects import SubjectFields, index_key_id, new_subject, query_digests, read_fields
 from siteplan.db import Contract, Subject, SubjectToken
 from siteplan.paths import lifecycle_paths
 
@@ -136,23 +135,7 @@ def patch_subject(
     """Rectify a subject's data (P7). Needs the read scope too: rectifying is changing what one
     can read."""
     s = _get(db, subject_id)
-    old = read_fields(svc.vault.keys, s)
-    given = body.model_dump(exclude_unset=True)
-    f = SubjectFields(
-        name=given.get("name") or old.name,
-        address=given.get("address", old.address),
-        phone=given.get("phone", old.phone),
-    )
-    write_fields(db, svc.vault.keys, s, f)
-    register.record(
-        db,
-        tenant_id=c.tenant_id,
-        actor=c.token_id,
-        action="subject_rectified",
-        categories=["subject_identity", "subject_contact"],
-        purpose="rectification (P7)",
-        ref=s.id,
-    )
+    rights.rectify(db, svc.vault.keys, s, actor=c.token_id, **body.model_dump(exclude_unset=True))
     db.commit()
     return _public(svc, s)
 
@@ -170,16 +153,7 @@ def lift_restriction(subject_id: str, db: DB, svc: ServicesDep, c: UploadCaller)
 
 def _set_restricted(db: DB, svc: Services, c: Caller, subject_id: str, restricted: bool) -> SubjectPublic:
     s = _get(db, subject_id)
-    s.restricted = restricted
-    register.record(
-        db,
-        tenant_id=c.tenant_id,
-        actor=c.token_id,
-        action="subject_restricted" if restricted else "subject_restriction_lifted",
-        categories=["photos", "derived_media"],
-        purpose="restriction of processing (P7)" if restricted else "restriction lifted (P7)",
-        ref=s.id,
-    )
+    rights.set_restriction(db, s, restricted, actor=c.token_id)
     db.commit()
     return _public(svc, s)
 
@@ -192,16 +166,7 @@ def _set_restricted(db: DB, svc: Services, c: Caller, subject_id: str, restricte
 def export(subject_id: str, db: DB, svc: ServicesDep, c: ReadCaller) -> Response:
     """Access and portability (P7): the subject's record and their projects' photos and plans."""
     s = _get(db, subject_id)
-    data = export_subject(db, svc.vault, s)
-    register.record(
-        db,
-        tenant_id=c.tenant_id,
-        actor=c.token_id,
-        action="subject_exported",
-        categories=["subject_identity", "subject_contact", "photos", "derived_media"],
-        purpose="access and portability (P7)",
-        ref=s.id,
-    )
+    data = rights.access(db, svc.vault, s, actor=c.token_id)
     db.commit()
     return Response(
         data,
@@ -222,16 +187,7 @@ def erase(subject_id: str, db: DB, svc: ServicesDep, c: UploadCaller, _: ReadCal
     try:
         with contract_lock(lifecycle_paths(svc.settings), s.contract_id):
             s = _get(db, subject_id)  # again under the lock: a racing erasure may have won
-            erase_subject(db, svc.vault, s, svc.settings.uploads_dir)
-            register.record(
-                db,
-                tenant_id=c.tenant_id,
-                actor=c.token_id,
-                action="subject_erased",
-                categories=["subject_identity", "subject_contact", "photos", "derived_media", "site_models"],
-                purpose="erasure (P7)",
-                ref=subject_id,
-            )
+            rights.erase(db, svc.vault, s, svc.settings.uploads_dir, actor=c.token_id)
             db.commit()
     except ContractBusy as exc:
         raise ApiError(409, "busy", str(exc)) from None

@@ -12,7 +12,7 @@ from api.deps import DB, AdminCaller, ReadCaller, ServicesDep
 from api.errors import ERROR_RESPONSES, ApiError, not_found
 from api.routes.common import IDEMPOTENCY_HELP, commit_or_conflict, count, fingerprint, remember, replay, set_location
 from api.schemas import ContractCreate, ContractList, ContractPublic, ContractTerminate, TenantPublic
-from privacy.lifecycle import (
+from dataprotection.lifecycle import (
     ContractBusy,
     InvalidRecipientKey,
     TerminationError,
@@ -20,10 +20,10 @@ from privacy.lifecycle import (
     stream_export,
     terminate_contract,
 )
-from privacy.register import export_register, verify_entries
+from dataprotection.register import export_register, verify_entries
+from dataprotection.tenancy import create_contract
 from siteplan.db import Certificate, Contract, Tenant
 from siteplan.paths import lifecycle_paths
-from siteplan.tenancy import create_contract
 
 router = APIRouter(tags=["tenants"], responses=ERROR_RESPONSES)
 

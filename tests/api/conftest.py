@@ -18,9 +18,9 @@ from fastapi.testclient import TestClient
 
 from api.app import create_app
 from api.services import Services
+from dataprotection.tenancy import create_contract, create_tenant, create_token
 from siteplan.db import tenant_session
 from siteplan.settings import Settings
-from siteplan.tenancy import create_contract, create_tenant, create_token
 from tests.pg import throwaway_database
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from api.services import Services
-from privacy.fields import new_design
+from dataprotection.fields import new_design
 from siteplan import PIPELINE_VERSION
 from siteplan.db import Job, Photo, PlanFile, Project, Subject
 from tests.api.conftest import Api, Tenant

@@ -13,8 +13,8 @@ from fastapi.testclient import TestClient
 
 import api.routes.photos as photos_route
 from api.app import create_app
-from privacy.lifecycle import contract_lock, terminate_contract
-from privacy.rights import erase_subject
+from dataprotection.lifecycle import contract_lock, terminate_contract
+from dataprotection.rights import erase_subject
 from siteplan.db import Subject
 from siteplan.paths import lifecycle_paths
 from tests.api.conftest import Api, make_settings
@@ -188,8 +188,8 @@ def test_register_appends_after_inserts_under_one_tenant_do_not_deadlock_on_post
     SQLite has one writer at a time."""
     import threading
 
-    from privacy import register
-    from privacy.subjects import SubjectFields, new_subject
+    from dataprotection import register
+    from dataprotection.subjects import SubjectFields, new_subject
     from siteplan.db import tenant_session
     from tests.pg import throwaway_database
 

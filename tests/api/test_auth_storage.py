@@ -18,8 +18,8 @@ from fastapi.testclient import TestClient
 
 from api.app import create_app
 from api.services import RateLimiter
+from dataprotection.tenancy import create_contract, create_tenant, create_token, rotate_token, verify_token
 from siteplan.db import ApiToken, Base, make_engine, migrate
-from siteplan.tenancy import create_contract, create_tenant, create_token, rotate_token, verify_token
 from tests.api.conftest import Api, make_settings
 
 

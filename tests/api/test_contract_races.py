@@ -16,9 +16,9 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 import api.uploads as uploads
-import privacy.lifecycle as lifecycle
+import dataprotection.lifecycle as lifecycle
 from api.app import create_app
-from privacy.lifecycle import TerminationError, hold_scratch, terminate_contract
+from dataprotection.lifecycle import TerminationError, hold_scratch, terminate_contract
 from siteplan import PIPELINE_VERSION
 from siteplan.db import Certificate, Contract, Job, Photo
 from siteplan.paths import lifecycle_paths
@@ -165,7 +165,7 @@ def test_an_upload_only_token_cannot_erase_or_rectify(live_sqlite: tuple[LiveSer
     admin = api.tenant()
     r = api.client.post("/v1/subjects", json={"contract_id": admin.contract_id, "name": "Jan"}, headers=admin.auth)
     subject = r.json()["id"]
-    from siteplan.tenancy import create_token
+    from dataprotection.tenancy import create_token
 
     with api.svc.factory.begin() as db:
         tok = create_token(db, tenant_id=admin.id, name="uploader", scopes=["upload"]).secret
@@ -311,7 +311,7 @@ def test_termination_racing_a_slow_design_upload_leaves_no_file(live_sqlite: tup
 def test_erasure_during_anonymisation_leaves_no_photo(
     live_sqlite: tuple[LiveServer, Api], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import privacy.ingest as ingest_mod
+    import workers.ingest as ingest_mod
     from api.runner import ingest_photo
 
     _, api = live_sqlite

@@ -20,8 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from api.app import create_app
+from dataprotection.tenancy import create_contract
 from siteplan.db import Photo
-from siteplan.tenancy import create_contract
 from tests.api.conftest import Api, Tenant, make_settings
 from tests.api.populate import World, populate
 

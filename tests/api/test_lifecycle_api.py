@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from api.runner import ingest_photo
-from privacy import signing
-from privacy.lifecycle import verify_certificate
+from dataprotection import signing
+from dataprotection.lifecycle import verify_certificate
 from tests.api.conftest import Api
 
 PHOTO = Path(__file__).parents[2] / "sample_data" / "photos" / "street_people.jpg"
@@ -71,7 +71,7 @@ def test_a_returned_export_is_handed_over_then_shredded(api: Api) -> None:
     import io
     import zipfile
 
-    from siteplan.tenancy import create_token
+    from dataprotection.tenancy import create_token
 
     c = api.client
     t = api.tenant()

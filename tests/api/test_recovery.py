@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from api.runner import MAX_JOB_ATTEMPTS, Runner
-from privacy.lifecycle import hold_scratch
+from dataprotection.lifecycle import hold_scratch
 from siteplan import PIPELINE_VERSION, leases
 from siteplan.db import Job, Photo
 from tests.api.conftest import Api, open_sqlite_api

@@ -1,4 +1,4 @@
-"""The register's journal (privacy/register.py) holds exactly the committed entries, on both
+"""The register's journal (dataprotection/register.py) holds exactly the committed entries, on both
 databases, and a restored database gets back the entries after its own head, up to any gap."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from privacy import register
-from privacy.vault import FileKeyStore
+from dataprotection import register
+from dataprotection.tenancy import create_contract, create_tenant
+from dataprotection.vault import FileKeyStore
 from siteplan.db import RegisterEntry, init_db
-from siteplan.tenancy import create_contract, create_tenant
 
 
 def _entry(db: sa.orm.Session, tenant_id: str, action: str) -> None:

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from api.app import create_app
-from siteplan.tenancy import create_contract
+from dataprotection.tenancy import create_contract
 from tests.api.conftest import Api, make_settings
 from tests.api.populate import populate
 

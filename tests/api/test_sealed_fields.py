@@ -1,4 +1,4 @@
-"""A project's reference and a design's name are sealed with the contract's key (privacy/fields.py),
+"""A project's reference and a design's name are sealed with the contract's key (dataprotection/fields.py),
 and revision 0004 seals the ones an earlier version stored in clear, on both databases."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from alembic import command
 from fastapi.testclient import TestClient
 
 from api.app import create_app
-from privacy.fields import design_descriptor, open_reference
-from privacy.vault import FileKeyStore
+from dataprotection.fields import design_descriptor, open_reference
+from dataprotection.vault import FileKeyStore
 from siteplan.db import Design, IdempotencyRecord, Project, alembic_config, downgrade, make_engine, migrate
 from tests.api.conftest import Api, make_settings
 

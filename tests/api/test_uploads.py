@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from api.runner import ingest_photo
-from privacy.vault import CHUNK
+from dataprotection.vault import CHUNK
 from tests.api.conftest import Api, LiveServer, Tenant
 
 DATA = Path(__file__).parents[3] / "shared" / "data"

@@ -16,15 +16,15 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, select, text
 
-from privacy import register
-from privacy.backup import PG_DUMP_NAME, BackupError, RestoreReport, backup, restore
-from privacy.lifecycle import terminate_contract
-from privacy.rights import erase_subject
-from privacy.vault import FileKeyStore, Vault
+from dataprotection import register
+from dataprotection.backup import PG_DUMP_NAME, BackupError, RestoreReport, backup, restore
+from dataprotection.lifecycle import terminate_contract
+from dataprotection.rights import erase_subject
+from dataprotection.tenancy import create_contract, create_tenant
+from dataprotection.vault import FileKeyStore, Vault
 from siteplan.db import Certificate, Contract, Photo, Subject, init_db
 from siteplan.paths import lifecycle_paths
 from siteplan.settings import Settings
-from siteplan.tenancy import create_contract, create_tenant
 from tests.privacy.test_lifecycle import PHOTOS, ContractData, World, _fill, _finish, _scan
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -166,7 +166,7 @@ def test_the_cli_backs_up_and_restores_postgresql(tmp_path: Path, pg_url: str) -
         "SITEPLAN_DATA_DIR": str(tmp_path / "data"),
         "SITEPLAN_DATABASE_URL": pg_url.replace("postgres@", "postgres:s3cret-pw@"),  # trust auth ignores it
     }
-    cli = [sys.executable, "-m", "siteplan.cli"]
+    cli = [sys.executable, "-m", "cli.main"]
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([*cli, *args], env=env, cwd=ROOT, capture_output=True, text=True, check=False)
@@ -216,7 +216,7 @@ def test_a_database_restored_by_other_means_is_reconciled(world: World, tmp_path
     with init_db(w.settings.db_url)() as db:
         assert db.get(Subject, w.c2.subject_id) is not None, "the snapshot brought the erased subject back"
     env = {**os.environ, "SITEPLAN_DATA_DIR": str(w.settings.data_dir), "SITEPLAN_DATABASE_URL": w.settings.db_url}
-    cli = [sys.executable, "-m", "siteplan.cli", "restore", "--reconcile-only"]
+    cli = [sys.executable, "-m", "cli.main", "restore", "--reconcile-only"]
     first = subprocess.run(cli, env=env, cwd=ROOT, capture_output=True, text=True, check=False)
     assert first.returncode == 0, first.stderr
     rep = json.loads(first.stdout)

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from privacy.backup import backup, restore
-from privacy.vault import FileKeyStore, Vault
+from dataprotection.backup import backup, restore
+from dataprotection.vault import FileKeyStore, Vault
 from siteplan.db import init_db, migrate
 from tests.api.test_sealed_fields import REFERENCE, _at_0003, _insert_clear_rows, _raw_rows
 from tests.pg import PG_ADMIN_URL

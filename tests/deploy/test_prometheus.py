@@ -15,11 +15,11 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import CollectorRegistry
 
-from privacy.fields import new_project
-from privacy.vault import FileKeyStore
+from dataprotection.fields import new_project
+from dataprotection.tenancy import create_contract, create_tenant
+from dataprotection.vault import FileKeyStore
 from siteplan import PIPELINE_VERSION
 from siteplan.db import Job, init_db
-from siteplan.tenancy import create_contract, create_tenant
 from workers.metrics import ServiceCollector
 
 ROOT = Path(__file__).resolve().parents[2]

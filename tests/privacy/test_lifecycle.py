@@ -16,20 +16,20 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from privacy import register, signing
+from dataprotection import register, signing
+from dataprotection.backup import RestoreReport, backup, restore
+from dataprotection.fields import new_design, new_project
+from dataprotection.lifecycle import STEPS, decrypt_transfer, terminate_contract, verify_certificate
+from dataprotection.rights import erase_subject, export_subject
+from dataprotection.subjects import SubjectFields, new_subject, open_subject
+from dataprotection.tenancy import create_contract, create_tenant
+from dataprotection.vault import FileKeyStore, KeyDestroyed, UploadStaging, Vault
 from privacy.anonymize import AnonymizationPolicy
-from privacy.backup import RestoreReport, backup, restore
-from privacy.fields import new_design, new_project
-from privacy.ingest import ingest
-from privacy.lifecycle import STEPS, decrypt_transfer, terminate_contract, verify_certificate
-from privacy.rights import erase_subject, export_subject
-from privacy.subjects import SubjectFields, new_subject, open_subject
-from privacy.vault import FileKeyStore, KeyDestroyed, UploadStaging, Vault
 from siteplan import PIPELINE_VERSION
 from siteplan.db import Contract, Design, Job, Photo, PlanFile, RegisterEntry, Subject, init_db
 from siteplan.paths import lifecycle_paths
 from siteplan.settings import Settings
-from siteplan.tenancy import create_contract, create_tenant
+from workers.ingest import ingest
 
 SAMPLE = Path(__file__).parents[2] / "sample_data"
 PHOTOS = [SAMPLE / "photos" / "street_people.jpg", SAMPLE / "photos" / "street_car.jpg"]
@@ -65,7 +65,7 @@ def _fill(db: Session, vault: Vault, tenant_id: str, cd: ContractData, settings:
     keys = vault.keys
     f = SubjectFields(cd.name, "Kerkstraat 12, 9000 Gent", "+32 470 12 34 56")
     s = new_subject(db, keys, tenant_id=tenant_id, contract_id=cd.id, f=f)
-    # Free text a designer may fill with the client's name: sealed like the subject (privacy/fields.py).
+    # Free text a designer may fill with the client's name: sealed like the subject (dataprotection/fields.py).
     reference, design_name = f"Carport {cd.id[:8]} Verbruggen", f"Gate {cd.id[:8]} for the Verbruggens"
     p = new_project(db, keys, tenant_id=tenant_id, contract_id=cd.id, subject_id=s.id, reference=reference)
     cd.subject_id, cd.project_id = s.id, p.id
@@ -446,8 +446,8 @@ def test_subject_export_and_erasure(world: World) -> None:
 def test_retention(world: World) -> None:
     from datetime import date, timedelta
 
-    from privacy.lifecycle import BILLING_RETENTION
-    from siteplan.cli import main
+    from cli.main import main
+    from dataprotection.lifecycle import BILLING_RETENTION
     from siteplan.db import BillingRecord
 
     w = world
@@ -481,7 +481,7 @@ def test_retention(world: World) -> None:
 def test_incident_helper(world: World) -> None:
     from datetime import UTC, datetime, timedelta
 
-    from privacy.incident import affected_by_object, affected_in_window
+    from dataprotection.incident import affected_by_object, affected_in_window
 
     w = world
     with w.factory() as db:
@@ -529,7 +529,7 @@ def test_termination_survives_sigkill(world: World) -> None:
 def test_subject_rights_from_the_cli(world: World, tmp_path: Path) -> None:
     import os
 
-    from siteplan.cli import main
+    from cli.main import main
 
     w = world
     os.environ["SITEPLAN_DATA_DIR"] = str(w.settings.data_dir)
@@ -544,8 +544,12 @@ def test_subject_rights_from_the_cli(world: World, tmp_path: Path) -> None:
         del os.environ["SITEPLAN_DATA_DIR"]
     with w.factory() as db:
         assert db.get(Subject, w.c2.subject_id) is None
-        actions = [e["action"] for e in register.export_register(db, w.tenant_id)]
-        assert {"subject_rectify", "subject_restrict", "subject_export", "subject_erase"} <= set(actions)
+        entries = register.export_register(db, w.tenant_id)
+        actions = [e["action"] for e in entries]
+        # The same one name per act as the API records (dataprotection.rights), the operator as actor.
+        acts = ["subject_rectified", "subject_restricted", "subject_exported", "subject_erased"]
+        assert [a for a in actions if a in acts] == acts, actions
+        assert all(e["actor"] == "operator" for e in entries if e["action"] in acts)
         assert register.verify_register(db, w.tenant_id).ok
     assert w.vault.objects(w.c2.id) == []
 
@@ -554,7 +558,7 @@ def test_erasure_takes_unfinished_uploads_and_replay_records(world: World) -> No
     """An upload half sent for the subject's project, and the replay record of the request that
     created the project (it holds the project's reference), go with the erasure; the other
     contract's stay."""
-    from privacy.rights import erase_subject
+    from dataprotection.rights import erase_subject
     from siteplan.db import IdempotencyRecord
 
     w = world
@@ -600,7 +604,7 @@ def test_termination_waits_for_a_running_job_and_refuses_a_bad_recipient_key(wor
     an X25519 public key is refused before the contract is frozen."""
     import os
 
-    from privacy.lifecycle import TerminationError, hold_scratch, scratch_in_use
+    from dataprotection.lifecycle import TerminationError, hold_scratch, scratch_in_use
 
     w = world
     paths = lifecycle_paths(w.settings)
@@ -645,8 +649,8 @@ def test_a_returned_export_leaves_the_service_on_receipt_or_by_its_deadline(worl
     import time
     from datetime import date, timedelta
 
-    from privacy.lifecycle import delete_export, expire_exports, export_file, stream_export
-    from siteplan.cli import main
+    from cli.main import main
+    from dataprotection.lifecycle import delete_export, expire_exports, export_file, stream_export
 
     w = world
     paths = lifecycle_paths(w.settings)

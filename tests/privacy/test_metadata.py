@@ -199,7 +199,7 @@ def test_cli_refuses_to_write_over_its_inputs_and_fails_when_nothing_passes(tmp_
     src = tmp_path / "in"
     src.mkdir()
     (src / "a.jpg").write_bytes(b"not an image" * 10)
-    cli = [sys.executable, "-m", "siteplan.cli", "anonymize"]
+    cli = [sys.executable, "-m", "cli.main", "anonymize"]
     same = subprocess.run([*cli, str(src), str(src)], capture_output=True, text=True, check=False)
     assert same.returncode != 0 and "must not be IN_DIR" in same.stderr
     assert (src / "a.jpg").read_bytes().startswith(b"not an image")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from privacy.vault import CHUNK, FileKeyStore, UploadStaging, Vault
+from dataprotection.vault import CHUNK, FileKeyStore, UploadStaging, Vault
 
 
 @pytest.fixture

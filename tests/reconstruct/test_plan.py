@@ -147,7 +147,7 @@ def test_placement_off_the_ground_is_refused(site_dir: tuple[Path, object]) -> N
 def test_plan_command_writes_every_promised_file(
     site_dir: tuple[Path, object], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from siteplan.cli import main
+    from cli.main import main
 
     tmp, _ = site_dir
     out = tmp / "plan"

@@ -40,7 +40,9 @@ def _run(tmp: Path, names: list[str]) -> Any:
         {"segments": [{"image": names[0], "a": [100, 100], "b": [400, 100], "length_m": 1.0}]}
     )
     intr = {n: {"width": W, "height": H} for n in names}
-    return reconstruct(tmp / "photos", ref, tmp / "run", intrinsics=intr, names=names, dense=DenseConfig(enabled=False))
+    dense, version = DenseConfig(enabled=False), "test"
+    return reconstruct(tmp / "photos", ref, tmp / "run", intrinsics=intr, names=names,
+                       dense=dense, pipeline_version=version)
 
 
 def _snapshot(run: Path) -> dict[str, bytes]:

@@ -11,10 +11,10 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from privacy.fields import new_project
-from privacy.vault import FileKeyStore
+from dataprotection.fields import new_project
+from dataprotection.tenancy import create_contract, create_tenant
+from dataprotection.vault import FileKeyStore
 from siteplan.db import Job, Subject, init_db
-from siteplan.tenancy import create_contract, create_tenant
 from workers.reprocess import claim, driver_lock, result_key, run_batch, select_projects
 
 

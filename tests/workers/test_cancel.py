@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import ray
 
-from workers.job import JobCancelled, _await
+from workers.stages import JobCancelled, _await
 
 
 @ray.remote(max_retries=0)

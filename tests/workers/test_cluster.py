@@ -15,11 +15,11 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from privacy.fields import new_project
-from privacy.vault import FileKeyStore
+from dataprotection.fields import new_project
+from dataprotection.tenancy import create_contract, create_tenant
+from dataprotection.vault import FileKeyStore
 from siteplan import PIPELINE_VERSION
 from siteplan.db import Job, init_db
-from siteplan.tenancy import create_contract, create_tenant
 from workers.reprocess import result_key
 from workers.routing import BATCH_RESOURCE, CPU_RESOURCE, on_gpu, stage_options
 

@@ -19,7 +19,7 @@ from reconstruct.plan import GLB_SURFACE
 from siteplan.db import Job, init_db
 from siteplan.settings import Settings
 from tests.conftest import SAMPLE
-from workers.job import JobInputs, run_main_job
+from workers.demo import JobInputs, run_main_job
 from workers.routing import CPU_RESOURCE
 
 

@@ -17,7 +17,7 @@ from PIL import Image
 from tests.browser import assert_viewer_loaded, open_page
 from tests.conftest import ROOT, SAMPLE, SHARED
 
-SITEPLAN = [sys.executable, "-m", "siteplan.cli"]
+SITEPLAN = [sys.executable, "-m", "cli.main"]
 
 
 def run_cli(args: list[str], tmp: Path, timeout: int = 600) -> subprocess.CompletedProcess[str]:
@@ -88,9 +88,16 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     assert 0.02 < changed.mean() < 0.4
     # The job is recorded as done in the embedded database.
     db = sqlite3.connect(tmp_path / "state" / "siteplan.db")
-    assert db.execute("select state, stage from jobs").fetchall() == [("done", "report")]
+    assert db.execute("select state, stage from jobs").fetchall() == [("done", "done")]
     # Ray's scratch under the data dir is gone after the run.
     assert not (tmp_path / "state" / "ray").exists()
+    # The demo stored its job like the API does (photos and design in the vault, the inputs on the
+    # job row): a batch at a new pipeline version takes its project to done.
+    res = run_cli(["reprocess", "--pipeline-version", "2099.1"], tmp_path)
+    assert res.returncode == 0, (res.stdout[-2000:], res.stderr[-3000:])
+    rows = db.execute("select state, kind from jobs where pipeline_version = '2099.1'").fetchall()
+    assert rows == [("done", "reprocess")], rows
+    assert not list((tmp_path / "state" / "scratch").glob("*/photos")), "decrypted photos left in scratch"
 
 
 def _mini_sample(tmp: Path, photos: list[str], ref: dict[str, object] | None = None) -> Path:

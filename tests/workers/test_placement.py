@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from reconstruct.errors import ScaleReferenceError
-from workers.job import map_placement
+from workers.stages import map_placement
 
 
 def test_placement_points_follow_the_photos_orientation() -> None:
@@ -28,7 +28,7 @@ def test_placement_points_follow_the_photos_orientation() -> None:
 def test_an_unexpected_failure_is_named_without_its_text() -> None:
     import cv2
 
-    from workers.job import unexpected
+    from workers.stages import unexpected
 
     try:
         cv2.resize(np.zeros((0, 0), np.uint8), (0, 0))

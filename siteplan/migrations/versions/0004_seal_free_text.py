@@ -1,7 +1,7 @@
 """Seal the free text outside the subject record: projects.reference, a design's name
 
 projects.reference (clear) becomes projects.reference_enc, and the ``name`` in designs.descriptor
-moves to designs.name_enc, both sealed with the contract's key (privacy/fields.py). Replay
+moves to designs.name_enc, both sealed with the contract's key (dataprotection/fields.py). Replay
 records that held a project or design response keep only its id. The data step needs the key
 store, which ``siteplan.db.migrate`` hands over; without it a database with rows to seal is
 refused before anything changes.
@@ -55,7 +55,7 @@ def _keys(needed: bool) -> Any:
 
 
 def upgrade() -> None:
-    from privacy.fields import seal_design_name, seal_reference
+    from dataprotection.fields import seal_design_name, seal_reference
 
     # Everything is read and sealed before the first schema change (a refusal changes nothing).
     conn = op.get_bind()
@@ -104,7 +104,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    from privacy.fields import unseal_design_name, unseal_reference
+    from dataprotection.fields import unseal_design_name, unseal_reference
 
     with op.batch_alter_table("projects", schema=None) as batch_op:
         batch_op.add_column(sa.Column("reference", sa.String(length=64), nullable=True))

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from sqlalchemy import delete
 from sqlalchemy.orm import Session
 
-from privacy.vault import KeyStore, open_field, seal_field
+from dataprotection.vault import KeyStore, open_field, seal_field
 from siteplan.db import Subject, SubjectToken, new_id
 
 MIN_PREFIX = 3

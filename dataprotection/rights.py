@@ -1,5 +1,6 @@
-"""Data subjects' rights (P7): access/portability (export), erasure. Rectification and
-restriction are plain field updates (api/routes/subjects.py); restriction is enforced where
+"""Data subjects' rights (P7), one function each, each recording its own register entry under one
+action name: :func:`rectify`, :func:`set_restriction` (restrict, lift), :func:`access` (export)
+and :func:`erase`. The API's routes and the CLI call these. A restriction is enforced where
 processing happens (the runner and the job check it at the moment they start)."""
 
 from __future__ import annotations
@@ -12,13 +13,15 @@ import zipfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session
 
-from privacy.fields import open_reference
-from privacy.subjects import open_subject
-from privacy.vault import Vault, discard_upload
+from dataprotection import register
+from dataprotection.fields import open_reference
+from dataprotection.subjects import SubjectFields, open_subject, read_fields, write_fields
+from dataprotection.vault import KeyStore, Vault, discard_upload
 from siteplan.db import Design, IdempotencyRecord, Job, Photo, PlanFile, Project, Subject, SubjectToken
 
 
@@ -208,3 +211,86 @@ def replay_erasures(db: Session, vault: Vault, uploads_dir: Path | None = None) 
         erase_subject(db, vault, s, uploads_dir, ledger=False)
         done.append((tenant, sid))
     return done
+
+
+# ---- the rights as acts: one function per right, each recording its own register entry ----
+# The API's routes and the CLI's `siteplan subject` call these, and nothing else records a right.
+# One act, one name in the register (dataprotection/register.py maps the names the CLI used
+# before to these when an entry is read: ``register.ACT_NAMES``).
+RIGHTS_PURPOSE = {
+    "subject_rectified": "rectification (P7)",
+    "subject_restricted": "restriction of processing (P7)",
+    "subject_restriction_lifted": "restriction lifted (P7)",
+    "subject_exported": "access and portability (P7)",
+    "subject_erased": "erasure (P7)",
+}
+RIGHTS_CATEGORIES = {
+    "subject_rectified": ["subject_identity", "subject_contact"],
+    # What a restriction stops is the processing of the client's photos and what is made of them.
+    "subject_restricted": ["photos", "derived_media"],
+    "subject_restriction_lifted": ["photos", "derived_media"],
+    "subject_exported": ["subject_identity", "subject_contact", "photos", "derived_media"],
+    "subject_erased": ["subject_identity", "subject_contact", "photos", "derived_media", "site_models"],
+}
+
+
+def _record(db: Session, *, tenant_id: str, actor: str, action: str, ref: str) -> None:
+    register.record(
+        db,
+        tenant_id=tenant_id,
+        actor=actor,
+        action=action,
+        categories=RIGHTS_CATEGORIES[action],
+        purpose=RIGHTS_PURPOSE[action],
+        ref=ref,
+    )
+
+
+_UNSET: Any = object()
+
+
+def rectify(
+    db: Session,
+    keys: KeyStore,
+    subject: Subject,
+    *,
+    actor: str,
+    name: str | None = None,
+    address: str | None = _UNSET,
+    phone: str | None = _UNSET,
+) -> SubjectFields:
+    """Rectification (P7): the fields given replace the stored ones (a missing or empty name keeps
+    the old name; ``address``/``phone`` not given keep theirs, None clears them)."""
+    old = read_fields(keys, subject)
+    f = SubjectFields(
+        name=name or old.name,
+        address=old.address if address is _UNSET else address,
+        phone=old.phone if phone is _UNSET else phone,
+    )
+    write_fields(db, keys, subject, f)
+    _record(db, tenant_id=subject.tenant_id, actor=actor, action="subject_rectified", ref=subject.id)
+    return f
+
+
+def set_restriction(db: Session, subject: Subject, restricted: bool, *, actor: str) -> None:
+    """Restriction of processing (P7), or its lifting: every job refuses this subject's media
+    while it holds (checked where processing starts: dataprotection.consent)."""
+    subject.restricted = restricted
+    action = "subject_restricted" if restricted else "subject_restriction_lifted"
+    _record(db, tenant_id=subject.tenant_id, actor=actor, action=action, ref=subject.id)
+
+
+def access(db: Session, vault: Vault, subject: Subject, *, actor: str) -> bytes:
+    """Access and portability (P7): :func:`export_subject`'s zip, recorded."""
+    data = export_subject(db, vault, subject)
+    _record(db, tenant_id=subject.tenant_id, actor=actor, action="subject_exported", ref=subject.id)
+    return data
+
+
+def erase(db: Session, vault: Vault, subject: Subject, uploads_dir: Path | None, *, actor: str) -> Erasure:
+    """Erasure (P7): :func:`erase_subject`, recorded. The caller holds the contract's data lock
+    (``dataprotection.lifecycle.contract_lock``)."""
+    tenant_id, subject_id = subject.tenant_id, subject.id
+    er = erase_subject(db, vault, subject, uploads_dir)
+    _record(db, tenant_id=tenant_id, actor=actor, action="subject_erased", ref=subject_id)
+    return er

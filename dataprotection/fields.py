@@ -16,7 +16,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from privacy.vault import KeyStore, open_field, seal_field
+from dataprotection.vault import KeyStore, open_field, seal_field
 from siteplan.db import Design, Project, new_id
 
 

@@ -45,11 +45,11 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from privacy import register, signing
-from privacy.fields import design_descriptor, open_reference
-from privacy.rights import delete_contract_rows
-from privacy.subjects import open_subject
-from privacy.vault import Vault, contract_lock_path, file_lock, shred_file
+from dataprotection import register, signing
+from dataprotection.fields import design_descriptor, open_reference
+from dataprotection.rights import delete_contract_rows
+from dataprotection.subjects import open_subject
+from dataprotection.vault import Vault, contract_lock_path, file_lock, shred_file
 from siteplan.db import (
     BillingRecord,
     Certificate,
@@ -61,6 +61,8 @@ from siteplan.db import (
     Project,
     Subject,
 )
+from siteplan.files import write_atomic
+from siteplan.settings import DataDir
 
 log = logging.getLogger(__name__)
 
@@ -159,20 +161,8 @@ def recipient_key(pem: bytes) -> X25519PublicKey:
     return pub
 
 
-@dataclass(frozen=True)
-class Paths:
-    """Where the contract's data can be, besides the vault."""
-
-    uploads: Path
-    scratch: Path
-    exports: Path
-    certificates: Path
-    signing_key: Path
-    locks: Path | None = None  # the per-contract lock files; default: beside the uploads folder
-
-    @property
-    def lock_dir(self) -> Path:
-        return self.locks if self.locks is not None else self.uploads.parent / "locks"
+# Where the contract's data can be, besides the vault: the data dir's folders (one definition).
+Paths = DataDir
 
 
 def _sha256_file(p: Path) -> str:
@@ -328,13 +318,7 @@ def decrypt_transfer(recipient_private_pem: bytes, blob: bytes) -> bytes:
 
 def _write_atomic(path: Path, data: bytes) -> None:
     """Owner-only (an export holds the contract's data in clear), whole or not at all."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".tmp-{secrets.token_hex(6)}")
-    with os.fdopen(os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600), "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, data)
 
 
 # -- the termination ------------------------------------------------------------------------------
@@ -527,6 +511,21 @@ def terminate_contract(
         )
 
 
+@dataclass(frozen=True)
+class _Run:
+    """One attempt of a termination: what its steps need."""
+
+    factory: sessionmaker[Session]
+    vault: Vault
+    paths: Paths
+    contract_id: str
+    disposition: str
+    actor: str
+    recipient_public_pem: bytes | None
+    wait_for_jobs_s: float
+    tenant_id: str
+
+
 def _terminate(
     factory: sessionmaker[Session],
     vault: Vault,
@@ -539,6 +538,24 @@ def _terminate(
     wait_for_jobs_s: float,
     hook: Callable[[str], None],
 ) -> dict[str, Any]:
+    """The steps in order, each run once across attempts (the contract's ``termination`` says
+    which are done), ``hook`` called after each; then the close, which signs the certificate."""
+    begun = _begin(factory, paths, contract_id=contract_id, disposition=disposition)
+    if isinstance(begun, dict):  # ended already: its certificate
+        return begun
+    run = _Run(factory, vault, paths, contract_id, disposition, actor, recipient_public_pem, wait_for_jobs_s, begun)
+    for name, step in _STEPS:
+        if name not in _state(factory, contract_id)["steps"]:
+            step(run)
+        hook(name)
+    return _close(run)
+
+
+def _begin(
+    factory: sessionmaker[Session], paths: Paths, *, contract_id: str, disposition: str
+) -> dict[str, Any] | str:
+    """Mark the contract terminating (or find it ended: its certificate, written again if the
+    file is missing); returns the certificate, or the controller's id for the steps."""
     with factory.begin() as db:
         c = db.get(Contract, contract_id)
         if c is None:
@@ -564,121 +581,143 @@ def _terminate(
         t.setdefault("steps", [])
         t.setdefault("started_at", datetime.now(UTC).isoformat())
         c.termination = t
-    steps: list[str] = t["steps"]
+    return tenant_id
 
-    # 1. freeze
-    if "freeze" not in steps:
-        with factory.begin() as db:
-            projects = select(Project.id).where(Project.contract_id == contract_id)
-            jobs = list(db.scalars(select(Job.id).where(Job.project_id.in_(projects))))
-            live_jobs = list(
-                db.scalars(select(Job.id).where(Job.project_id.in_(projects), Job.state.in_(("queued", "running"))))
-            )
-            db.execute(update(Job).where(Job.id.in_(live_jobs)).values(state="cancelled", error="the contract ended"))
-            # Which jobs this termination stopped, in the same transaction as stopping them: a
-            # resumed attempt (the first one crashed or timed out) adds to the list, so the
-            # certificate counts what the whole termination did.
-            ct = db.get(Contract, contract_id)
-            assert ct is not None
-            tt = dict(ct.termination or {})
-            tt["cancelled_jobs"] = sorted({*tt.get("cancelled_jobs", []), *live_jobs})
-            ct.termination = tt
-            n = len(tt["cancelled_jobs"])
-        # Every job of the contract, not only those running now: a resumed termination (the
-        # first run cancelled them) must wait for them too. A cancelled job notices within a
-        # second, kills its stage's task and wipes its scratch; a directory no live job holds
-        # (a crashed worker's) is shredded with the rest in step 5.
-        deadline = time.monotonic() + wait_for_jobs_s
-        while (live := [j for j in jobs if scratch_in_use(paths.scratch / j)]) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if live:
-            _save(factory, contract_id, jobs_cancelled=n)
-            raise TerminationError(
-                f"{len(live)} job(s) of this contract are still stopping; run the termination again to finish it"
-            )
-        _done(factory, contract_id, "freeze", jobs_cancelled=n)
-    hook("freeze")
 
-    # 2. export
-    if "export" not in _state(factory, contract_id)["steps"]:
-        export: dict[str, Any] | None = None
-        if disposition in ("return", "transfer"):
-            with factory() as db:
-                c = db.get(Contract, contract_id)
-                assert c is not None
-                data = _export_zip(db, vault, c)
-            name = f"{contract_id}-export.zip"
-            if disposition == "transfer":
-                assert recipient_public_pem is not None
-                data = encrypt_for(recipient_public_pem, data)
-                name += ".x25519"
-            dest = paths.exports / name
-            _write_atomic(dest, data)
-            export = {
-                "file": name,
-                "sha256": hashlib.sha256(data).hexdigest(),
-                "size": len(data),
-                # The service's copy goes when the controller confirms receipt, or at this date.
-                "service_copy_deleted_by": (date.today() + timedelta(days=EXPORT_KEEP_DAYS)).isoformat(),
-            }
-            if disposition == "transfer":
-                assert recipient_public_pem is not None
-                pub = recipient_key(recipient_public_pem)
-                raw = pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-                export["recipient_key_fingerprint"] = "SHA256:" + hashlib.sha256(raw).hexdigest()[:32]
-        _done(factory, contract_id, "export", export=export)
-    hook("export")
-
-    # 3. inventory: name every copy by the hash of its bytes, before anything is destroyed.
-    if "inventory" not in _state(factory, contract_id)["steps"]:
-        objects = {oid: _sha256_file(vault.object_path(contract_id, oid)) for oid in vault.objects(contract_id)}
-        uploads = (
-            sorted(str(p.relative_to(paths.uploads)) for p in (paths.uploads / contract_id).rglob("*") if p.is_file())
-            if (paths.uploads / contract_id).exists()
-            else []
+def _step_freeze(run: _Run) -> None:
+    """Step 1, freeze: the contract's jobs cancelled and waited for until their scratch is released."""
+    factory, paths, contract_id = run.factory, run.paths, run.contract_id
+    wait_for_jobs_s = run.wait_for_jobs_s
+    with factory.begin() as db:
+        projects = select(Project.id).where(Project.contract_id == contract_id)
+        jobs = list(db.scalars(select(Job.id).where(Job.project_id.in_(projects))))
+        live_jobs = list(
+            db.scalars(select(Job.id).where(Job.project_id.in_(projects), Job.state.in_(("queued", "running"))))
         )
+        db.execute(update(Job).where(Job.id.in_(live_jobs)).values(state="cancelled", error="the contract ended"))
+        # Which jobs this termination stopped, in the same transaction as stopping them: a
+        # resumed attempt (the first one crashed or timed out) adds to the list, so the
+        # certificate counts what the whole termination did.
+        ct = db.get(Contract, contract_id)
+        assert ct is not None
+        tt = dict(ct.termination or {})
+        tt["cancelled_jobs"] = sorted({*tt.get("cancelled_jobs", []), *live_jobs})
+        ct.termination = tt
+        n = len(tt["cancelled_jobs"])
+    # Every job of the contract, not only those running now: a resumed termination (the
+    # first run cancelled them) must wait for them too. A cancelled job notices within a
+    # second, kills its stage's task and wipes its scratch; a directory no live job holds
+    # (a crashed worker's) is shredded with the rest in step 5.
+    deadline = time.monotonic() + wait_for_jobs_s
+    while (live := [j for j in jobs if scratch_in_use(paths.scratch / j)]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if live:
+        _save(factory, contract_id, jobs_cancelled=n)
+        raise TerminationError(
+            f"{len(live)} job(s) of this contract are still stopping; run the termination again to finish it"
+        )
+    _done(factory, contract_id, "freeze", jobs_cancelled=n)
+
+
+def _step_export(run: _Run) -> None:
+    """Step 2, export: the archive for a return or a transfer (sealed to the recipient's key)."""
+    factory, vault, paths, contract_id = run.factory, run.vault, run.paths, run.contract_id
+    disposition, recipient_public_pem = run.disposition, run.recipient_public_pem
+    export: dict[str, Any] | None = None
+    if disposition in ("return", "transfer"):
         with factory() as db:
-            projects = select(Project.id).where(Project.contract_id == contract_id)
-            jobs = list(db.scalars(select(Job.id).where(Job.project_id.in_(projects))))
-        _done(factory, contract_id, "inventory", objects=objects, uploads=uploads, jobs=jobs)
-    hook("inventory")
+            c = db.get(Contract, contract_id)
+            assert c is not None
+            data = _export_zip(db, vault, c)
+        name = f"{contract_id}-export.zip"
+        if disposition == "transfer":
+            assert recipient_public_pem is not None
+            data = encrypt_for(recipient_public_pem, data)
+            name += ".x25519"
+        dest = paths.exports / name
+        _write_atomic(dest, data)
+        export = {
+            "file": name,
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "size": len(data),
+            # The service's copy goes when the controller confirms receipt, or at this date.
+            "service_copy_deleted_by": (date.today() + timedelta(days=EXPORT_KEEP_DAYS)).isoformat(),
+        }
+        if disposition == "transfer":
+            assert recipient_public_pem is not None
+            pub = recipient_key(recipient_public_pem)
+            raw = pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+            export["recipient_key_fingerprint"] = "SHA256:" + hashlib.sha256(raw).hexdigest()[:32]
+    _done(factory, contract_id, "export", export=export)
 
-    # 4. rows
-    if "rows" not in _state(factory, contract_id)["steps"]:
-        with factory.begin() as db:
-            counts = delete_contract_rows(db, contract_id)
-        _done(factory, contract_id, "rows", rows=counts)
-    hook("rows")
 
-    # 5. objects, uploads in progress, worker scratch
-    if "objects" not in _state(factory, contract_id)["steps"]:
-        st = _state(factory, contract_id)
-        shredded = vault.drop_container(contract_id)
-        up = paths.uploads / contract_id
-        for p in sorted(up.rglob("*")) if up.exists() else []:
-            if p.is_file():
-                shred_file(p)
-        shutil.rmtree(up, ignore_errors=True)
-        scratch_files = 0
-        for j in st.get("jobs", []):
-            d = paths.scratch / j
-            if d.exists():
-                for p in d.rglob("*"):
-                    if p.is_file():
-                        scratch_files += shred_file(p)
-                shutil.rmtree(d, ignore_errors=True)
-        _done(factory, contract_id, "objects", shredded=st.get("shredded", 0) + shredded, scratch_files=scratch_files)
-    hook("objects")
+def _step_inventory(run: _Run) -> None:
+    """Step 3, inventory: name every copy by the hash of its bytes, before anything is destroyed."""
+    factory, vault, paths, contract_id = run.factory, run.vault, run.paths, run.contract_id
+    objects = {oid: _sha256_file(vault.object_path(contract_id, oid)) for oid in vault.objects(contract_id)}
+    uploads = (
+        sorted(str(p.relative_to(paths.uploads)) for p in (paths.uploads / contract_id).rglob("*") if p.is_file())
+        if (paths.uploads / contract_id).exists()
+        else []
+    )
+    with factory() as db:
+        projects = select(Project.id).where(Project.contract_id == contract_id)
+        jobs = list(db.scalars(select(Job.id).where(Job.project_id.in_(projects))))
+    _done(factory, contract_id, "inventory", objects=objects, uploads=uploads, jobs=jobs)
 
-    # 6. key
-    if "key" not in _state(factory, contract_id)["steps"]:
-        vault.keys.destroy(contract_id)
-        if vault.keys.exists(contract_id):
-            raise TerminationError("the data key could not be destroyed")
-        _done(factory, contract_id, "key", key_destroyed_at=datetime.now(UTC).isoformat())
-    hook("key")
 
-    # 7. close: billing retention, register, certificate, state.
+def _step_rows(run: _Run) -> None:
+    """Step 4, rows: the contract's database rows deleted."""
+    factory, contract_id = run.factory, run.contract_id
+    with factory.begin() as db:
+        counts = delete_contract_rows(db, contract_id)
+    _done(factory, contract_id, "rows", rows=counts)
+
+
+def _step_objects(run: _Run) -> None:
+    """Step 5, objects: the vault container, uploads in progress and worker scratch shredded."""
+    factory, vault, paths, contract_id = run.factory, run.vault, run.paths, run.contract_id
+    st = _state(factory, contract_id)
+    shredded = vault.drop_container(contract_id)
+    up = paths.uploads / contract_id
+    for p in sorted(up.rglob("*")) if up.exists() else []:
+        if p.is_file():
+            shred_file(p)
+    shutil.rmtree(up, ignore_errors=True)
+    scratch_files = 0
+    for j in st.get("jobs", []):
+        d = paths.scratch / j
+        if d.exists():
+            for p in d.rglob("*"):
+                if p.is_file():
+                    scratch_files += shred_file(p)
+            shutil.rmtree(d, ignore_errors=True)
+    _done(factory, contract_id, "objects", shredded=st.get("shredded", 0) + shredded, scratch_files=scratch_files)
+
+
+def _step_key(run: _Run) -> None:
+    """Step 6, key: the contract's data key destroyed (crypto-shredding every copy)."""
+    factory, vault, contract_id = run.factory, run.vault, run.contract_id
+    vault.keys.destroy(contract_id)
+    if vault.keys.exists(contract_id):
+        raise TerminationError("the data key could not be destroyed")
+    _done(factory, contract_id, "key", key_destroyed_at=datetime.now(UTC).isoformat())
+
+
+_STEPS: tuple[tuple[str, Callable[[_Run], None]], ...] = (
+    ("freeze", _step_freeze),
+    ("export", _step_export),
+    ("inventory", _step_inventory),
+    ("rows", _step_rows),
+    ("objects", _step_objects),
+    ("key", _step_key),
+)
+
+
+def _close(run: _Run) -> dict[str, Any]:
+    """Step 7, close: billing retention, register, certificate, state."""
+    factory, paths, contract_id = run.factory, run.paths, run.contract_id
+    disposition, actor, tenant_id = run.disposition, run.actor, run.tenant_id
     st = _state(factory, contract_id)
     today = date.today()
     with factory.begin() as db:

@@ -24,10 +24,11 @@ from sqlalchemy import create_engine, inspect, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from privacy import register, signing
-from privacy.rights import delete_contract_rows, replay_erasures
-from privacy.vault import Vault
+from dataprotection import register, signing
+from dataprotection.rights import delete_contract_rows, replay_erasures
+from dataprotection.vault import Vault
 from siteplan.db import Certificate, Contract
+from siteplan.files import atomic_file
 
 log = logging.getLogger(__name__)
 FORMAT = "siteplan.backup/v1"
@@ -71,19 +72,13 @@ def backup(*, db_file: Path, vault_root: Path, out: Path, db_url: str | None = N
             "database": "postgresql" if pg else "sqlite",
         }
         (Path(tmp) / "backup.json").write_text(json.dumps(meta))
-        part = out.with_name(f".tmp-{out.name}")
-        # Owner-only: the archive holds sealed objects, but also the database's ids and clear fields.
-        fd = os.open(part, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w:gz") as tar:
-                tar.add(Path(tmp) / "backup.json", arcname="backup.json")
-                tar.add(snap, arcname=snap.name)
-                if (vault_root / "objects").exists():
-                    tar.add(vault_root / "objects", arcname="vault/objects")
-        except BaseException:
-            part.unlink(missing_ok=True)  # never a partial archive under any name
-            raise
-        os.replace(part, out)
+        # Owner-only: the archive holds sealed objects, but also the database's ids and clear
+        # fields; never a partial archive under any name.
+        with atomic_file(out) as raw, tarfile.open(fileobj=raw, mode="w:gz") as tar:
+            tar.add(Path(tmp) / "backup.json", arcname="backup.json")
+            tar.add(snap, arcname=snap.name)
+            if (vault_root / "objects").exists():
+                tar.add(vault_root / "objects", arcname="vault/objects")
     return meta
 
 

@@ -10,9 +10,9 @@ from datetime import UTC, date, datetime, timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from privacy import register
-from privacy.subjects import index_key_id
-from privacy.vault import KeyStore
+from dataprotection import register
+from dataprotection.subjects import index_key_id
+from dataprotection.vault import KeyStore
 from siteplan.db import ApiToken, Contract, Tenant
 
 SCOPES = ("upload", "read", "admin")

@@ -1,68 +1,32 @@
-"""The main job: photos -> privacy gate -> metric site -> design merge -> plan and report.
+"""The stages a job runs on Ray, for the one driver (workers/project_job.py): the metric site,
+then the plan, each a Ray task watched for cancellation and sub-stage progress; the job's inputs
+carried from the photos as uploaded onto the anonymised ones (``map_reference``,
+``map_placement``); the driver's errors (``JobFailed``, ``JobCancelled``).
 
-Each stage runs as a Ray task (the photo stage fans out, one task per photo). Durable job state
-(stage, attempts, timings, error) is kept in the metadata DB, not in Ray.
+No state transition is written here: the driver passes ``stage_done`` and ``fail``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import ray
 
-from privacy.anonymize import AnonymizationPolicy, duplicate_entry, list_images, output_names, write_report
-from privacy.fields import new_project
 from privacy.metadata import orient_point
-from privacy.vault import FileKeyStore
 from reconstruct.errors import DesignError, PlacementError, ReconstructionError, ScaleReferenceError
-from reconstruct.reference import ScaleReference, check_reference, load_reference
-from reconstruct.report import SITE_KEYS, write_report_html
+from reconstruct.reference import ScaleReference
 from reconstruct.sfm import SfmConfig
-from siteplan import PIPELINE_VERSION
-from siteplan.db import Job, init_db
-from siteplan.settings import Settings
-from siteplan.tenancy import create_contract, create_tenant
 from workers.routing import STAGE_MEMORY_MB, Pool, stage_options
-from workers.runtime import ray_runtime
-from workers.tasks import anonymize_task, count_attempts, plan_task, reconstruct_task
+from workers.tasks import plan_task, reconstruct_task
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
-STAGES = ("anonymise", "reconstruct", "plan", "report")
-DEMO_COMPANY = "Demo designer"  # the demo's tenant: the business name its report shows
-
-
-@dataclass
-class JobInputs:
-    photos_dir: Path
-    reference: Path
-    design: Path
-    placement: Path
-    out_dir: Path
-    policy: AnonymizationPolicy
-    sfm: SfmConfig
-
-    @classmethod
-    def from_sample(cls, sample: Path, out_dir: Path) -> JobInputs:
-        """A sample-data folder as `make demo` lays it out: photos/, reference.json,
-        design/gate.json and placement.json; default policy and SfM settings."""
-        return cls(
-            photos_dir=sample / "photos",
-            reference=sample / "reference.json",
-            design=sample / "design" / "gate.json",
-            placement=sample / "placement.json",
-            out_dir=out_dir,
-            policy=AnonymizationPolicy(),
-            sfm=SfmConfig(),
-        )
 
 
 class JobCancelled(Exception):
@@ -326,156 +290,3 @@ def _plan_stage(
     (out / PROGRESS_FILE).unlink(missing_ok=True)
     stage_done("plan", time.perf_counter() - t)
     return plan_result
-
-
-def run_main_job(
-    settings: Settings, inputs: JobInputs, progress: Progress = print, sub_progress: SubProgress | None = None
-) -> dict[str, Any]:
-    """Run the whole job; returns the report. Raises :class:`JobFailed` with an actionable message.
-    ``sub_progress``: (stage, sub-stage, fraction, ETA s) as reconstruct and plan advance."""
-    t_job = time.perf_counter()
-    out = inputs.out_dir
-    photos = list_images(inputs.photos_dir) if inputs.photos_dir.is_dir() else []
-    if not photos:
-        raise JobFailed(f"no photos found in {inputs.photos_dir}")
-    # Validate the scale reference before any compute.
-    try:
-        ref = load_reference(inputs.reference)
-        check_reference(ref, {p.name for p in photos})
-    except ScaleReferenceError as exc:
-        raise JobFailed(str(exc)) from None
-    for p in (inputs.design, inputs.placement):
-        if not p.is_file():
-            raise JobFailed(f"{p.name} does not exist")
-
-    settings.root.mkdir(parents=True, exist_ok=True)
-    keys = FileKeyStore(settings.key_dir)
-    Session = init_db(settings.db_url, keys)
-    with Session.begin() as db:
-        tenant = create_tenant(db, keys, label=DEMO_COMPANY)
-        contract = create_contract(db, keys, tenant_id=tenant.id)
-        project = new_project(db, keys, tenant_id=tenant.id, contract_id=contract.id, reference="demo-site")
-        job = Job(
-            tenant_id=tenant.id,
-            project_id=project.id,
-            kind="plan",
-            state="running",
-            pipeline_version=PIPELINE_VERSION,
-            attempts=1,
-            timings={},
-        )
-        db.add(job)
-        db.flush()
-        job_id, tenant_id, project_id = job.id, tenant.id, project.id
-    progress(f"job {job_id[:8]} for tenant {tenant_id[:8]}, project {project_id[:8]}")
-
-    timings: dict[str, float] = {}
-    attempts_dir = out / ".attempts"  # removed when the job ends
-    shutil.rmtree(attempts_dir, ignore_errors=True)
-
-    def stage_done(name: str, seconds: float) -> None:
-        timings[name] = round(seconds, 2)
-        with Session.begin() as db:
-            j = db.get(Job, job_id)
-            assert j is not None
-            j.stage = name
-            j.timings = dict(timings)
-            j.stage_attempts = count_attempts(attempts_dir)
-
-    def fail(msg: str) -> JobFailed:
-        with Session.begin() as db:
-            j = db.get(Job, job_id)
-            assert j is not None
-            j.state, j.error = "failed", msg
-            j.stage_attempts = count_attempts(attempts_dir)
-        shutil.rmtree(attempts_dir, ignore_errors=True)
-        return JobFailed(msg)
-
-    photos_out = out / "photos"
-    photos_out.mkdir(parents=True, exist_ok=True)
-    with ray_runtime(settings):
-        # 1. Privacy gate, one task per photo.
-        t = time.perf_counter()
-        progress(f"[1/4] anonymise: {len(photos)} photos (metadata rebuilt, faces and plates blurred)")
-        pol = inputs.policy.model_dump()
-        names = output_names(photos)
-        refs = [
-            anonymize_task.options(**stage_options("gpu", memory_mb=STAGE_MEMORY_MB["anonymise"])).remote(
-                str(p), str(photos_out), pol, str(attempts_dir), names[p]
-            )
-            for p in photos
-            if names[p] is not None
-        ]
-        entries: list[dict[str, Any]] = [duplicate_entry(p) for p in photos if names[p] is None]
-        pending = list(refs)
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            try:
-                entries.append(ray.get(ready[0]))
-            except ray.exceptions.RayError as exc:  # a bug or lost workers: the entry says which, no path
-                raise fail(f"the privacy gate failed on a photo ({type(exc).__name__}); try again") from None
-            e = entries[-1]
-            status = "error: " + e["error"] if e["error"] else f"{len(e['faces'])} faces, {len(e['plates'])} plates"
-            progress(f"      {len(entries)}/{len(photos)} {e['input']}: {status}")
-        entries.sort(key=lambda e: e["input"])
-        write_report(photos_out, entries)
-        stage_done("anonymise", time.perf_counter() - t)
-        good = [e for e in entries if e["output"]]
-        if len(good) < inputs.sfm.min_photos:
-            raise fail(f"only {len(good)} photos could be used; at least {inputs.sfm.min_photos} are needed")
-        try:
-            mref = map_reference(ref, entries)
-            placement = map_placement(json.loads(inputs.placement.read_text()), entries)
-        except ScaleReferenceError as exc:
-            raise fail(str(exc)) from None
-        except (ValueError, AttributeError, TypeError, IndexError, KeyError):
-            raise fail(f"{inputs.placement.name} is not a valid placement (JSON, see DESIGN.md)") from None
-        placed = out / ".placement.json"
-        placed.write_text(json.dumps(placement))
-
-        info, plan_result = site_and_plan(
-            photos_out=photos_out,
-            good=good,
-            reference=mref,
-            design=inputs.design,
-            placement=placed,
-            out=out,
-            sfm=inputs.sfm,
-            progress=progress,
-            stage_done=stage_done,
-            fail=fail,
-            attempts_dir=attempts_dir,
-            sub_progress=sub_progress,
-        )
-        placed.unlink(missing_ok=True)
-
-    # 4. Report.
-    t = time.perf_counter()
-    progress("[4/4] report")
-    report = {
-        "job": {"id": job_id, "tenant": tenant_id, "project": project_id, "pipeline_version": PIPELINE_VERSION},
-        "privacy": {
-            "photos": len(entries),
-            "anonymised": len(good),
-            "faces_blurred": sum(len(e["faces"]) for e in good),
-            "plates_blurred": sum(len(e["plates"]) for e in good),
-            "errors": [{"input": e["input"], "error": e["error"]} for e in entries if e["error"]],
-            "report": "photos/report.json",
-        },
-        "site": {k: info[k] for k in SITE_KEYS},
-        "plan": plan_result,
-        "designer": {"company": DEMO_COMPANY},
-        "files": sorted(p.name for p in out.iterdir() if p.is_file() and not p.name.startswith(".")),
-    }
-    stage_done("report", time.perf_counter() - t)
-    timings["total"] = round(time.perf_counter() - t_job, 2)
-    report["timings_s"] = dict(timings)
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    write_report_html(report, out / "report.html")
-    with Session.begin() as db:
-        j = db.get(Job, job_id)
-        assert j is not None
-        j.state, j.stage, j.timings = "done", "report", dict(timings)
-        j.stage_attempts = count_attempts(attempts_dir)
-    shutil.rmtree(attempts_dir, ignore_errors=True)
-    return report

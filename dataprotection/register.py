@@ -27,15 +27,15 @@ from typing import Any
 from sqlalchemy import event, select
 from sqlalchemy.orm import Session, SessionTransaction
 
-from siteplan.db import RegisterEntry, Tenant
+from siteplan.db import JOURNAL_INFO, RegisterEntry, Tenant
+from siteplan.db import journal_path as journal_path  # re-exported: asked of the register
 
 log = logging.getLogger(__name__)
 
 GENESIS = "0" * 64
-JOURNAL = "register.jsonl"
-# Session.info keys: the journal's path (set by siteplan.db.init_db from the key store), and
-# the entries this session's transaction added, written to the journal once it commits.
-JOURNAL_INFO, PENDING_INFO = "register_journal", "register_pending"
+# Session.info key of the entries this session's transaction added, written to the journal once
+# it commits (the journal's own path and key, JOURNAL_INFO, are set by siteplan.db.init_db).
+PENDING_INFO = "register_pending"
 CATEGORIES = ("photos", "derived_media", "site_models", "subject_identity", "subject_contact", "account")
 
 
@@ -45,9 +45,28 @@ def _canonical(e: RegisterEntry | dict[str, Any]) -> bytes:
     return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
 
+# One act, one name. The CLI once recorded the subject rights under names of its own; those
+# entries stay as they were stored (each entry's hash covers its action, and every later entry's
+# hash covers that one), and are read with the act's one name beside: ``act`` in entry_json.
+ACT_NAMES = {
+    "subject_rectify": "subject_rectified",
+    "subject_restrict": "subject_restricted",
+    "subject_lift": "subject_restriction_lifted",
+    "subject_export": "subject_exported",
+    "subject_erase": "subject_erased",
+}
+
+
+def act_name(action: str) -> str:
+    """The one name of the act an entry records (an old name mapped, ``ACT_NAMES``)."""
+    return ACT_NAMES.get(action, action)
+
+
 def entry_json(e: RegisterEntry) -> dict[str, Any]:
+    """An entry as exported and hashed. An entry stored under an old name of its act also
+    carries ``act``, the act's one name (not hashed: the chain stays as stored)."""
     at = e.at.astimezone(UTC) if e.at.tzinfo else e.at.replace(tzinfo=UTC)
-    return {
+    out = {
         "tenant_id": e.tenant_id,
         "seq": e.seq,
         "at": at.isoformat(timespec="microseconds"),
@@ -59,6 +78,9 @@ def entry_json(e: RegisterEntry) -> dict[str, Any]:
         "prev_hash": e.prev_hash,
         "hash": e.hash,
     }
+    if act_name(e.action) != e.action:
+        out["act"] = act_name(e.action)
+    return out
 
 
 def chain_hash(body: bytes, prev: str) -> str:
@@ -120,12 +142,6 @@ def _last(db: Session, tenant_id: str) -> RegisterEntry | None:
         .limit(1)
         .execution_options(include_all_tenants=True)
     ).first()
-
-
-def journal_path(keys: object) -> Path | None:
-    """Where the journal lives: beside the keys (a key store with a folder), else nowhere."""
-    root = getattr(keys, "root", None)
-    return Path(root) / JOURNAL if root is not None else None
 
 
 def _within(tx: SessionTransaction | None, outer: SessionTransaction) -> bool:

@@ -79,6 +79,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     from reconstruct.reference import load_reference
     from reconstruct.sfm import SfmConfig
     from reconstruct.site import reconstruct
+    from siteplan import PIPELINE_VERSION
 
     images, run_dir = Path(args.images_dir), Path(args.out)
     if not images.is_dir():
@@ -87,7 +88,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     cfg = SfmConfig(max_image_size=args.max_image_size) if args.max_image_size else SfmConfig()
     had_model = (run_dir / "site.json").is_file()
     try:
-        site = reconstruct(images, ref, run_dir, config=cfg)
+        site = reconstruct(images, ref, run_dir, config=cfg, pipeline_version=PIPELINE_VERSION)
     except BaseException:  # an error or Ctrl-C: the earlier run's outputs were not touched
         if had_model:
             print(f"note: the model of the earlier run in {run_dir} is kept unchanged", file=sys.stderr)
@@ -169,7 +170,7 @@ def _progress_bar(title: str) -> Iterator[Callable[[str, float], None]]:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from siteplan.settings import Settings
-    from workers.job import JobInputs, run_main_job
+    from workers.demo import JobInputs, run_main_job
 
     sample = Path(args.sample)
     out = Path(args.out)
@@ -199,7 +200,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _admin_session() -> Any:
-    from privacy.vault import FileKeyStore
+    from dataprotection.vault import FileKeyStore
     from siteplan.db import init_db
     from siteplan.settings import Settings
 
@@ -223,7 +224,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_tenant_create(args: argparse.Namespace) -> int:
-    from siteplan.tenancy import create_contract, create_tenant
+    from dataprotection.tenancy import create_contract, create_tenant
 
     factory, keys = _admin_session()
     with factory.begin() as db:
@@ -236,8 +237,8 @@ def cmd_tenant_create(args: argparse.Namespace) -> int:
 
 
 def cmd_contract_create(args: argparse.Namespace) -> int:
+    from dataprotection.tenancy import create_contract
     from siteplan.db import Tenant
-    from siteplan.tenancy import create_contract
 
     factory, keys = _admin_session()
     with factory.begin() as db:
@@ -249,7 +250,7 @@ def cmd_contract_create(args: argparse.Namespace) -> int:
 
 
 def cmd_token_create(args: argparse.Namespace) -> int:
-    from siteplan.tenancy import TenancyError, create_token, rotate_token
+    from dataprotection.tenancy import TenancyError, create_token, rotate_token
 
     factory, _ = _admin_session()
     try:
@@ -278,7 +279,7 @@ def cmd_token_create(args: argparse.Namespace) -> int:
 
 
 def _services() -> Any:
-    from privacy.vault import FileKeyStore, Vault
+    from dataprotection.vault import FileKeyStore, Vault
     from siteplan.db import init_db
     from siteplan.settings import Settings
 
@@ -289,7 +290,7 @@ def _services() -> Any:
 
 
 def cmd_contract_end(args: argparse.Namespace) -> int:
-    from privacy.lifecycle import TerminationError, terminate_contract
+    from dataprotection.lifecycle import TerminationError, terminate_contract
     from siteplan.paths import lifecycle_paths
 
     settings, factory, vault = _services()
@@ -328,7 +329,8 @@ def cmd_contract_end(args: argparse.Namespace) -> int:
 
 
 def cmd_contract_export(args: argparse.Namespace) -> int:
-    from privacy.lifecycle import delete_export, stream_export
+    from dataprotection.lifecycle import delete_export, stream_export
+    from siteplan.files import atomic_file  # a copy cut short (an error, Ctrl-C) leaves nothing
     from siteplan.paths import lifecycle_paths
 
     settings, factory, _ = _services()
@@ -346,26 +348,20 @@ def cmd_contract_export(args: argparse.Namespace) -> int:
     if found is None:
         raise SystemExit("error: this contract has no export archive waiting")
     _, _, chunks = found
-    tmp = out.with_name(f".{out.name}.tmp")
     try:
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as g:
+        with atomic_file(out) as g:
             for block in chunks:  # the register records the download after the last block
                 g.write(block)
-            g.flush()
-            os.fsync(g.fileno())
-        tmp.replace(out)
     except OSError as exc:
         raise SystemExit(f"error: the export cannot be written there ({exc.strerror})") from None
-    finally:
-        tmp.unlink(missing_ok=True)  # a copy cut short (an error, Ctrl-C) leaves no data behind
     print(json.dumps({"contract": args.contract, "export": str(out), "next": "--delete once received"}))
     return 0
 
 
 def cmd_certificate_verify(args: argparse.Namespace) -> int:
-    from privacy import signing
-    from privacy.lifecycle import verify_certificate
-    from privacy.vault import FileKeyStore, Vault
+    from dataprotection import signing
+    from dataprotection.lifecycle import verify_certificate
+    from dataprotection.vault import FileKeyStore, Vault
     from siteplan.settings import Settings
 
     try:
@@ -405,7 +401,7 @@ def cmd_certificate_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_certificate_fingerprint(args: argparse.Namespace) -> int:
-    from privacy import signing
+    from dataprotection import signing
     from siteplan.settings import Settings
 
     key = signing.load_or_create(Settings().key_dir / "signing.pem")
@@ -416,7 +412,7 @@ def cmd_certificate_fingerprint(args: argparse.Namespace) -> int:
 def cmd_register(args: argparse.Namespace) -> int:
     from sqlalchemy import select
 
-    from privacy.register import export_register, verify_register
+    from dataprotection.register import export_register, verify_register
     from siteplan.db import Tenant
 
     _, factory, _ = _services()
@@ -438,7 +434,7 @@ def cmd_register(args: argparse.Namespace) -> int:
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
-    from privacy.backup import BackupError, backup
+    from dataprotection.backup import BackupError, backup
 
     settings, _, _ = _services()
     try:
@@ -459,8 +455,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
 def cmd_restore(args: argparse.Namespace) -> int:
     import tarfile
 
-    from privacy.backup import BackupError, restore
-    from privacy.vault import FileKeyStore, Vault
+    from dataprotection.backup import BackupError, restore
+    from dataprotection.vault import FileKeyStore, Vault
     from siteplan.db import init_db
     from siteplan.paths import lifecycle_paths
     from siteplan.settings import Settings
@@ -472,7 +468,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         raise SystemExit("error: give a backup archive to restore, or --reconcile-only (not both)")
     try:
         if args.reconcile_only:
-            from privacy.backup import reconcile
+            from dataprotection.backup import reconcile
 
             rep = reconcile(
                 init_db(settings.db_url, vault.keys), vault, certificates_dir=lifecycle_paths(settings).certificates
@@ -511,7 +507,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
 def cmd_incident(args: argparse.Namespace) -> int:
     from datetime import datetime
 
-    from privacy.incident import affected_by_object, affected_in_window
+    from dataprotection.incident import affected_by_object, affected_in_window
 
     _, factory, _ = _services()
     with factory() as db:
@@ -530,7 +526,7 @@ def cmd_retention(args: argparse.Namespace) -> int:
 
     from sqlalchemy import delete
 
-    from privacy.lifecycle import expire_exports
+    from dataprotection.lifecycle import expire_exports
     from siteplan.db import BillingRecord
     from siteplan.paths import lifecycle_paths
 
@@ -568,16 +564,15 @@ def cmd_reprocess(args: argparse.Namespace) -> int:
 
 
 def cmd_subject(args: argparse.Namespace) -> int:
-    """Data-subject rights from the operator's side (the same functions as the API's routes)."""
-    from privacy import register
-    from privacy.rights import erase_subject, export_subject
-    from privacy.subjects import SubjectFields, read_fields, write_fields
+    """Data-subject rights from the operator's side: the same functions as the API's routes
+    (dataprotection.rights), each recording its own register entry."""
+    from dataprotection import rights
     from siteplan.db import Subject
 
     settings, factory, vault = _services()
     held = contextlib.ExitStack()
     if args.action == "erase":  # under the contract's data lock, as the API's erasure (docs/workers.md)
-        from privacy.lifecycle import ContractBusy, contract_lock
+        from dataprotection.lifecycle import ContractBusy, contract_lock
         from siteplan.paths import lifecycle_paths
 
         with factory() as db:
@@ -591,38 +586,25 @@ def cmd_subject(args: argparse.Namespace) -> int:
         s = db.get(Subject, args.subject)
         if s is None:
             raise SystemExit("error: no such subject")
-        tenant, sid = s.tenant_id, s.id
-        categories = ["subject_identity", "subject_contact"]
+        sid = s.id
         if args.action == "export":
             out = Path(args.out or f"subject-{sid}.zip")
-            out.write_bytes(export_subject(db, vault, s))
+            out.write_bytes(rights.access(db, vault, s, actor="operator"))
             result: dict[str, Any] = {"exported": str(out)}
-            categories += ["photos", "derived_media"]
         elif args.action == "erase":
-            er = erase_subject(db, vault, s, settings.uploads_dir)
+            er = rights.erase(db, vault, s, settings.uploads_dir, actor="operator")
             result = {"erased": sid, "projects": er.projects, "objects_shredded": er.objects}
-            categories += ["photos", "derived_media", "site_models"]
         elif args.action in ("restrict", "lift"):
-            s.restricted = args.action == "restrict"
+            rights.set_restriction(db, s, args.action == "restrict", actor="operator")
             result = {"subject": sid, "restricted": s.restricted}
         else:  # rectify
-            old = read_fields(vault.keys, s)
-            f = SubjectFields(
-                args.name or old.name,
-                args.address if args.address is not None else old.address,
-                args.phone if args.phone is not None else old.phone,
-            )
-            write_fields(db, vault.keys, s, f)
+            given: dict[str, Any] = {"name": args.name}
+            if args.address is not None:
+                given["address"] = args.address
+            if args.phone is not None:
+                given["phone"] = args.phone
+            rights.rectify(db, vault.keys, s, actor="operator", **given)
             result = {"subject": sid, "rectified": True}
-        register.record(
-            db,
-            tenant_id=tenant,
-            actor="operator",
-            action=f"subject_{args.action}",
-            categories=categories,
-            purpose=f"data-subject right: {args.action} (P7)",
-            ref=sid,
-        )
     print(json.dumps(result))
     return 0
 
@@ -769,7 +751,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.log_level)
     from privacy.errors import InvalidImage
     from reconstruct.errors import DesignError, PlacementError, ReconstructionError, ScaleReferenceError
-    from workers.job import JobFailed
+    from workers.stages import JobFailed
 
     try:
         return int(args.func(args))
