@@ -219,10 +219,10 @@ CONTRACT_ROLES = ("main", "double", "cli_race", "cli_kill", "race_term", "spare"
 def seed(data: Path, db_url: str) -> dict[str, Tenant]:
     """Tenants, contracts and tokens, as `siteplan tenant create` and `token create` make them
     (the same functions, in this process: one start-up instead of a dozen CLI runs)."""
+    from dataprotection.tenancy import create_contract, create_tenant, create_token
     from dataprotection.vault import FileKeyStore
     from siteplan.db import init_db
     from siteplan.settings import Settings
-    from dataprotection.tenancy import create_contract, create_tenant, create_token
 
     settings = Settings(data_dir=data, database_url=db_url)
     settings.root.mkdir(parents=True, exist_ok=True, mode=0o700)
