@@ -107,6 +107,13 @@ def ingest_photo(settings: Settings, factory: sessionmaker[Session], vault: Vaul
         lease.release()
 
 
+def upload_policy(settings: Settings) -> AnonymizationPolicy:
+    """The gate's policy for an uploaded photo: its pixel cap is the upload cap the API checks
+    while the photo streams (``max_upload_pixels``), so a file whose header lies past the part
+    read while streaming meets the same limit, and raising the setting raises both."""
+    return AnonymizationPolicy(max_pixels=settings.max_upload_pixels)
+
+
 def _ingest_claimed(
     settings: Settings, factory: sessionmaker[Session], vault: Vault, photo_id: str, key_id: str, original: str
 ) -> None:
@@ -122,7 +129,7 @@ def _ingest_claimed(
             yield active and db.execute(select(Photo.id).where(*ours)).first() is not None
 
     try:
-        res = ingest(vault, key_id=key_id, original=original, policy=AnonymizationPolicy(), guard=still_ours)
+        res = ingest(vault, key_id=key_id, original=original, policy=upload_policy(settings), guard=still_ours)
     except SandboxUnavailable:
         # Our side failed, not the file: back to quarantine, untouched, for the next attempt
         # (the runner's recovery pass picks quarantined photos up again).

@@ -236,3 +236,12 @@ def test_register_appends_after_inserts_under_one_tenant_do_not_deadlock_on_post
                 seqs = db.scalars(select(RegisterEntry.seq).where(RegisterEntry.tenant_id == t.id)).all()
             assert sorted(seqs) == list(range(1, len(seqs) + 1)), seqs  # one chain, no gap, no fork
         app.state.services.factory.kw["bind"].dispose()
+
+
+def test_the_gate_applies_the_upload_pixel_cap(tmp_path: Path) -> None:
+    """The ingest stage's gate refuses what the upload cap refuses, and follows it when raised."""
+    from siteplan.settings import Settings
+    from workers.ingest import upload_policy
+
+    assert upload_policy(Settings(data_dir=tmp_path)).max_pixels == 100_000_000
+    assert upload_policy(Settings(data_dir=tmp_path, max_upload_pixels=150_000_000)).max_pixels == 150_000_000
