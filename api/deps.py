@@ -21,6 +21,7 @@ from dataprotection.lifecycle import ContractBusy, contract_shared
 from dataprotection.tenancy import hash_secret, verify_token
 from siteplan.db import Contract, tenant_session
 from siteplan.paths import lifecycle_paths
+from siteplan.states import ContractState
 
 _bearer = HTTPBearer(auto_error=False, description="An API token (`siteplan token create`).")
 
@@ -131,7 +132,7 @@ def hold_contract(db: Session, contract_id: str) -> None:
         held.enter_context(contract_shared(paths, contract_id, wait_s=0.0))
     except ContractBusy:
         ct = db.get(Contract, contract_id, populate_existing=True)
-        if ct is None or ct.state != "active":
+        if ct is None or ct.state != ContractState.ACTIVE:
             return  # the caller's state check answers (409 contract_not_active)
         try:  # an erasure, a sweep, or a termination that is just starting
             held.enter_context(contract_shared(paths, contract_id))

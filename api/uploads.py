@@ -39,6 +39,7 @@ from dataprotection.vault import (
 )
 from siteplan.db import Contract, Photo, tenant_session
 from siteplan.paths import lifecycle_paths
+from siteplan.states import ContractState, PhotoState
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -90,7 +91,7 @@ def drop_upload(db: Session, svc: Services, p: Photo, *, wait_s: float = 1.0) ->
     """Delete an unfinished upload, never under a PATCH that is writing it (409 upload_busy)."""
     with locked(svc, p, exclusive=True, wait_s=wait_s):
         fresh = reread(db, p.id)
-        if fresh.state != "uploading":
+        if fresh.state != PhotoState.UPLOADING:
             raise ApiError(409, "conflict", "this upload has just completed; delete the photo instead")
         shred_upload_dir(svc.settings.uploads_dir, fresh.contract_id, fresh.id)  # no key needed
         db.delete(fresh)
@@ -109,10 +110,10 @@ class UploadGone(ApiError):
 def _still_open(svc: Services, tenant_id: str, upload_id: str) -> bool:
     with tenant_session(svc.factory, tenant_id) as db:
         p = db.get(Photo, upload_id)
-        if p is None or p.state != "uploading":
+        if p is None or p.state != PhotoState.UPLOADING:
             return False
         c = db.get(Contract, p.contract_id)
-        return c is not None and c.state == "active"
+        return c is not None and c.state == ContractState.ACTIVE
 
 
 @contextmanager
@@ -206,7 +207,7 @@ def expire_uploads(svc: Services) -> int:
     PATCH is writing is left for the next sweep. Returns how many went."""
     cutoff = time.time() - svc.settings.upload_expiry_s
     with svc.factory() as db:
-        candidates = list(db.scalars(select(Photo).where(Photo.state == "uploading")))
+        candidates = list(db.scalars(select(Photo).where(Photo.state == PhotoState.UPLOADING)))
         stale = [p for p in candidates if last_activity(svc, p) < cutoff]
     gone = 0
     for p in stale:
@@ -237,7 +238,7 @@ def _sweep_orphans(svc: Services) -> int:
     if not root.is_dir():
         return 0
     with svc.factory() as db:
-        live = set(db.scalars(select(Photo.id).where(Photo.state == "uploading")))
+        live = set(db.scalars(select(Photo.id).where(Photo.state == PhotoState.UPLOADING)))
     cutoff = time.time() - ORPHAN_AGE_S
     gone = 0
     paths = lifecycle_paths(svc.settings)

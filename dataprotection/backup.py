@@ -29,6 +29,7 @@ from dataprotection.rights import delete_contract_rows, replay_erasures
 from dataprotection.vault import Vault
 from siteplan.db import Certificate, Contract
 from siteplan.files import atomic_file
+from siteplan.states import ContractState
 
 log = logging.getLogger(__name__)
 FORMAT = "siteplan.backup/v1"
@@ -246,11 +247,11 @@ def reconcile(factory: sessionmaker[Session], vault: Vault, *, certificates_dir:
         journal = register.replay_journal(db, register.journal_path(vault.keys))
         contracts = db.scalars(select(Contract)).all()
         for c in contracts:
-            if c.state == "ended" or vault.keys.exists(c.id):
+            if c.state == ContractState.ENDED or vault.keys.exists(c.id):
                 continue
             gone.append(c.id)
             delete_contract_rows(db, c.id)
-            c.state = "ended"
+            c.state = ContractState.ENDED
             vault.drop_container(c.id)
             certs += _restore_certificate(db, c, certificates_dir)
         n = len(contracts)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from sqlalchemy.orm import Session
 
 from siteplan.db import Contract, Project, Subject
+from siteplan.states import ContractState
 
 CONTRACT_NOT_ACTIVE = "contract not active"
 CLIENT_RESTRICTED = "client restricted"
@@ -21,7 +22,7 @@ def consent_problem(db: Session, project: Project | None) -> str | None:
     if project is None:
         return CONTRACT_NOT_ACTIVE
     c = db.get(Contract, project.contract_id)
-    if c is None or c.state != "active":
+    if c is None or c.state != ContractState.ACTIVE:
         return CONTRACT_NOT_ACTIVE
     if project.subject_id is not None:
         s = db.get(Subject, project.subject_id)

@@ -63,6 +63,7 @@ from siteplan.db import (
 )
 from siteplan.files import write_atomic
 from siteplan.settings import DataDir
+from siteplan.states import ContractState, JobState, PhotoState
 
 log = logging.getLogger(__name__)
 
@@ -270,14 +271,15 @@ def _export_zip(db: Session, vault: Vault, contract: Contract) -> bytes:
                     {"id": p.id, "reference": open_reference(vault.keys, p), "subject_id": p.subject_id}
                 ).encode(),
             )
-            for ph in db.scalars(select(Photo).where(Photo.project_id == p.id, Photo.state == "anonymised")).all():
+            anonymised = select(Photo).where(Photo.project_id == p.id, Photo.state == PhotoState.ANONYMISED)
+            for ph in db.scalars(anonymised).all():
                 assert ph.object is not None
                 add(f"projects/{p.id}/photos/{ph.id}.jpg", vault.read_bytes(cid, ph.object))
             for d in db.scalars(select(Design).where(Design.project_id == p.id)).all():
                 add(f"projects/{p.id}/designs/{d.id}.json", json.dumps(design_descriptor(vault.keys, d)).encode())
                 if d.object:
                     add(f"projects/{p.id}/designs/{d.id}.{d.file_format}", vault.read_bytes(cid, d.object))
-            for j in db.scalars(select(Job).where(Job.project_id == p.id, Job.state == "done")).all():
+            for j in db.scalars(select(Job).where(Job.project_id == p.id, Job.state == JobState.DONE)).all():
                 for pf in db.scalars(select(PlanFile).where(PlanFile.job_id == j.id)).all():
                     add(f"projects/{p.id}/plans/{j.id}/{pf.name}", vault.read_bytes(cid, pf.object))
         add("register.json", json.dumps(register.export_register(db, contract.tenant_id), indent=1).encode())
@@ -560,7 +562,7 @@ def _begin(
         c = db.get(Contract, contract_id)
         if c is None:
             raise TerminationError("no such contract")
-        if c.state == "ended":
+        if c.state == ContractState.ENDED:
             if c.disposition and c.disposition != disposition:
                 raise TerminationError(
                     f"the contract has already ended with '{c.disposition}'; nothing is left to {disposition}"
@@ -573,9 +575,9 @@ def _begin(
             if not (paths.certificates / f"destruction-{contract_id}.json").exists():
                 write_certificate(paths.certificates, signed_before)
             return signed_before
-        if c.state == "terminating" and c.disposition != disposition:
+        if c.state == ContractState.TERMINATING and c.disposition != disposition:
             raise TerminationError(f"a '{c.disposition}' termination is under way; finish it with that disposition")
-        c.state, c.disposition = "terminating", disposition
+        c.state, c.disposition = ContractState.TERMINATING, disposition
         tenant_id = c.tenant_id
         t = dict(c.termination or {})
         t.setdefault("steps", [])
@@ -591,10 +593,10 @@ def _step_freeze(run: _Run) -> None:
     with factory.begin() as db:
         projects = select(Project.id).where(Project.contract_id == contract_id)
         jobs = list(db.scalars(select(Job.id).where(Job.project_id.in_(projects))))
-        live_jobs = list(
-            db.scalars(select(Job.id).where(Job.project_id.in_(projects), Job.state.in_(("queued", "running"))))
-        )
-        db.execute(update(Job).where(Job.id.in_(live_jobs)).values(state="cancelled", error="the contract ended"))
+        not_final = (JobState.QUEUED, JobState.RUNNING)
+        live_jobs = list(db.scalars(select(Job.id).where(Job.project_id.in_(projects), Job.state.in_(not_final))))
+        stop = update(Job).where(Job.id.in_(live_jobs))
+        db.execute(stop.values(state=JobState.CANCELLED, error="the contract ended"))
         # Which jobs this termination stopped, in the same transaction as stopping them: a
         # resumed attempt (the first one crashed or timed out) adds to the list, so the
         # certificate counts what the whole termination did.
@@ -765,7 +767,7 @@ def _close(run: _Run) -> dict[str, Any]:
         db.add(Certificate(tenant_id=tenant_id, contract_id=contract_id, document=signed))
         c = db.get(Contract, contract_id)
         assert c is not None
-        c.state, c.ends_on = "ended", today
+        c.state, c.ends_on = ContractState.ENDED, today
         t2 = dict(c.termination or {})
         t2["steps"] = [*t2.get("steps", []), "close"]
         c.termination = t2

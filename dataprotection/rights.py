@@ -23,6 +23,7 @@ from dataprotection.fields import open_reference
 from dataprotection.subjects import SubjectFields, open_subject, read_fields, write_fields
 from dataprotection.vault import KeyStore, Vault, discard_upload
 from siteplan.db import Design, IdempotencyRecord, Job, Photo, PlanFile, Project, Subject, SubjectToken
+from siteplan.states import JobState, PhotoState
 
 
 def export_subject(db: Session, vault: Vault, subject: Subject) -> bytes:
@@ -50,7 +51,9 @@ def export_subject(db: Session, vault: Vault, subject: Subject) -> bytes:
         }
         add("subject.json", json.dumps(record, indent=1, ensure_ascii=False).encode())
         for p in projects:
-            for ph in db.scalars(select(Photo).where(Photo.project_id == p.id, Photo.state == "anonymised")).all():
+            for ph in db.scalars(
+                select(Photo).where(Photo.project_id == p.id, Photo.state == PhotoState.ANONYMISED)
+            ).all():
                 assert ph.object is not None
                 add(f"projects/{p.id}/photos/{ph.id}.jpg", vault.read_bytes(cid, ph.object))
             jobs = select(Job.id).where(Job.project_id == p.id)
@@ -144,13 +147,13 @@ def erase_subject(
     jobs = list(db.scalars(select(Job.id).where(Job.project_id.in_(projects))))
     db.execute(
         update(Job)
-        .where(Job.id.in_(jobs), Job.state.in_(("queued", "running")))
-        .values(state="cancelled", error="the client's data was erased")
+        .where(Job.id.in_(jobs), Job.state.in_((JobState.QUEUED, JobState.RUNNING)))
+        .values(state=JobState.CANCELLED, error="the client's data was erased")
     )
     objects: list[str] = []
     for ph in db.scalars(select(Photo).where(Photo.project_id.in_(projects))).all():
         objects += [o for o in (ph.object, ph.original_object) if o]
-        if ph.state == "uploading" and uploads_dir is not None:
+        if ph.state == PhotoState.UPLOADING and uploads_dir is not None:
             discard_upload(uploads_dir, vault, cid, ph.id)
     for d in db.scalars(select(Design).where(Design.project_id.in_(projects))).all():
         objects += [d.object] if d.object else []

@@ -14,6 +14,7 @@ from dataprotection import register
 from dataprotection.subjects import index_key_id
 from dataprotection.vault import KeyStore
 from siteplan.db import ApiToken, Contract, Tenant
+from siteplan.states import ContractState
 
 SCOPES = ("upload", "read", "admin")
 TOKEN_PREFIX = "sp_"
@@ -41,7 +42,7 @@ def create_tenant(db: Session, keys: KeyStore, *, label: str) -> Tenant:
 def create_contract(
     db: Session, keys: KeyStore, *, tenant_id: str, starts_on: date | None = None, actor: str = "operator"
 ) -> Contract:
-    c = Contract(tenant_id=tenant_id, starts_on=starts_on or date.today(), state="active")
+    c = Contract(tenant_id=tenant_id, starts_on=starts_on or date.today(), state=ContractState.ACTIVE)
     db.add(c)
     db.flush()
     keys.create(c.id)  # the contract's data key: destroying it shreds every copy of its media

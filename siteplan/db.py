@@ -38,6 +38,8 @@ from sqlalchemy.orm import (
     with_loader_criteria,
 )
 
+from siteplan.states import ContractState, JobState, PhotoState
+
 
 def new_id() -> str:
     """A random row id (no meaning, no personal data): the default of every id column."""
@@ -89,7 +91,7 @@ class Contract(TenantScoped, Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     starts_on: Mapped[date] = mapped_column(Date)
     ends_on: Mapped[date | None] = mapped_column(Date, nullable=True)
-    state: Mapped[str] = mapped_column(String(16), default="active")  # siteplan.states.ContractState
+    state: Mapped[str] = mapped_column(String(16), default=ContractState.ACTIVE)
     disposition: Mapped[str | None] = mapped_column(String(16), nullable=True)
     # Progress of a termination (dataprotection/lifecycle.py): what was exported, which objects (by
     # hash) are to be destroyed, which steps are done. Lets a killed termination resume.
@@ -138,7 +140,7 @@ class Photo(TenantScoped, Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"), index=True)
     contract_id: Mapped[str] = mapped_column(ForeignKey("contracts.id"), index=True)
-    state: Mapped[str] = mapped_column(String(16), default="uploading")  # siteplan.states.PhotoState
+    state: Mapped[str] = mapped_column(String(16), default=PhotoState.UPLOADING)
     length: Mapped[int] = mapped_column(BigInteger)
     original_object: Mapped[str | None] = mapped_column(String(64), nullable=True)
     object: Mapped[str | None] = mapped_column(String(64), nullable=True)  # the anonymised JPEG
@@ -172,7 +174,7 @@ class Job(TenantScoped, Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"), index=True)
     kind: Mapped[str] = mapped_column(String(32), default="plan")
-    state: Mapped[str] = mapped_column(String(16), default="queued")  # siteplan.states.JobState
+    state: Mapped[str] = mapped_column(String(16), default=JobState.QUEUED)
     stage: Mapped[str | None] = mapped_column(String(32), nullable=True)
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     attempts: Mapped[int] = mapped_column(Integer, default=0)

@@ -19,6 +19,7 @@ from dataprotection.lifecycle import ContractBusy, contract_shared
 from dataprotection.vault import CHUNK
 from siteplan.db import Contract, Design, tenant_session
 from siteplan.paths import lifecycle_paths
+from siteplan.states import ContractState
 
 router = APIRouter(
     tags=["designs"],
@@ -165,7 +166,7 @@ def _commit_put(svc: Services, tenant_id: str, design_id: str, contract_id: str,
             with tenant_session(svc.factory, tenant_id) as db:
                 d = db.get(Design, design_id)
                 ct = db.get(Contract, contract_id)
-                if d is None or ct is None or ct.state != "active":
+                if d is None or ct is None or ct.state != ContractState.ACTIVE:
                     raise ApiError(410, "gone", "the design was deleted, or its contract ended, during the upload")
             info = w.commit()
             return _finish_put(svc, tenant_id, design_id, contract_id, info.object_id, fmt, info.size)

@@ -20,6 +20,7 @@ from dataprotection.consent import CLIENT_RESTRICTED, MESSAGES, consent_problem
 from siteplan import PIPELINE_VERSION
 from siteplan.db import Design, Job, Photo, PlanFile
 from siteplan.outputs import MEDIA_TYPES, SITE_MODEL
+from siteplan.states import JobState, PhotoState
 
 router = APIRouter(tags=["jobs"], responses=ERROR_RESPONSES)
 
@@ -60,7 +61,9 @@ def post_job(
         raise ApiError(422, "invalid", "no such design in this project", field="design_id")
     if d.object is None:
         raise ApiError(409, "design_incomplete", "upload the design's file first")
-    photos = set(db.scalars(select(Photo.id).where(Photo.project_id == project.id, Photo.state == "anonymised")))
+    photos = set(
+        db.scalars(select(Photo.id).where(Photo.project_id == project.id, Photo.state == PhotoState.ANONYMISED))
+    )
     named = {s.image for s in body.reference.segments}
     if body.placement.image is not None:
         named.add(body.placement.image)
@@ -77,7 +80,7 @@ def post_job(
         tenant_id=c.tenant_id,
         project_id=project.id,
         kind="plan",
-        state="queued",
+        state=JobState.QUEUED,
         pipeline_version=PIPELINE_VERSION,
         inputs=body.model_dump(mode="json"),
         timings={},
@@ -207,9 +210,9 @@ def get_job(
 )
 def cancel_job(job_id: str, db: DB, _: UploadCaller) -> JobPublic:
     j = _get(db, job_id)
-    if j.state in ("done", "failed", "cancelled"):
+    if j.state in (JobState.DONE, JobState.FAILED, JobState.CANCELLED):
         raise ApiError(409, "conflict", f"the job is already {j.state}")
-    j.state, j.error = "cancelled", "cancelled on request"
+    j.state, j.error = JobState.CANCELLED, "cancelled on request"
     db.commit()
     return _public(j)
 
@@ -223,10 +226,10 @@ def retry_job(job_id: str, db: DB, svc: ServicesDep, _: UploadCaller) -> JobPubl
     """Queue a failed job again (after fixing what its error said); it resumes from its last
     finished stage when one was checkpointed."""
     j = _get(db, job_id)
-    if j.state != "failed":
+    if j.state != JobState.FAILED:
         raise ApiError(409, "conflict", f"only a failed job can be retried; this one is {j.state}")
     require_active(db, get_project(db, j.project_id))
-    j.state, j.error = "queued", None
+    j.state, j.error = JobState.QUEUED, None
     db.commit()
     if svc.runner is not None:
         svc.runner.submit_job(j.id)
@@ -240,7 +243,7 @@ def retry_job(job_id: str, db: DB, svc: ServicesDep, _: UploadCaller) -> JobPubl
 )
 def get_plan(job_id: str, db: DB, _: ReadCaller) -> PlanPublic:
     j = _get(db, job_id)
-    if j.state != "done":
+    if j.state != JobState.DONE:
         raise ApiError(409, "not_ready", f"the job is {j.state}; its plan is not ready")
     files = db.scalars(
         select(PlanFile).where(PlanFile.job_id == j.id, PlanFile.name != SITE_MODEL).order_by(PlanFile.name)

@@ -26,6 +26,7 @@ from privacy.metadata import orient_point
 from reconstruct.reference import Segment
 from siteplan.db import Job, Photo, PlanFile
 from siteplan.outputs import SITE_MODEL
+from siteplan.states import JobState, PhotoState
 
 router = APIRouter(tags=["jobs"], responses=ERROR_RESPONSES)
 
@@ -83,7 +84,7 @@ def measure_on_job(job_id: str, body: MeasureRequest, db: DB, svc: ServicesDep, 
     j = db.get(Job, job_id)
     if j is None:
         raise not_found("job")
-    if j.state != "done":
+    if j.state != JobState.DONE:
         raise ApiError(409, "not_ready", f"the job is {j.state}; its site can be measured once it is done")
     project = get_project(db, j.project_id)
     require_active(db, project)
@@ -97,7 +98,9 @@ def measure_on_job(job_id: str, body: MeasureRequest, db: DB, svc: ServicesDep, 
         )
     photos = {
         p.id: p
-        for p in db.scalars(select(Photo).where(Photo.project_id == project.id, Photo.state == "anonymised")).all()
+        for p in db.scalars(
+            select(Photo).where(Photo.project_id == project.id, Photo.state == PhotoState.ANONYMISED)
+        ).all()
     }
     segs: list[Segment] = []
     for i, s in enumerate(body.segments):

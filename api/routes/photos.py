@@ -44,6 +44,7 @@ from privacy.decode import sniff_format
 from privacy.errors import InvalidImage
 from privacy.isolated import untrusted_size
 from siteplan.db import Photo, tenant_session
+from siteplan.states import PhotoState
 
 log = logging.getLogger(__name__)
 router = APIRouter(
@@ -181,12 +182,12 @@ def _refused(p: Photo | Upload) -> ApiError:
 
 
 def _offset(db: DB, svc: Services, p: Photo) -> int:
-    if p.state == "uploading":
+    if p.state == PhotoState.UPLOADING:
         with locked(svc, p, exclusive=False, wait_s=10.0):
             p = reread(db, p.id)
-            if p.state == "uploading":
+            if p.state == PhotoState.UPLOADING:
                 return _open_staging(svc, p.tenant_id, Upload(p.id, p.contract_id, p.length))[1]
-    if p.state == "rejected":
+    if p.state == PhotoState.REJECTED:
         raise _refused(p)
     return p.length
 
@@ -240,9 +241,9 @@ def _begin_patch(svc: Services, tenant_id: str, upload_id: str) -> Upload:
     # A short session of its own: no DB connection is held while the body streams in.
     with tenant_session(svc.factory, tenant_id) as db:
         p = _get_photo(db, upload_id)
-        if p.state == "rejected":
+        if p.state == PhotoState.REJECTED:
             raise _refused(p)
-        if p.state != "uploading":
+        if p.state != PhotoState.UPLOADING:
             raise ApiError(409, "offset_mismatch", "this upload is complete", headers={"Upload-Offset": str(p.length)})
         require_active(db, get_project(db, p.project_id))
         return Upload(p.id, p.contract_id, p.length, p.error)
@@ -263,7 +264,7 @@ def _finish_patch(svc: Services, tenant_id: str, upload_id: str, actor: str, **v
         p = _get_photo(db, upload_id)
         for k, v in values.items():
             setattr(p, k, v)
-        if p.state == "quarantined":
+        if p.state == PhotoState.QUARANTINED:
             register.record(
                 db,
                 tenant_id=tenant_id,
@@ -283,7 +284,7 @@ def _publish(
     erasure or termination either comes before, and this answers 410, or after, and takes it)."""
     with writing(svc, tenant_id, p):
         info = staging.publish(offset) if sealed_last else staging.complete()
-        _finish_patch(svc, tenant_id, p.id, actor, original_object=info.object_id, state="quarantined")
+        _finish_patch(svc, tenant_id, p.id, actor, original_object=info.object_id, state=PhotoState.QUARANTINED)
 
 
 @router.patch(
@@ -391,7 +392,7 @@ async def patch_upload(
         if refused is not None:
             await run_in_threadpool(staging.discard)
             await run_in_threadpool(
-                _finish_patch, svc, c.tenant_id, p.id, c.token_id, state="rejected", error=refused.message
+                _finish_patch, svc, c.tenant_id, p.id, c.token_id, state=PhotoState.REJECTED, error=refused.message
             )
             lock_path(svc, p).unlink(missing_ok=True)
             raise refused
@@ -414,7 +415,7 @@ def delete_upload(
     """tus termination: drop an unfinished upload and what arrived of it."""
     _check_tus(tus_resumable)
     p = _get_photo(db, upload_id)
-    if p.state != "uploading":
+    if p.state != PhotoState.UPLOADING:
         raise ApiError(409, "conflict", "this upload is complete; delete the photo instead")
     drop_upload(db, svc, p)
     return Response(status_code=204, headers=TUS_HEADERS)
@@ -449,7 +450,7 @@ def get_photo(photo_id: str, db: DB, _: ReadCaller) -> PhotoPublic:
 )
 def get_photo_content(photo_id: str, db: DB, svc: ServicesDep, _: ReadCaller) -> StreamingResponse:
     p = _get_photo(db, photo_id)
-    if p.state != "anonymised" or p.object is None:
+    if p.state != PhotoState.ANONYMISED or p.object is None:
         raise ApiError(409, "not_ready", f"the photo is {p.state}; only anonymised photos can be downloaded")
     return StreamingResponse(
         svc.vault.open(p.contract_id, p.object),
@@ -462,7 +463,7 @@ def get_photo_content(photo_id: str, db: DB, svc: ServicesDep, _: ReadCaller) ->
 def delete_photo(photo_id: str, db: DB, svc: ServicesDep, _: UploadCaller) -> Response:
     """Erase one photo: its anonymised copy and any kept original are shredded."""
     p = _get_photo(db, photo_id)
-    if p.state == "uploading":
+    if p.state == PhotoState.UPLOADING:
         drop_upload(db, svc, p)
         return Response(status_code=204)
     for obj in (p.object, p.original_object):

@@ -14,6 +14,7 @@ from api.schemas import ProjectCreate, ProjectList, ProjectPublic
 from api.services import Services
 from dataprotection.fields import new_project, open_reference
 from siteplan.db import Contract, Project, Subject
+from siteplan.states import ContractState
 
 router = APIRouter(prefix="/projects", tags=["projects"], responses=ERROR_RESPONSES)
 
@@ -38,7 +39,7 @@ def get_project(db: DB, project_id: str) -> Project:
 def require_active(db: DB, p: Project) -> None:
     hold_contract(db, p.contract_id)  # until the commit: never a row behind an ended contract
     ct = db.get(Contract, p.contract_id)
-    if ct is None or ct.state != "active":
+    if ct is None or ct.state != ContractState.ACTIVE:
         raise ApiError(
             409, "contract_not_active", "the project's contract has ended; nothing more can be done under it"
         )
@@ -61,7 +62,7 @@ def post_project(
     if ct is None:
         raise ApiError(422, "invalid", "no such contract", field="contract_id")
     hold_contract(db, ct.id)  # until the commit (api.deps.hold_contract); re-reads the state
-    if ct.state != "active":
+    if ct.state != ContractState.ACTIVE:
         raise ApiError(409, "contract_not_active", "the contract has ended; no new project can be started under it")
     if body.subject_id is not None:
         s = db.get(Subject, body.subject_id)

@@ -25,6 +25,7 @@ from dataprotection.lifecycle import ContractBusy, contract_lock
 from dataprotection.subjects import SubjectFields, index_key_id, new_subject, query_digests, read_fields
 from siteplan.db import Contract, Subject, SubjectToken
 from siteplan.paths import lifecycle_paths
+from siteplan.states import ContractState
 
 router = APIRouter(prefix="/subjects", tags=["subjects"], responses=ERROR_RESPONSES)
 
@@ -49,7 +50,7 @@ def _active_contract(db: DB, contract_id: str) -> Contract:
         ct = db.get(Contract, contract_id)
     if ct is None:
         raise ApiError(422, "invalid", "no such contract", field="contract_id")
-    if ct.state != "active":
+    if ct.state != ContractState.ACTIVE:
         raise ApiError(409, "contract_not_active", "the contract has ended; no new data can be stored under it")
     return ct
 

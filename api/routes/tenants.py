@@ -24,6 +24,7 @@ from dataprotection.register import export_register, verify_entries
 from dataprotection.tenancy import create_contract
 from siteplan.db import Certificate, Contract, Tenant
 from siteplan.paths import lifecycle_paths
+from siteplan.states import ContractState
 
 router = APIRouter(tags=["tenants"], responses=ERROR_RESPONSES)
 
@@ -149,7 +150,7 @@ def _ended(db: Any, contract_id: str) -> None:
     ct = db.get(Contract, contract_id)
     if ct is None:
         raise not_found("contract")
-    if ct.state != "ended":  # mid-termination the archive may still be rebuilt: not yet the controller's
+    if ct.state != ContractState.ENDED:  # mid-termination the archive may still be rebuilt: not yet the controller's
         raise ApiError(409, "not_ready", "the contract has not ended; its export is not ready")
 
 
