@@ -54,6 +54,9 @@ import httpx
 import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from tests.api.json_mutations import RawNumber, dumps, leaves, replaced  # noqa: E402
+
 SITEPLAN = Path(sys.executable).parent / "siteplan"
 PHOTOS = sorted((ROOT / "sample_data" / "photos").glob("*.jpg"))
 GLB = ROOT / "sample_data" / "design" / "gate.glb"
@@ -1553,13 +1556,6 @@ MALFORMED = [
 ]
 
 
-class RawNumber:
-    """A JSON number token Python's json cannot write (1e400 parses to inf)."""
-
-    def __init__(self, token: str) -> None:
-        self.token = token
-
-
 BAD_NUMBERS: list[Any] = [
     float("nan"),
     float("inf"),
@@ -1574,63 +1570,29 @@ BAD_NUMBERS: list[Any] = [
 ]
 
 
-def dumps(body: Any) -> str:
-    raws: list[str] = []
-
-    def enc(o: Any) -> Any:
-        if isinstance(o, RawNumber):
-            raws.append(o.token)
-            return f"__raw{len(raws) - 1}__"
-        raise TypeError(type(o).__name__)
-
-    text = json.dumps(body, default=enc)  # NaN and Infinity as JavaScript-style literals
-    return re.sub(r'"__raw(\d+)__"', lambda m: raws[int(m.group(1))], text)
-
-
-def _leaves(v: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[tuple[Any, ...], Any]]:
-    yield path, v
-    if isinstance(v, dict):
-        for k, x in v.items():
-            yield from _leaves(x, (*path, k))
-    elif isinstance(v, list):
-        for i, x in enumerate(v):
-            yield from _leaves(x, (*path, i))
-
-
-def _set(body: Any, path: tuple[Any, ...], value: Any) -> Any:
-    if not path:
-        return value
-    out = json.loads(json.dumps(body))
-    cur = out
-    for p in path[:-1]:
-        cur = cur[p]
-    cur[path[-1]] = value
-    return out
-
-
 def mutations(body: dict[str, Any]) -> Iterator[tuple[str, Any]]:
     """Each an input that cannot work: unknown fields, lone surrogates, bad numbers, wrong types.
     Zero and negative numbers are not always wrong (an anchor may be 0, a rotation negative), so
     zero goes only where a length must be positive, and -1 there and in a pixel coordinate."""
-    for path, v in _leaves(body):
+    for path, v in leaves(body):
         where = ".".join(map(str, path)) or "body"
         if isinstance(v, dict):
-            yield f"unknown field in {where}", _set(body, path, {**v, "note": MARKER})
+            yield f"unknown field in {where}", replaced(body, path, {**v, "note": MARKER})
         elif isinstance(v, str):
-            yield f"lone surrogate in {where}", _set(body, path, v[:1] + "\ud800" + v[1:])
-            yield f"NUL in {where}", _set(body, path, v[:1] + "\u0000" + v[1:])  # PostgreSQL text refuses it
-            yield f"object for a string in {where}", _set(body, path, {"$ne": None})
+            yield f"lone surrogate in {where}", replaced(body, path, v[:1] + "\ud800" + v[1:])
+            yield f"NUL in {where}", replaced(body, path, v[:1] + "\u0000" + v[1:])  # PostgreSQL text refuses it
+            yield f"object for a string in {where}", replaced(body, path, {"$ne": None})
         elif isinstance(v, bool):
-            yield f"string for a bool in {where}", _set(body, path, "maybe")
+            yield f"string for a bool in {where}", replaced(body, path, "maybe")
         elif isinstance(v, int | float):
             positive = bool(path) and path[-1] in ("length_m", "size_m")
             pixel = any(k in ("a", "b", "ground_points", "ground_point") for k in path)  # inside the photo
             for bad in BAD_NUMBERS:
                 if (bad == 0 and not positive) or (bad == -1 and not (positive or pixel)):
                     continue
-                yield f"{bad} in {where}", _set(body, path, bad)
+                yield f"{bad} in {where}", replaced(body, path, bad)
         elif isinstance(v, list):
-            yield f"empty list in {where}", _set(body, path, [])
+            yield f"empty list in {where}", replaced(body, path, [])
 
 
 def _params(route: str, ids: dict[str, str]) -> dict[str, str]:

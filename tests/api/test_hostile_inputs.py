@@ -8,8 +8,6 @@ leaves), and Hypothesis then draws arbitrary numbers for a job's coordinates and
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ from api.app import create_app
 from dataprotection.tenancy import create_contract
 from siteplan.db import Photo
 from tests.api.conftest import Api, Tenant, make_settings
+from tests.api.json_mutations import RawNumber, dumps, leaves, replaced
 from tests.api.populate import World, populate
 
 JPEG = next((Path(__file__).parents[2] / "sample_data" / "photos").glob("*.jpg")).read_bytes()
@@ -30,61 +29,28 @@ MARKER = "zq-note-voordeur-marker"
 W, H = 4000, 3000  # the uploaded size of the photo the job bodies name
 
 
-def _leaves(v: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[tuple[Any, ...], Any]]:
-    yield path, v
-    if isinstance(v, dict):
-        for k, x in v.items():
-            yield from _leaves(x, (*path, k))
-    elif isinstance(v, list):
-        for i, x in enumerate(v):
-            yield from _leaves(x, (*path, i))
-
-
-def _set(body: Any, path: tuple[Any, ...], value: Any) -> Any:
-    out = json.loads(json.dumps(body))
-    if not path:
-        return value
-    cur = out
-    for p in path[:-1]:
-        cur = cur[p]
-    cur[path[-1]] = value
-    return out
-
-
-class Raw:
-    """A JSON number token Python's json cannot write (1e400 parses to inf)."""
-
-    def __init__(self, token: str) -> None:
-        self.token = token
-
-
-def _dumps(body: Any) -> str:
-    raws: list[str] = []
-
-    def enc(o: Any) -> Any:
-        if isinstance(o, Raw):
-            raws.append(o.token)
-            return f"__raw{len(raws) - 1}__"
-        raise TypeError
-
-    text = json.dumps(body, default=enc)  # NaN and Infinity as JavaScript-style literals
-    return re.sub(r'"__raw(\d+)__"', lambda m: raws[int(m.group(1))], text)
-
-
-BAD_NUMBERS: list[Any] = [float("nan"), float("inf"), float("-inf"), Raw("1e400"), Raw("-1e400"), 1e300, -1e300]
+BAD_NUMBERS: list[Any] = [
+    float("nan"),
+    float("inf"),
+    float("-inf"),
+    RawNumber("1e400"),
+    RawNumber("-1e400"),
+    1e300,
+    -1e300,
+]
 
 
 def mutations(body: dict[str, Any]) -> Iterator[tuple[str, Any]]:
     """(what, mutated body): each one an input that cannot work."""
-    for path, v in _leaves(body):
+    for path, v in leaves(body):
         where = ".".join(map(str, path)) or "body"
         if isinstance(v, dict):
-            yield f"unknown field in {where}", _set(body, path, {**v, "note": MARKER})
+            yield f"unknown field in {where}", replaced(body, path, {**v, "note": MARKER})
         elif isinstance(v, str):
-            yield f"lone surrogate in {where}", _set(body, path, v[:1] + "\ud800" + v[1:])
+            yield f"lone surrogate in {where}", replaced(body, path, v[:1] + "\ud800" + v[1:])
         elif isinstance(v, int | float) and not isinstance(v, bool):
             for bad in BAD_NUMBERS:
-                yield f"{bad if not isinstance(bad, Raw) else bad.token} in {where}", _set(body, path, bad)
+                yield f"{bad if not isinstance(bad, RawNumber) else bad.token} in {where}", replaced(body, path, bad)
 
 
 def _ready_photo(api: Api, t: Tenant, project_id: str) -> str:
@@ -168,7 +134,7 @@ def _url(label: str, ids: dict[str, str]) -> tuple[str, str]:
 def _send(api: Api, w: World, label: str, body: Any) -> Any:
     method, url = _url(label, w.ids)
     headers = {**w.tenant.auth, "Content-Type": "application/json"}
-    return api.client.request(method, url, content=_dumps(body), headers=headers)
+    return api.client.request(method, url, content=dumps(body), headers=headers)
 
 
 def _stored_bytes(tmp: Path) -> bytes:
@@ -231,17 +197,17 @@ def test_numbers_out_of_range_are_refused(world: tuple[Api, World, dict[str, Any
     }
     for path, values in cases.items():
         for v in values:
-            r = _send(api, w, job, _set(base, path, v))
+            r = _send(api, w, job, replaced(base, path, v))
             assert r.status_code == 422, (path, v, r.status_code, r.text)
             field = r.json()["error"]["field"]
             assert field and field.startswith(".".join(map(str, path[:3]))), (path, v, field)
     # A segment shorter than 5 pixels, and a reference with nothing to scale from.
-    short = _set(base, ("reference", "segments", 0, "b"), [102.0, 201.0])
-    short = _set(short, ("reference", "markers"), [])
+    short = replaced(base, ("reference", "segments", 0, "b"), [102.0, 201.0])
+    short = replaced(short, ("reference", "markers"), [])
     assert _send(api, w, job, short).status_code == 422
-    empty = _set(base, ("reference",), {"segments": [], "markers": []})
+    empty = replaced(base, ("reference",), {"segments": [], "markers": []})
     assert _send(api, w, job, empty).json()["error"]["field"] == "reference"
-    no_length = _set(base, ("reference", "segments", 0), {"image": w.ids["ready_photo"], "a": [1, 1], "b": [90, 1]})
+    no_length = replaced(base, ("reference", "segments", 0), {"image": w.ids["ready_photo"], "a": [1, 1], "b": [90, 1]})
     r = _send(api, w, job, no_length)
     assert r.status_code == 422 and r.json()["error"]["field"] == "reference.segments.0.length_m"
 
@@ -267,10 +233,10 @@ def test_generated_job_numbers_never_5xx_never_202_unless_they_can_work(
 
     api, w, bodies, _ = world
     base = bodies["POST /v1/projects/{project_id}/jobs#point"]
-    body = _set(base, ("reference", "segments", 0, "a"), list(a))
-    body = _set(body, ("reference", "segments", 0, "b"), list(b))
-    body = _set(body, ("reference", "segments", 0, "length_m"), length)
-    body = _set(body, ("placement", "ground_point"), list(g))
+    body = replaced(base, ("reference", "segments", 0, "a"), list(a))
+    body = replaced(body, ("reference", "segments", 0, "b"), list(b))
+    body = replaced(body, ("reference", "segments", 0, "length_m"), length)
+    body = replaced(body, ("placement", "ground_point"), list(g))
     r = _send(api, w, "POST /v1/projects/{project_id}/jobs#point", body)
     assert r.status_code < 500, r.text
     if r.status_code == 202:
