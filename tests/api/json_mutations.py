@@ -53,3 +53,15 @@ def replaced(body: Any, path: tuple[Any, ...], value: Any) -> Any:
         cur = cur[p]
     cur[path[-1]] = value
     return out
+
+
+# Numbers no field of a request can take: not finite, or beyond any coordinate or length.
+NOT_FINITE_OR_HUGE: list[Any] = [
+    float("nan"),
+    float("inf"),
+    float("-inf"),
+    RawNumber("1e400"),
+    RawNumber("-1e400"),
+    1e300,
+    -1e300,
+]
