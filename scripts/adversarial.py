@@ -56,6 +56,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from tests.api.json_mutations import NOT_FINITE_OR_HUGE, dumps, leaves, replaced  # noqa: E402
+from tests.api.server import free_port, wait_healthy  # noqa: E402
 
 SITEPLAN = Path(sys.executable).parent / "siteplan"
 PHOTOS = sorted((ROOT / "sample_data" / "photos").glob("*.jpg"))
@@ -130,12 +131,6 @@ def client_error(r: httpx.Response | Exception) -> bool:
 # -- Servers -------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Server:
     """One `siteplan serve` in its own session (kill -9 takes its whole group, as a crash would)."""
 
@@ -153,16 +148,7 @@ class Server:
                 [str(SITEPLAN), "serve"], env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
             )
         self.starts += 1
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{self.base}/v1/health", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} did not start: {self.log.read_text(errors='replace')[-2000:]}")
-            time.sleep(0.2)
+        wait_healthy(self.base, self.proc, self.log, 120)
 
     def sample_rss(self) -> None:
         """The peak resident size of the server and its children so far (VmHWM of each)."""

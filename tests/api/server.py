@@ -48,6 +48,21 @@ def server_env(data_dir: Path, **settings: str) -> dict[str, str]:
     )
 
 
+def wait_healthy(base: str, proc: subprocess.Popen[bytes], log: Path, timeout_s: float = 60) -> None:
+    """Until ``base``'s /v1/health answers 200; RuntimeError with the log's tail if the process
+    exits first or ``timeout_s`` passes."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"{base}/v1/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise RuntimeError(f"the server did not start: {log.read_text(errors='replace')[-3000:]}")
+        time.sleep(0.2)
+
+
 @contextlib.contextmanager
 def serve(env: dict[str, str], log: Path, *args: str) -> Iterator[Server]:
     """Start the server, wait until /v1/health answers; kill it at the end if still running."""
@@ -55,15 +70,7 @@ def serve(env: dict[str, str], log: Path, *args: str) -> Iterator[Server]:
         proc = subprocess.Popen([str(SITEPLAN), "serve", *args], env=env, stdout=out, stderr=subprocess.STDOUT)
     srv = Server(proc, f"http://127.0.0.1:{env['SITEPLAN_PORT']}", env, log)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{srv.base}/v1/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline and proc.poll() is None, srv.text()
-            time.sleep(0.3)
+        wait_healthy(srv.base, proc, log)
         yield srv
     finally:
         if proc.poll() is None:

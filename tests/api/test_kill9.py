@@ -25,7 +25,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.api.server import SITEPLAN, cli, server_env
+from tests.api.server import SITEPLAN, cli, server_env, wait_healthy
 
 ROOT = Path(__file__).parents[2]
 SAMPLE = ROOT / "sample_data"
@@ -42,15 +42,7 @@ class Srv:
         )
         self.base = f"http://127.0.0.1:{env['SITEPLAN_PORT']}"
         self.log = log
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(f"{self.base}/v1/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline and self.proc.poll() is None, log.read_text()[-3000:]
-            time.sleep(0.2)
+        wait_healthy(self.base, self.proc, log, 90)
         self.started = time.monotonic()
 
     def kill(self) -> None:

@@ -41,8 +41,9 @@ def _run(tmp: Path, names: list[str]) -> Any:
     )
     intr = {n: {"width": W, "height": H} for n in names}
     dense, version = DenseConfig(enabled=False), "test"
-    return reconstruct(tmp / "photos", ref, tmp / "run", intrinsics=intr, names=names,
-                       dense=dense, pipeline_version=version)
+    return reconstruct(
+        tmp / "photos", ref, tmp / "run", intrinsics=intr, names=names, dense=dense, pipeline_version=version
+    )
 
 
 def _snapshot(run: Path) -> dict[str, bytes]:

@@ -19,7 +19,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,7 +32,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.api.server import cli, server_env
+from tests.api.server import cli, free_port, server_env, wait_healthy
 from tests.api.test_real_server import _upload
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,12 +41,6 @@ RAY_NODE = ROOT / "deploy" / "ray-node.sh"
 # Six of the fountain's photos (the reference and the placement are on 0000.jpg): enough for a
 # site, and a job short enough to run twice in the test's budget on two cores.
 PHOTOS = [SAMPLE / "photos" / f"{i:04d}.jpg" for i in range(6)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -236,15 +229,7 @@ def serve_on_head(ray: RayCluster, env: dict[str, str], log: Path) -> Iterator[s
             stderr=subprocess.STDOUT,
         )
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/v1/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline and proc.poll() is None, log.read_text(errors="replace")[-3000:]
-            time.sleep(0.3)
+        wait_healthy(base, proc, log)
         yield base
     finally:
         if proc.poll() is None:
