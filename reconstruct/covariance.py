@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import pycolmap
 
-from reconstruct.geometry import View, views
+from reconstruct.geometry import View, similarity, views
 
 log = logging.getLogger(__name__)
 _NEIGHBOURS = 12  # 3D points around an endpoint whose covariance speaks for it
@@ -130,17 +130,5 @@ def held_intrinsics(rec: pycolmap.Reconstruction) -> HeldIntrinsics | None:
         return None
     A = np.array([rec.points3D[p].xyz for p in ids])
     B = np.array([trial.points3D[p].xyz for p in ids])
-    s, R, t = _similarity(B, A)
+    s, R, t = similarity(B, A)
     return HeldIntrinsics(views(trial), s, R, t, moved)
-
-
-def _similarity(src: np.ndarray, dst: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
-    """Umeyama: dst ~ s R src + t."""
-    ms, md = src.mean(0), dst.mean(0)
-    a, b = src - ms, dst - md
-    U, S, Vt = np.linalg.svd(b.T @ a / len(src))
-    D = np.eye(3)
-    D[2, 2] = np.sign(np.linalg.det(U @ Vt))
-    R = U @ D @ Vt
-    s = float((S * np.diag(D)).sum() / (a**2).sum() * len(src))
-    return s, R, md - s * R @ ms

@@ -243,3 +243,16 @@ def sigma_along(cov: np.ndarray, direction: np.ndarray) -> float:
     u = np.asarray(direction, float)
     u = u / (np.linalg.norm(u) + 1e-12)
     return float(math.sqrt(max(0.0, float(u @ cov @ u))))
+
+
+def similarity(src: np.ndarray, dst: np.ndarray, with_scale: bool = True) -> tuple[float, np.ndarray, np.ndarray]:
+    """Umeyama's least-squares fit ``dst ~ s R src + t`` of two (N, 3) point sets (s = 1 when
+    ``with_scale`` is off); the same fit as ../shared/tools/eval_site.py."""
+    ms, md = src.mean(0), dst.mean(0)
+    a, b = src - ms, dst - md
+    U, S, Vt = np.linalg.svd(b.T @ a / len(src))
+    D = np.eye(3)
+    D[2, 2] = np.sign(np.linalg.det(U @ Vt))
+    R = U @ D @ Vt
+    s = float((S * np.diag(D)).sum() / (a**2).sum() * len(src)) if with_scale else 1.0
+    return s, R, md - s * R @ ms

@@ -12,6 +12,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from reconstruct.geometry import similarity
 from reconstruct.reference import ScaleReference, Segment
 from tests.reconstruct.synthetic import make_scene, render_textured
 
@@ -27,14 +28,7 @@ class Prepared:
 
 def align(src: np.ndarray, dst: np.ndarray, with_scale: bool) -> tuple[float, np.ndarray, np.ndarray]:
     """Umeyama, as ../shared/tools/eval_site.py: dst ~ s R src + t."""
-    ms, md = src.mean(0), dst.mean(0)
-    a, b = src - ms, dst - md
-    U, S, Vt = np.linalg.svd(b.T @ a / len(src))
-    D = np.eye(3)
-    D[2, 2] = np.sign(np.linalg.det(U @ Vt))
-    R = U @ D @ Vt
-    s = float((S * np.diag(D)).sum() / (a**2).sum() * len(src)) if with_scale else 1.0
-    return s, R, md - s * R @ ms
+    return similarity(src, dst, with_scale)
 
 
 def _ends(m: dict[str, Any]) -> float:
