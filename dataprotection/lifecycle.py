@@ -90,25 +90,15 @@ CONTRACT_LOCK_WAIT_S = 30.0
 def contract_lock(paths: Paths, contract_id: str, *, wait_s: float = CONTRACT_LOCK_WAIT_S) -> Iterator[None]:
     """The contract's data lock, exclusive: termination, erasure and the sweeps. ContractBusy
     when it cannot be had within ``wait_s``."""
-    path = contract_lock_path(paths.lock_dir, contract_id)
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
-    try:
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise ContractBusy(
-                        "another termination, erasure or sweep of this contract is running; retry shortly"
-                    ) from None
-                time.sleep(0.05)
+    with contextlib.ExitStack() as held:
+        try:
+            fd = held.enter_context(_contract_file_lock(paths, contract_id, exclusive=True, wait_s=wait_s))
+        except TimeoutError:
+            raise ContractBusy(
+                "another termination, erasure or sweep of this contract is running; retry shortly"
+            ) from None
         bump_generation(fd)
         yield
-    finally:
-        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -116,11 +106,20 @@ def contract_shared(paths: Paths, contract_id: str, *, wait_s: float = CONTRACT_
     """The contract's data lock, shared: one short write of the contract's data (a design's file
     or an anonymised photo into the vault). The writer checks its row again inside: a
     termination or an erasure that held the lock before it may have deleted it."""
-    try:
-        with file_lock(contract_lock_path(paths.lock_dir, contract_id), exclusive=False, wait_s=wait_s, poll_s=0.05):
-            yield
-    except TimeoutError:
-        raise ContractBusy("the contract's data is being changed; retry shortly") from None
+    # A TimeoutError the caller's block raises is its own, not the lock's: only taking the lock
+    # is mapped to ContractBusy.
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(_contract_file_lock(paths, contract_id, exclusive=False, wait_s=wait_s))
+        except TimeoutError:
+            raise ContractBusy("the contract's data is being changed; retry shortly") from None
+        yield
+
+
+def _contract_file_lock(
+    paths: Paths, contract_id: str, *, exclusive: bool, wait_s: float
+) -> contextlib.AbstractContextManager[int]:
+    return file_lock(contract_lock_path(paths.lock_dir, contract_id), exclusive=exclusive, wait_s=wait_s, poll_s=0.05)
 
 
 def bump_generation(fd: int) -> None:
@@ -553,9 +552,7 @@ def _terminate(
     return _close(run)
 
 
-def _begin(
-    factory: sessionmaker[Session], paths: Paths, *, contract_id: str, disposition: str
-) -> dict[str, Any] | str:
+def _begin(factory: sessionmaker[Session], paths: Paths, *, contract_id: str, disposition: str) -> dict[str, Any] | str:
     """Mark the contract terminating (or find it ended: its certificate, written again if the
     file is missing); returns the certificate, or the controller's id for the steps."""
     with factory.begin() as db:

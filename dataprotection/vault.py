@@ -371,9 +371,10 @@ def upload_staging(uploads_dir: Path, vault: Vault, contract_id: str, upload_id:
 
 
 @contextlib.contextmanager
-def file_lock(path: Path, *, exclusive: bool, wait_s: float = 0.0, poll_s: float = 0.02) -> Iterator[None]:
+def file_lock(path: Path, *, exclusive: bool, wait_s: float = 0.0, poll_s: float = 0.02) -> Iterator[int]:
     """An flock on ``path`` (created owner-only), across threads and processes: shared or
-    exclusive, waiting up to ``wait_s``; TimeoutError when it cannot be had."""
+    exclusive, waiting up to ``wait_s``; TimeoutError when it cannot be had. Yields the lock
+    file's descriptor (the contract lock counts its holders in it)."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
     try:
@@ -386,7 +387,7 @@ def file_lock(path: Path, *, exclusive: bool, wait_s: float = 0.0, poll_s: float
                 if time.monotonic() >= deadline:
                     raise TimeoutError("the file is locked") from None
                 time.sleep(poll_s)
-        yield
+        yield fd
     finally:
         os.close(fd)
 

@@ -19,7 +19,15 @@ from sqlalchemy.orm import Session, sessionmaker
 from dataprotection import register, signing
 from dataprotection.backup import RestoreReport, backup, restore
 from dataprotection.fields import new_design, new_project
-from dataprotection.lifecycle import STEPS, decrypt_transfer, terminate_contract, verify_certificate
+from dataprotection.lifecycle import (
+    STEPS,
+    ContractBusy,
+    contract_lock,
+    contract_shared,
+    decrypt_transfer,
+    terminate_contract,
+    verify_certificate,
+)
 from dataprotection.rights import erase_subject, export_subject
 from dataprotection.subjects import SubjectFields, new_subject, open_subject
 from dataprotection.tenancy import create_contract, create_tenant
@@ -28,7 +36,7 @@ from privacy.anonymize import AnonymizationPolicy
 from siteplan import PIPELINE_VERSION
 from siteplan.db import Contract, Design, Job, Photo, PlanFile, RegisterEntry, Subject, init_db
 from siteplan.paths import lifecycle_paths
-from siteplan.settings import Settings
+from siteplan.settings import DataDir, Settings
 from workers.ingest import ingest
 
 SAMPLE = Path(__file__).parents[2] / "sample_data"
@@ -718,3 +726,17 @@ def test_a_returned_export_leaves_the_service_on_receipt_or_by_its_deadline(worl
         ("export_deleted", "operator", w.c1.id),
         ("export_deleted", "system", w.c2.id),
     ]
+
+
+def test_contract_lock_maps_only_its_own_wait_to_contract_busy(tmp_path: Path) -> None:
+    """A busy lock is ContractBusy; a TimeoutError raised by the holder's own work (a database
+    or socket timeout) stays what it is, and the lock is released either way."""
+    dirs = DataDir(root=tmp_path, keys=tmp_path / "keys")
+    with contract_lock(dirs, "c1"), pytest.raises(ContractBusy), contract_shared(dirs, "c1", wait_s=0.1):
+        pass
+    for lock in (contract_lock, contract_shared):
+        with pytest.raises(TimeoutError) as raised, lock(dirs, "c1"):
+            raise TimeoutError("the holder's own")
+        assert not isinstance(raised.value, ContractBusy)
+    with contract_lock(dirs, "c1", wait_s=0.1):
+        pass
